@@ -1,0 +1,183 @@
+//! What pgferry puts in a database: the one definition shared by `install`, `uninstall`, `clean`
+//! and the sync engine, so that removal finds exactly what installation made.
+//!
+//! Everything lives in one schema, [`SCHEMA`]. The only objects outside it are triggers on user
+//! tables, all named with [`TRIGGER_PREFIX`] and all calling functions in [`SCHEMA`]; a trigger is
+//! recognised as pgferry's by both marks, never by name alone, so a user's trigger that happens
+//! to share the prefix is left alone.
+
+use crate::ident::{generated_name, Ident, QualifiedName};
+
+/// The schema that holds everything pgferry installs.
+pub const SCHEMA: &str = "pgferry";
+/// The schema version this build installs and understands. Upgrades are new SQL files.
+pub const SCHEMA_VERSION: i32 = 1;
+/// Prefix of every trigger pgferry puts on a user table.
+pub const TRIGGER_PREFIX: &str = "pgferry_";
+/// The row-level capture trigger on a captured table (or partitioned parent).
+pub const CAPTURE_TRIGGER: &str = "pgferry_capture";
+/// The statement-level TRUNCATE trigger on a captured table and on each of its partitions.
+pub const TRUNCATE_TRIGGER: &str = "pgferry_truncate";
+/// The function behind every TRUNCATE trigger.
+pub const TRUNCATE_FUNCTION: &str = "capture_truncate";
+/// Key for `pg_advisory_xact_lock` taken by install, uninstall and clean.
+pub const INSTALL_LOCK_KEY: i64 = 0x7067_6665_7272_7901; // "pgferry" + 1
+
+/// Bucardo's schema, removed by `clean --bucardo`.
+pub const BUCARDO_SCHEMA: &str = "bucardo";
+/// Name patterns (SQL `LIKE`) of the triggers Bucardo puts on user tables.
+pub const BUCARDO_TRIGGER_PATTERNS: &[&str] = &[
+    "bucardo_delta",
+    "bucardo_kick_%",
+    "bucardo_note_trunc_%",
+    "btrunc_%",
+];
+
+/// `pgferry.<name>`.
+pub fn object(name: &str) -> QualifiedName {
+    QualifiedName::new(SCHEMA, name)
+}
+
+/// The capture function of one table: a prefix, a readable part of the table name and a stable
+/// hash of `schema.table`, at most 63 bytes.
+pub fn capture_function(table: &QualifiedName) -> QualifiedName {
+    let hashed = format!("{}.{}", table.schema.as_str(), table.name.as_str());
+    QualifiedName {
+        schema: Ident::new(SCHEMA),
+        name: generated_name("capture_", table.name.as_str(), &hashed),
+    }
+}
+
+/// How a key column's value is written as text in the capture, and read back.
+///
+/// The capture trigger runs in the writer's session, whose `DateStyle`, `bytea_output` and so on
+/// are the writer's. A key is therefore recorded in a form that does not depend on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyForm {
+    /// `value::text`: the type's output is independent of session settings.
+    Text,
+    /// ISO 8601 through JSON (dates, times, timestamps), independent of `DateStyle`.
+    Iso,
+    /// Hex (bytea), independent of `bytea_output`.
+    Hex,
+}
+
+impl KeyForm {
+    /// Chooses the form for a key column from its base type's name (`pg_type.typname` of the
+    /// domain's base type), or explains why the type cannot be a replication key.
+    pub fn for_type(base_type: &str, category: &str) -> Result<KeyForm, String> {
+        match base_type {
+            "date" | "timestamp" | "timestamptz" | "time" | "timetz" => Ok(KeyForm::Iso),
+            "bytea" => Ok(KeyForm::Hex),
+            "float4" | "float8" => Err("its text form depends on extra_float_digits".into()),
+            "interval" => Err("its text form depends on IntervalStyle".into()),
+            "money" => Err("its text form depends on lc_monetary".into()),
+            _ if category == "A" || category == "C" || category == "R" => Err(
+                "arrays, composite and range types are not supported as replication keys".into(),
+            ),
+            _ => Ok(KeyForm::Text),
+        }
+    }
+
+    /// The SQL expression, inside a trigger function, that records `value` as text.
+    /// Every name is schema-qualified: the function must not depend on `search_path`.
+    pub fn capture_expr(self, value: &str) -> String {
+        match self {
+            KeyForm::Text => format!("{value}::pg_catalog.text"),
+            KeyForm::Iso => {
+                format!("(pg_catalog.to_jsonb({value}) OPERATOR(pg_catalog.#>>) '{{}}'::pg_catalog.text[])")
+            }
+            KeyForm::Hex => format!("pg_catalog.encode({value}, 'hex')"),
+        }
+    }
+
+    /// The SQL expression that turns recorded text back into a value of type `sql_type`.
+    pub fn restore_expr(self, text: &str, sql_type: &str) -> String {
+        match self {
+            KeyForm::Text | KeyForm::Iso => format!("({text})::{sql_type}"),
+            KeyForm::Hex => format!("pg_catalog.decode({text}, 'hex')"),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyForm::Text => "text",
+            KeyForm::Iso => "iso",
+            KeyForm::Hex => "hex",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyForm> {
+        match s {
+            "text" => Some(KeyForm::Text),
+            "iso" => Some(KeyForm::Iso),
+            "hex" => Some(KeyForm::Hex),
+            _ => None,
+        }
+    }
+}
+
+/// SQL dialect differences between the server versions pgferry supports (10 to 18).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dialect {
+    pub major: u32,
+}
+
+impl Dialect {
+    pub fn new(server_version: u32) -> Dialect {
+        Dialect {
+            major: server_version / 10000,
+        }
+    }
+
+    /// The type of the capture's transaction id column.
+    pub fn xid_type(self) -> &'static str {
+        if self.major >= 13 {
+            "pg_catalog.xid8"
+        } else {
+            "pg_catalog.int8"
+        }
+    }
+
+    /// The writing transaction's 64-bit id.
+    pub fn current_xid(self) -> &'static str {
+        if self.major >= 13 {
+            "pg_catalog.pg_current_xact_id()"
+        } else {
+            "pg_catalog.txid_current()"
+        }
+    }
+
+    /// The type of a stored snapshot.
+    pub fn snapshot_type(self) -> &'static str {
+        if self.major >= 13 {
+            "pg_catalog.pg_snapshot"
+        } else {
+            "pg_catalog.txid_snapshot"
+        }
+    }
+
+    /// The current snapshot.
+    pub fn current_snapshot(self) -> &'static str {
+        if self.major >= 13 {
+            "pg_catalog.pg_current_snapshot()"
+        } else {
+            "pg_catalog.txid_current_snapshot()"
+        }
+    }
+
+    /// `EXECUTE FUNCTION` (11+) or `EXECUTE PROCEDURE` (10).
+    pub fn execute(self) -> &'static str {
+        if self.major >= 11 {
+            "EXECUTE FUNCTION"
+        } else {
+            "EXECUTE PROCEDURE"
+        }
+    }
+
+    /// Whether a partitioned table can carry row triggers and a primary key (11+).
+    pub fn partitioned_parent_capture(self) -> bool {
+        self.major >= 11
+    }
+}

@@ -1,0 +1,150 @@
+//! Identifiers that reach SQL.
+//!
+//! Every schema, table, column, function or trigger name that pgferry puts into a SQL text goes
+//! through [`Ident`] or [`QualifiedName`], whose `Display` quotes it. There is no other way to put
+//! a name into SQL in this code base: a hostile name (quotes, spaces, upper case, reserved words,
+//! multibyte characters) is just a name.
+
+use std::fmt;
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use serde::Serialize;
+
+/// The longest identifier PostgreSQL keeps, in bytes (`NAMEDATALEN - 1`).
+pub const MAX_IDENT_BYTES: usize = 63;
+
+/// One SQL identifier, stored unquoted; `Display` writes it quoted.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Ident(String);
+
+impl Ident {
+    /// Wraps a name as PostgreSQL stores it (already case-folded, unquoted).
+    pub fn new(name: impl Into<String>) -> Self {
+        Ident(name.into())
+    }
+
+    /// The name as stored in the catalog.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escape_identifier(&self.0))
+    }
+}
+
+impl From<&str> for Ident {
+    fn from(s: &str) -> Self {
+        Ident::new(s)
+    }
+}
+
+impl From<String> for Ident {
+    fn from(s: String) -> Self {
+        Ident(s)
+    }
+}
+
+/// `schema.name`, each part quoted on display.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct QualifiedName {
+    pub schema: Ident,
+    pub name: Ident,
+}
+
+impl QualifiedName {
+    pub fn new(schema: impl Into<Ident>, name: impl Into<Ident>) -> Self {
+        QualifiedName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The name as a SQL string literal, e.g. for `'…'::regclass`.
+    pub fn literal(&self) -> String {
+        escape_literal(&self.to_string())
+    }
+}
+
+impl fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// A SQL string literal (`'…'`, `E'…'` where needed), for the few places where a value cannot be
+/// a bound parameter: DDL, and function bodies generated at install time.
+pub fn literal(value: &str) -> String {
+    escape_literal(value)
+}
+
+/// Truncates `s` to at most `max` bytes without splitting a character.
+pub fn truncate_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A stable 64-bit hash (FNV-1a) of a text: the same on every machine and every release, so that
+/// generated names survive dumps, restores and upgrades (OIDs do not).
+pub fn stable_hash(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A generated object name: `prefix`, a readable part of `readable`, and a stable hash of
+/// `hashed`; at most 63 bytes and never split inside a character.
+pub fn generated_name(prefix: &str, readable: &str, hashed: &str) -> Ident {
+    let hash = format!("{:016x}", stable_hash(hashed));
+    let room = MAX_IDENT_BYTES - prefix.len() - hash.len() - 1;
+    let readable: String = readable
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { '_' })
+        .collect();
+    let part = truncate_bytes(&readable, room);
+    Ident::new(format!("{prefix}{part}_{hash}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn quotes_hostile_names() {
+        assert_eq!(Ident::new("a\"b").to_string(), "\"a\"\"b\"");
+        let q = QualifiedName::new("My Schema", "select");
+        assert_eq!(q.to_string(), "\"My Schema\".\"select\"");
+        assert_eq!(q.literal(), "'\"My Schema\".\"select\"'");
+    }
+
+    proptest! {
+        #[test]
+        fn quoting_round_trips(name in "\\PC{0,40}") {
+            let quoted = Ident::new(name.clone()).to_string();
+            prop_assert!(quoted.starts_with('"') && quoted.ends_with('"'));
+            let inner = &quoted[1..quoted.len() - 1];
+            prop_assert_eq!(inner.replace("\"\"", "\""), name);
+        }
+
+        #[test]
+        fn generated_names_fit(prefix in "[a-z_]{1,10}", name in "\\PC{0,80}") {
+            let n = generated_name(&prefix, &name, &name);
+            prop_assert!(n.as_str().len() <= MAX_IDENT_BYTES);
+            prop_assert!(n.as_str().starts_with(&prefix));
+            prop_assert_eq!(n.clone(), generated_name(&prefix, &name, &name));
+        }
+    }
+}

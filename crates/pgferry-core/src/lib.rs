@@ -1,0 +1,20 @@
+//! pgferry's foundations, shared by every other crate: connection strings that never leak a
+//! password ([`dsn`]), sessions with fixed text forms ([`session`]), the one identifier type that
+//! reaches SQL ([`ident`]), table patterns ([`pattern`]), catalog introspection ([`catalog`]), the
+//! definition of what pgferry installs ([`artifact`]), and error classification ([`error`]).
+//!
+//! This crate knows nothing about the command line.
+
+pub mod artifact;
+pub mod catalog;
+pub mod dsn;
+pub mod error;
+pub mod ident;
+pub mod pattern;
+pub mod session;
+
+pub use dsn::Dsn;
+pub use error::{Error, ErrorClass};
+pub use ident::{Ident, QualifiedName};
+pub use pattern::TablePattern;
+pub use session::Session;
