@@ -181,3 +181,72 @@ impl Dialect {
         self.major >= 11
     }
 }
+
+/// How to remove pgferry from a database: what `uninstall` and `clean` both run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Removal {
+    /// pgferry triggers on user tables (`pgferry_*` calling a function in schema pgferry).
+    pub triggers: Vec<crate::catalog::TriggerInfo>,
+    /// Whether schema pgferry exists.
+    pub schema_found: bool,
+    /// Tables, sequences and functions inside schema pgferry.
+    pub schema_objects: usize,
+    /// Objects outside the schema that depend on it: removal must refuse while there are any.
+    pub dependents: Vec<String>,
+    /// The statements, in order.
+    pub statements: Vec<String>,
+}
+
+/// Plans the removal of every pgferry object: the pgferry triggers on user tables, then the
+/// schema. Clones of a partitioned parent's trigger go with the parent's.
+pub async fn pgferry_removal(
+    client: &impl tokio_postgres::GenericClient,
+    target: &str,
+) -> Result<Removal, crate::Error> {
+    removal(client, SCHEMA, &["pgferry\\_%"], target).await
+}
+
+/// Plans the removal of a replication tool's artifacts: the triggers on user tables whose name
+/// matches `trigger_patterns` (SQL `LIKE`) and whose function lives in `schema`, then `schema`.
+pub async fn removal(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    trigger_patterns: &[&str],
+    target: &str,
+) -> Result<Removal, crate::Error> {
+    let triggers =
+        crate::catalog::triggers_calling(client, schema, trigger_patterns, target).await?;
+    let mut r = Removal {
+        statements: triggers
+            .iter()
+            .map(|t| format!("DROP TRIGGER {} ON {}", t.trigger, t.table))
+            .collect(),
+        triggers,
+        ..Removal::default()
+    };
+    r.schema_found = crate::catalog::schema_exists(client, schema, target).await?;
+    if !r.schema_found {
+        return Ok(r);
+    }
+    r.dependents =
+        crate::catalog::external_dependents(client, schema, trigger_patterns, target).await?;
+    let objects: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relkind IN ('r', 'S', 'p'))
+                  + (SELECT count(*) FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| crate::Error::Query {
+            context: format!("counting the objects in schema {schema}"),
+            target: target.to_owned(),
+            source: e,
+        })?
+        .get(0);
+    r.schema_objects = objects as usize;
+    r.statements
+        .push(format!("DROP SCHEMA {} CASCADE", Ident::new(schema)));
+    Ok(r)
+}

@@ -302,13 +302,16 @@ pub async fn triggers_calling(
         .collect())
 }
 
-/// Objects outside `schema` that depend on objects inside it (views over its tables, say),
-/// described by `pg_describe_object`; triggers in `except_triggers_calling` are left out.
+/// Objects outside `schema` that depend on objects inside it (views over its tables, a user's
+/// trigger calling one of its functions), described by `pg_describe_object`. Triggers whose name
+/// matches one of `own_triggers` (SQL `LIKE`) are the schema's own and left out.
 pub async fn external_dependents(
     client: &impl GenericClient,
     schema: &str,
+    own_triggers: &[&str],
     target: &str,
 ) -> Result<Vec<String>, Error> {
+    let own: Vec<String> = own_triggers.iter().map(|s| (*s).to_owned()).collect();
     let rows = client
         .query(
             "WITH inside AS (
@@ -327,7 +330,8 @@ pub async fn external_dependents(
                FROM pg_catalog.pg_depend d
                JOIN inside i ON i.classid = d.refclassid AND i.oid = d.refobjid
               WHERE d.deptype IN ('n', 'a')
-                AND NOT (d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass)
+                AND NOT (d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass AND EXISTS (
+                        SELECT 1 FROM pg_catalog.pg_trigger tg WHERE tg.oid = d.objid AND tg.tgname::text LIKE ANY ($2)))
                 AND NOT EXISTS (SELECT 1 FROM inside j WHERE j.classid = d.classid AND j.oid = d.objid)
                 AND NOT (d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND EXISTS (
                         SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -340,7 +344,7 @@ pub async fn external_dependents(
                                       JOIN inside k ON k.classid = o.refclassid AND k.oid = o.refobjid
                                      WHERE o.classid = d.classid AND o.objid = d.objid AND o.deptype IN ('a','i')))
               ORDER BY 1",
-            &[&schema],
+            &[&schema, &own],
         )
         .await
         .map_err(|e| q("reading dependencies", target, e))?;

@@ -1,1 +1,195 @@
-//! Delta capture.
+//! Delta capture: `install` adds to a source database what records its row changes, and
+//! `uninstall` removes it.
+//!
+//! Invariants:
+//! - Install is all-or-nothing: it plans and applies inside one transaction, under an advisory
+//!   lock, so two installs never interleave and a refused install leaves no trace.
+//! - A table is captured exactly once: as a whole when it is a partitioned table with a key on a
+//!   server that allows row triggers on partitioned tables (11+), otherwise through each of its
+//!   partitions. TRUNCATE triggers are not inherited, so every partition of a captured
+//!   partitioned table carries its own (re-running install adds them to partitions attached
+//!   since).
+//! - Once install commits, every later write to a captured table is captured: CREATE TRIGGER
+//!   waits for writers already in the table, so a dump started after install sees every change
+//!   that the capture does not hold.
+//! - Re-running adds newly matched tables and repairs missing pgferry triggers; it changes
+//!   nothing else.
+
+mod error;
+mod plan;
+
+pub use error::InstallError;
+pub use plan::{AddedTable, InstallOptions, InstallReport};
+
+use std::time::Duration;
+
+use pgferry_core::artifact::{self, Dialect, INSTALL_LOCK_KEY, SCHEMA, SCHEMA_VERSION};
+use pgferry_core::catalog;
+use pgferry_core::{Dsn, QualifiedName, Session};
+use serde::Serialize;
+
+/// The base schema, version 1 (see `sql/`).
+pub const SCHEMA_V1_SQL: &str = include_str!("../../../sql/pgferry--1.sql");
+/// Template of a table's capture function.
+pub const CAPTURE_FUNCTION_SQL: &str = include_str!("../../../sql/capture_function.sql");
+/// Template of a capture function's body.
+pub const CAPTURE_BODY_SQL: &str = include_str!("../../../sql/capture_body.plpgsql");
+
+/// Fills the per-version placeholders of an SQL template.
+pub fn render(sql: &str, dialect: Dialect) -> String {
+    sql.replace("@XID_TYPE@", dialect.xid_type())
+        .replace("@CURRENT_XID@", dialect.current_xid())
+        .replace("@SNAPSHOT_TYPE@", dialect.snapshot_type())
+        .replace("@CURRENT_SNAPSHOT@", dialect.current_snapshot())
+}
+
+/// Installs capture on the tables the options select. See the module docs for guarantees.
+pub async fn install(dsn: &Dsn, opts: &InstallOptions) -> Result<InstallReport, InstallError> {
+    let mut session = Session::connect(dsn, "install").await?;
+    let dialect = Dialect::new(session.server_version);
+    let target = session.target.clone();
+    let tx = session
+        .client
+        .transaction()
+        .await
+        .map_err(|e| pgferry_core::Error::Query {
+            context: "starting the install transaction".into(),
+            target: target.clone(),
+            source: e,
+        })?;
+    let q = |ctx: &str, e| pgferry_core::Error::Query {
+        context: ctx.to_owned(),
+        target: target.clone(),
+        source: e,
+    };
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK_KEY})",
+        opts.lock_timeout.as_millis()
+    ))
+    .await
+    .map_err(|e| q("taking the install lock", e))?;
+
+    let plan = plan::plan(&tx, session.server_version, dialect, opts, &target).await?;
+    let mut report = plan.report;
+    if opts.dry_run || report.statements.is_empty() {
+        tx.rollback()
+            .await
+            .map_err(|e| q("ending the install transaction", e))?;
+        return Ok(report);
+    }
+    for (what, stmt) in &report.statements {
+        tx.batch_execute(stmt)
+            .await
+            .map_err(|e| q(&format!("installing: {what}"), e))?;
+    }
+    let node: String = tx
+        .query_one("SELECT node_id FROM pgferry.installation", &[])
+        .await
+        .map_err(|e| q("reading the node identity", e))?
+        .get(0);
+    report.node_id = Some(node);
+    tx.commit()
+        .await
+        .map_err(|e| q("committing the install", e))?;
+    Ok(report)
+}
+
+/// What `uninstall` removed (or would remove).
+#[derive(Debug, Serialize)]
+pub struct UninstallReport {
+    pub dry_run: bool,
+    /// Whether a pgferry schema was there at all.
+    pub found: bool,
+    pub triggers: Vec<String>,
+    pub schema_objects: usize,
+    pub statements: Vec<String>,
+}
+
+/// Removes every object install made, in one transaction. User tables, their data, and their
+/// own triggers and functions are untouched.
+pub async fn uninstall(
+    dsn: &Dsn,
+    dry_run: bool,
+    lock_timeout: Duration,
+) -> Result<UninstallReport, InstallError> {
+    let mut session = Session::connect(dsn, "uninstall").await?;
+    let target = session.target.clone();
+    let q = |ctx: &str, e| pgferry_core::Error::Query {
+        context: ctx.to_owned(),
+        target: target.clone(),
+        source: e,
+    };
+    let tx = session
+        .client
+        .transaction()
+        .await
+        .map_err(|e| q("starting the uninstall transaction", e))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK_KEY})",
+        lock_timeout.as_millis()
+    ))
+    .await
+    .map_err(|e| q("taking the install lock", e))?;
+    let found = catalog::schema_exists(&tx, SCHEMA, &target).await?;
+    let removal = artifact::pgferry_removal(&tx, &target).await?;
+    if !removal.dependents.is_empty() {
+        return Err(InstallError::Dependents {
+            objects: removal.dependents,
+        });
+    }
+    let (triggers, objects, statements) =
+        (removal.triggers, removal.schema_objects, removal.statements);
+    let report = UninstallReport {
+        dry_run,
+        found,
+        triggers: triggers
+            .iter()
+            .map(|t| format!("{} on {}", t.trigger, t.table))
+            .collect(),
+        schema_objects: objects,
+        statements,
+    };
+    if dry_run {
+        tx.rollback().await.map_err(|e| q("rolling back", e))?;
+        return Ok(report);
+    }
+    for s in &report.statements {
+        tx.batch_execute(s).await.map_err(|e| q(s, e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| q("committing the uninstall", e))?;
+    Ok(report)
+}
+
+/// The registered tables of an installed pgferry schema.
+pub async fn captured_tables(
+    client: &impl tokio_postgres::GenericClient,
+    target: &str,
+) -> Result<Vec<(i32, QualifiedName)>, InstallError> {
+    let rows = client
+        .query(
+            "SELECT table_id, schema_name, table_name FROM pgferry.captured_table ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| pgferry_core::Error::Query {
+            context: "reading pgferry.captured_table".into(),
+            target: target.to_owned(),
+            source: e,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+            )
+        })
+        .collect())
+}
+
+/// This build's schema version, for messages.
+pub fn schema_version() -> i32 {
+    SCHEMA_VERSION
+}

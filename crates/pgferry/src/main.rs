@@ -1,1 +1,87 @@
-fn main() {}
+//! The `pgferry` command: parses the command line, runs the library that does the work, and
+//! turns the outcome into output and an exit code (see [`exit`]).
+
+mod capture;
+mod cleanup;
+mod exit;
+mod output;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Trigger-based PostgreSQL replication: move a live database to new infrastructure with an
+/// outage of seconds, and keep databases replicated afterwards.
+#[derive(Debug, Parser)]
+#[command(name = "pgferry", version, about, long_about = None)]
+#[command(after_help = exit::EXIT_CODES_HELP)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: output::LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install delta capture on a source database (step 1 of a migration).
+    ///
+    /// Adds schema pgferry (capture tables, registry, node identity) and a capture trigger to
+    /// every selected table, in one transaction. Re-running adds newly matched tables only.
+    Install(capture::InstallArgs),
+    /// Remove everything `install` added to a source database, in one transaction.
+    Uninstall(capture::UninstallArgs),
+    /// Strip replication artifacts from a database restored from a dump or snapshot of a
+    /// captured source (step 4 of a migration), so it can become a target.
+    Clean(cleanup::CleanArgs),
+}
+
+/// Options shared by commands that change a database.
+#[derive(Debug, clap::Args)]
+pub struct ChangeArgs {
+    /// Print what would be done (and the SQL), change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a JSON report on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up waiting for a table lock after this many seconds (a long transaction holding
+    /// one) instead of queueing every writer behind pgferry.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub lock_timeout: f64,
+}
+
+impl ChangeArgs {
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_timeout.max(0.001))
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    output::init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return exit::Code::Failure.into();
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Install(a) => capture::install(a).await,
+            Command::Uninstall(a) => capture::uninstall(a).await,
+            Command::Clean(a) => cleanup::clean(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code.into(),
+        Err(e) => exit::report(&e).into(),
+    }
+}

@@ -1,0 +1,554 @@
+//! Planning an install: which tables, which SQL, all read inside the install transaction.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use pgferry_core::artifact::{
+    self, Dialect, CAPTURE_TRIGGER, SCHEMA, SCHEMA_VERSION, TRUNCATE_FUNCTION, TRUNCATE_TRIGGER,
+};
+use pgferry_core::catalog::{self, Key, TableInfo, TableKind};
+use pgferry_core::ident::literal;
+use pgferry_core::{Ident, QualifiedName, TablePattern};
+use serde::Serialize;
+use tokio_postgres::types::Oid;
+use tokio_postgres::Transaction;
+
+use crate::{render, InstallError, CAPTURE_BODY_SQL, CAPTURE_FUNCTION_SQL, SCHEMA_V1_SQL};
+
+/// What to install.
+#[derive(Clone, Debug)]
+pub struct InstallOptions {
+    /// Tables to capture; empty means every table.
+    pub tables: Vec<TablePattern>,
+    /// Tables to leave out.
+    pub exclude: Vec<TablePattern>,
+    /// Print the SQL, change nothing.
+    pub dry_run: bool,
+    /// How long to wait for a table lock before giving up (a long transaction holding one).
+    pub lock_timeout: Duration,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        InstallOptions {
+            tables: Vec::new(),
+            exclude: Vec::new(),
+            dry_run: false,
+            lock_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A table install starts capturing.
+#[derive(Clone, Debug, Serialize)]
+pub struct AddedTable {
+    pub table: QualifiedName,
+    pub table_id: i32,
+    pub key: Vec<Ident>,
+    /// Partitions covered through this table (when partitioned).
+    pub partitions: Vec<QualifiedName>,
+    pub sequences: Vec<QualifiedName>,
+}
+
+/// What install did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Serialize)]
+pub struct InstallReport {
+    pub dry_run: bool,
+    /// The pgferry schema was created by this install.
+    pub created_schema: bool,
+    pub added: Vec<AddedTable>,
+    /// Tables that matched and were captured already.
+    pub already_captured: Vec<QualifiedName>,
+    /// Partitions attached since the last install that got their TRUNCATE trigger now.
+    pub new_partitions: Vec<QualifiedName>,
+    /// pgferry triggers found missing on captured tables and recreated.
+    pub repaired: Vec<String>,
+    /// Registered tables that no longer exist.
+    pub missing_tables: Vec<QualifiedName>,
+    pub node_id: Option<String>,
+    /// The SQL, statement by statement, with what each does.
+    #[serde(skip)]
+    pub statements: Vec<(String, String)>,
+}
+
+pub(crate) struct Plan {
+    pub report: InstallReport,
+}
+
+struct Registered {
+    table_id: i32,
+    key_columns: Vec<String>,
+    key_types: Vec<String>,
+    key_forms: Vec<String>,
+}
+
+/// The units of capture: tables captured as a whole.
+fn capture_units(
+    tables: &[TableInfo],
+    dialect: Dialect,
+) -> (Vec<usize>, HashMap<usize, Vec<usize>>) {
+    let mut children: HashMap<Oid, Vec<usize>> = HashMap::new();
+    for (i, t) in tables.iter().enumerate() {
+        if let Some(p) = t.parent_oid {
+            children.entry(p).or_default().push(i);
+        }
+    }
+    fn descendants(
+        i: usize,
+        tables: &[TableInfo],
+        children: &HashMap<Oid, Vec<usize>>,
+        out: &mut Vec<usize>,
+    ) {
+        for &c in children.get(&tables[i].oid).into_iter().flatten() {
+            out.push(c);
+            descendants(c, tables, children, out);
+        }
+    }
+    let mut units = Vec::new();
+    let mut covered = HashMap::new();
+    let mut stack: Vec<usize> = (0..tables.len())
+        .filter(|&i| tables[i].parent_oid.is_none())
+        .collect();
+    stack.reverse();
+    while let Some(i) = stack.pop() {
+        let t = &tables[i];
+        let whole = t.kind == TableKind::Ordinary
+            || (dialect.partitioned_parent_capture()
+                && (t.key.is_some() || t.key_problem.is_some()));
+        if whole {
+            let mut d = Vec::new();
+            descendants(i, tables, &children, &mut d);
+            covered.insert(i, d);
+            units.push(i);
+        } else {
+            let mut c = children.get(&t.oid).cloned().unwrap_or_default();
+            c.reverse();
+            stack.extend(c);
+        }
+    }
+    units.sort_by(|a, b| tables[*a].name.cmp(&tables[*b].name));
+    (units, covered)
+}
+
+pub(crate) async fn plan(
+    tx: &Transaction<'_>,
+    server_version: u32,
+    dialect: Dialect,
+    opts: &InstallOptions,
+    target: &str,
+) -> Result<Plan, InstallError> {
+    let q = |ctx: &str, e| pgferry_core::Error::Query {
+        context: ctx.to_owned(),
+        target: target.to_owned(),
+        source: e,
+    };
+    // What is installed already.
+    let schema_exists = catalog::schema_exists(tx, SCHEMA, target).await?;
+    let mut registered: HashMap<QualifiedName, Registered> = HashMap::new();
+    let mut next_id = 1;
+    if schema_exists {
+        let has_install: bool = tx
+            .query_one(
+                "SELECT pg_catalog.to_regclass('pgferry.installation') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| q("reading the pgferry schema", e))?
+            .get(0);
+        if !has_install {
+            return Err(InstallError::ForeignSchema);
+        }
+        let found: i32 = tx
+            .query_one("SELECT schema_version FROM pgferry.installation", &[])
+            .await
+            .map_err(|e| q("reading the installed version", e))?
+            .get(0);
+        if found > SCHEMA_VERSION {
+            return Err(InstallError::NewerSchema {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for r in tx
+            .query(
+                "SELECT table_id, schema_name, table_name, key_columns, key_types, key_forms FROM pgferry.captured_table",
+                &[],
+            )
+            .await
+            .map_err(|e| q("reading captured tables", e))?
+        {
+            let id: i32 = r.get(0);
+            next_id = next_id.max(id + 1);
+            registered.insert(
+                QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+                Registered {
+                    table_id: id,
+                    key_columns: r.get(3),
+                    key_types: r.get(4),
+                    key_forms: r.get(5),
+                },
+            );
+        }
+    }
+
+    let tables = catalog::user_tables(tx, server_version, target).await?;
+    let (units, covered) = capture_units(&tables, dialect);
+    let unit_set: BTreeSet<usize> = units.iter().copied().collect();
+
+    // Select by patterns.
+    let selected: Vec<usize> = units
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let t = &tables[i];
+            let (s, n) = (t.name.schema.as_str(), t.name.name.as_str());
+            let included = if opts.tables.is_empty() {
+                !t.extension_member
+            } else {
+                opts.tables.iter().any(|p| p.matches(s, n))
+            };
+            included && !opts.exclude.iter().any(|p| p.matches(s, n))
+        })
+        .collect();
+    for p in opts.tables.iter().chain(&opts.exclude) {
+        let hit = units
+            .iter()
+            .any(|&i| p.matches(tables[i].name.schema.as_str(), tables[i].name.name.as_str()));
+        if hit {
+            continue;
+        }
+        let hint = tables
+            .iter()
+            .enumerate()
+            .find(|(i, t)| !unit_set.contains(i) && p.matches(t.name.schema.as_str(), t.name.name.as_str()))
+            .map(|(i, t)| {
+                let owner = covered
+                    .iter()
+                    .find(|(_, d)| d.contains(&i))
+                    .map(|(u, _)| tables[*u].name.to_string());
+                match owner {
+                    Some(o) => format!(" ({} is a partition of {o}, which is captured as a whole: name {o} instead)", t.name),
+                    None => format!(" ({} is partitioned; its partitions are captured one by one)", t.name),
+                }
+            })
+            .unwrap_or_default();
+        return Err(InstallError::NoMatch {
+            pattern: p.to_string(),
+            hint,
+        });
+    }
+
+    let mut report = InstallReport {
+        dry_run: opts.dry_run,
+        created_schema: !schema_exists,
+        added: Vec::new(),
+        already_captured: Vec::new(),
+        new_partitions: Vec::new(),
+        repaired: Vec::new(),
+        missing_tables: Vec::new(),
+        node_id: None,
+        statements: Vec::new(),
+    };
+    let present: BTreeSet<&QualifiedName> = tables.iter().map(|t| &t.name).collect();
+    report.missing_tables = registered
+        .keys()
+        .filter(|n| !present.contains(n))
+        .cloned()
+        .collect();
+    report.missing_tables.sort();
+
+    // New tables must have a usable key, and we must be allowed to put triggers on them.
+    let new: Vec<usize> = selected
+        .iter()
+        .copied()
+        .filter(|&i| !registered.contains_key(&tables[i].name))
+        .collect();
+    let keyless: Vec<String> = new
+        .iter()
+        .filter(|&&i| tables[i].key.is_none() && tables[i].key_problem.is_none())
+        .map(|&i| tables[i].name.to_string())
+        .collect();
+    if !keyless.is_empty() {
+        return Err(InstallError::NoKey { tables: keyless });
+    }
+    let bad_keys: Vec<String> = new
+        .iter()
+        .filter_map(|&i| {
+            tables[i]
+                .key_problem
+                .as_ref()
+                .filter(|_| tables[i].key.is_none())
+                .map(|p| format!("{}: {p}", tables[i].name))
+        })
+        .collect();
+    if !bad_keys.is_empty() {
+        return Err(InstallError::UnsupportedKey { problems: bad_keys });
+    }
+
+    // Existing pgferry triggers, to add only what is missing.
+    let existing = catalog::triggers_calling(tx, SCHEMA, &["pgferry\\_%"], target).await?;
+    let has_trigger = |t: &QualifiedName, name: &str| {
+        existing
+            .iter()
+            .any(|x| &x.table == t && x.trigger.as_str() == name)
+    };
+
+    let mut needs_trigger_priv: Vec<String> = Vec::new();
+    let mut stmts: Vec<(String, String)> = Vec::new();
+    if !schema_exists {
+        let can_create: bool = tx
+            .query_one(
+                "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
+                &[],
+            )
+            .await
+            .map_err(|e| q("checking privileges", e))?
+            .get(0);
+        if !can_create {
+            return Err(InstallError::Privilege {
+                what: "CREATE on the database (to create schema pgferry)".into(),
+                fix: "GRANT CREATE ON DATABASE <db> TO <installing role>, or install as a role that has it".into(),
+            });
+        }
+        stmts.push((
+            "create schema pgferry".into(),
+            render(SCHEMA_V1_SQL, dialect),
+        ));
+        let sysid_readable: bool = tx
+            .query_one("SELECT pg_catalog.has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')", &[])
+            .await
+            .map_err(|e| q("checking privileges", e))?
+            .get(0);
+        let sysid = if sysid_readable {
+            "(SELECT system_identifier::text FROM pg_catalog.pg_control_system())"
+        } else {
+            "NULL"
+        };
+        stmts.push((
+            "record the node identity".into(),
+            format!(
+                "INSERT INTO pgferry.installation (schema_version, node_id, system_identifier, database_name, server_version_num, pgferry_version)
+                 VALUES ({SCHEMA_VERSION}, pg_catalog.md5(pg_catalog.random()::text || pg_catalog.clock_timestamp()::text || pg_catalog.pg_backend_pid()::text),
+                         {sysid}, pg_catalog.current_database(), pg_catalog.current_setting('server_version_num')::integer, {})",
+                literal(env!("CARGO_PKG_VERSION"))
+            ),
+        ));
+    }
+
+    let sequences = catalog::table_sequences(tx, target).await?;
+    for &i in &selected {
+        let t = &tables[i];
+        let descendants: Vec<&TableInfo> = covered
+            .get(&i)
+            .into_iter()
+            .flatten()
+            .map(|&d| &tables[d])
+            .collect();
+        if let Some(reg) = registered.get(&t.name) {
+            report.already_captured.push(t.name.clone());
+            let function = artifact::capture_function(&t.name);
+            if !has_trigger(&t.name, CAPTURE_TRIGGER) {
+                if !t.can_trigger {
+                    needs_trigger_priv.push(format!("{} (owner {})", t.name, t.owner));
+                }
+                let cols: Vec<(Ident, String, artifact::KeyForm)> = reg
+                    .key_columns
+                    .iter()
+                    .zip(&reg.key_types)
+                    .zip(&reg.key_forms)
+                    .map(|((c, ty), f)| {
+                        (
+                            Ident::new(c.clone()),
+                            ty.clone(),
+                            artifact::KeyForm::parse(f).unwrap_or(artifact::KeyForm::Text),
+                        )
+                    })
+                    .collect();
+                stmts.push((
+                    format!("recreate the capture function of {}", t.name),
+                    capture_function_sql(&function, reg.table_id, &cols, dialect, true),
+                ));
+                stmts.push((
+                    format!("recreate the capture trigger of {}", t.name),
+                    capture_trigger_sql(&t.name, &function, dialect),
+                ));
+                report
+                    .repaired
+                    .push(format!("{CAPTURE_TRIGGER} on {}", t.name));
+            }
+            if !has_trigger(&t.name, TRUNCATE_TRIGGER) {
+                stmts.push((
+                    format!("recreate the TRUNCATE trigger of {}", t.name),
+                    truncate_trigger_sql(&t.name, reg.table_id, false, dialect),
+                ));
+                report
+                    .repaired
+                    .push(format!("{TRUNCATE_TRIGGER} on {}", t.name));
+            }
+            for d in &descendants {
+                if !has_trigger(&d.name, TRUNCATE_TRIGGER) {
+                    if !d.can_trigger {
+                        needs_trigger_priv.push(format!("{} (owner {})", d.name, d.owner));
+                    }
+                    stmts.push((
+                        format!("TRUNCATE trigger on new partition {}", d.name),
+                        truncate_trigger_sql(&d.name, reg.table_id, true, dialect),
+                    ));
+                    report.new_partitions.push(d.name.clone());
+                }
+            }
+            continue;
+        }
+        let key: &Key = t.key.as_ref().expect("checked above");
+        if !t.can_trigger {
+            needs_trigger_priv.push(format!("{} (owner {})", t.name, t.owner));
+        }
+        for d in &descendants {
+            if !d.can_trigger {
+                needs_trigger_priv.push(format!("{} (owner {})", d.name, d.owner));
+            }
+        }
+        let id = next_id;
+        next_id += 1;
+        let function = artifact::capture_function(&t.name);
+        let cols: Vec<(Ident, String, artifact::KeyForm)> = key
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.sql_type.clone(), c.form))
+            .collect();
+        stmts.push((
+            format!("capture function of {}", t.name),
+            capture_function_sql(&function, id, &cols, dialect, false),
+        ));
+        stmts.push((
+            format!("register {}", t.name),
+            format!(
+                "INSERT INTO pgferry.captured_table (table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_function, partitioned)
+                 VALUES ({id}, {}, {}, {}, {}, {}, {}, {})",
+                literal(t.name.schema.as_str()),
+                literal(t.name.name.as_str()),
+                text_array(cols.iter().map(|c| c.0.as_str().to_owned())),
+                text_array(cols.iter().map(|c| c.1.clone())),
+                text_array(cols.iter().map(|c| c.2.as_str().to_owned())),
+                literal(function.name.as_str()),
+                t.kind == TableKind::Partitioned,
+            ),
+        ));
+        stmts.push((
+            format!("capture trigger on {}", t.name),
+            capture_trigger_sql(&t.name, &function, dialect),
+        ));
+        stmts.push((
+            format!("TRUNCATE trigger on {}", t.name),
+            truncate_trigger_sql(&t.name, id, false, dialect),
+        ));
+        for d in &descendants {
+            stmts.push((
+                format!("TRUNCATE trigger on partition {}", d.name),
+                truncate_trigger_sql(&d.name, id, true, dialect),
+            ));
+        }
+        let mut seqs: Vec<QualifiedName> = sequences
+            .iter()
+            .filter(|s| s.table == t.name || descendants.iter().any(|d| d.name == s.table))
+            .map(|s| s.sequence.clone())
+            .collect();
+        seqs.sort();
+        seqs.dedup();
+        for s in &seqs {
+            stmts.push((
+                format!("register sequence {s}"),
+                format!(
+                    "INSERT INTO pgferry.captured_sequence (schema_name, sequence_name, table_id) VALUES ({}, {}, {id}) ON CONFLICT DO NOTHING",
+                    literal(s.schema.as_str()),
+                    literal(s.name.as_str())
+                ),
+            ));
+        }
+        report.added.push(AddedTable {
+            table: t.name.clone(),
+            table_id: id,
+            key: cols.iter().map(|c| c.0.clone()).collect(),
+            partitions: descendants.iter().map(|d| d.name.clone()).collect(),
+            sequences: seqs,
+        });
+    }
+    if !needs_trigger_priv.is_empty() {
+        return Err(InstallError::Privilege {
+            what: format!("TRIGGER on {}", needs_trigger_priv.join(", ")),
+            fix: "install as the tables' owner, or GRANT TRIGGER ON <table> TO <installing role>"
+                .into(),
+        });
+    }
+    if stmts.is_empty() {
+        report.statements = stmts;
+        return Ok(Plan { report });
+    }
+    report.statements = stmts;
+    Ok(Plan { report })
+}
+
+fn text_array(items: impl Iterator<Item = String>) -> String {
+    let parts: Vec<String> = items.map(|s| literal(&s)).collect();
+    format!("ARRAY[{}]::text[]", parts.join(", "))
+}
+
+fn key_array(record: &str, cols: &[(Ident, String, artifact::KeyForm)]) -> String {
+    let parts: Vec<String> = cols
+        .iter()
+        .map(|(name, _, form)| form.capture_expr(&format!("{record}.{name}")))
+        .collect();
+    format!("ARRAY[{}]", parts.join(", "))
+}
+
+fn capture_function_sql(
+    function: &QualifiedName,
+    table_id: i32,
+    cols: &[(Ident, String, artifact::KeyForm)],
+    dialect: Dialect,
+    replace: bool,
+) -> String {
+    let body = render(CAPTURE_BODY_SQL, dialect)
+        .replace("@TABLE_ID@", &table_id.to_string())
+        .replace("@NEW_KEY@", &key_array("NEW", cols))
+        .replace("@OLD_KEY@", &key_array("OLD", cols));
+    let sql = CAPTURE_FUNCTION_SQL
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("@FUNCTION@", &function.to_string())
+        .replace("@BODY@", &literal(&body));
+    if replace {
+        sql.replacen("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    } else {
+        sql
+    }
+}
+
+fn capture_trigger_sql(
+    table: &QualifiedName,
+    function: &QualifiedName,
+    dialect: Dialect,
+) -> String {
+    format!(
+        "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW {} {function}()",
+        Ident::new(CAPTURE_TRIGGER),
+        dialect.execute()
+    )
+}
+
+fn truncate_trigger_sql(
+    table: &QualifiedName,
+    table_id: i32,
+    partition: bool,
+    dialect: Dialect,
+) -> String {
+    format!(
+        "CREATE TRIGGER {} AFTER TRUNCATE ON {table} FOR EACH STATEMENT {} {}('{table_id}', '{}')",
+        Ident::new(TRUNCATE_TRIGGER),
+        dialect.execute(),
+        artifact::object(TRUNCATE_FUNCTION),
+        if partition { "partition" } else { "table" }
+    )
+}

@@ -1,0 +1,93 @@
+//! Exit codes and error reports.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success (also: nothing to do) |
+//! | 1 | refused or different: bad input that pgferry recognised (no key, pattern matches nothing, a live source given to `clean`, …); nothing was changed |
+//! | 2 | usage: unknown command or flag, bad flag value |
+//! | 3 | connection or authentication failed |
+//! | 4 | a privilege is missing |
+//! | 5 | any other failure (a database error, an I/O error) |
+
+use pgferry_core::error::find_db_error;
+use pgferry_core::ErrorClass;
+
+/// The exit codes, for `--help`.
+pub const EXIT_CODES_HELP: &str =
+    "Exit codes: 0 ok; 1 refused or different (nothing changed); 2 usage; \
+3 connection or authentication; 4 missing privilege; 5 other failure.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    Ok = 0,
+    Refused = 1,
+    Connection = 3,
+    Privilege = 4,
+    Failure = 5,
+}
+
+impl From<Code> for std::process::ExitCode {
+    fn from(c: Code) -> Self {
+        std::process::ExitCode::from(c as u8)
+    }
+}
+
+/// An error with the class that decides the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: anyhow::Error,
+    pub class: ErrorClass,
+    /// Recognised bad input (exit 1) rather than a failure while working (exit 5).
+    pub refused: bool,
+}
+
+impl Failure {
+    pub fn new(error: impl Into<anyhow::Error>, class: ErrorClass) -> Failure {
+        Failure {
+            error: error.into(),
+            class,
+            refused: class == ErrorClass::Definite,
+        }
+    }
+}
+
+/// Prints an error (the chain, then SQLSTATE, DETAIL, HINT, and the table or constraint) and
+/// returns its exit code. Never prints row values or passwords: DSNs reach errors redacted.
+pub fn report(f: &Failure) -> Code {
+    let mut msg = format!("error: {}", f.error);
+    let mut source = f.error.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        source = s.source();
+    }
+    if let Some(db) = find_db_error(f.error.as_ref()).and_then(|e| e.as_db_error()) {
+        msg.push_str(&format!("\n  sqlstate: {}", db.code().code()));
+        if let Some(d) = db.detail() {
+            msg.push_str(&format!("\n  detail: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            msg.push_str(&format!("\n  hint: {h}"));
+        }
+        match (db.schema(), db.table()) {
+            (Some(s), Some(t)) => msg.push_str(&format!(
+                "\n  table: {}",
+                pgferry_core::QualifiedName::new(s, t)
+            )),
+            (None, Some(t)) => msg.push_str(&format!("\n  table: {t}")),
+            _ => {}
+        }
+        if let Some(c) = db.constraint() {
+            msg.push_str(&format!("\n  constraint: {c}"));
+        }
+    }
+    eprintln!("{msg}");
+    match f.class {
+        ErrorClass::Connection | ErrorClass::Authentication => Code::Connection,
+        ErrorClass::Privilege => Code::Privilege,
+        ErrorClass::Definite if f.refused => Code::Refused,
+        _ => Code::Failure,
+    }
+}
