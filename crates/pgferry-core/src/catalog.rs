@@ -331,7 +331,10 @@ pub async fn external_dependents(
                JOIN inside i ON i.classid = d.refclassid AND i.oid = d.refobjid
               WHERE d.deptype IN ('n', 'a')
                 AND NOT (d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass AND EXISTS (
-                        SELECT 1 FROM pg_catalog.pg_trigger tg WHERE tg.oid = d.objid AND tg.tgname::text LIKE ANY ($2)))
+                        SELECT 1 FROM pg_catalog.pg_trigger tg
+                          JOIN pg_catalog.pg_class tc ON tc.oid = tg.tgrelid
+                          JOIN pg_catalog.pg_namespace tn ON tn.oid = tc.relnamespace
+                         WHERE tg.oid = d.objid AND (tg.tgname::text LIKE ANY ($2) OR tn.nspname = $1)))
                 AND NOT EXISTS (SELECT 1 FROM inside j WHERE j.classid = d.classid AND j.oid = d.objid)
                 AND NOT (d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND EXISTS (
                         SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

@@ -28,6 +28,25 @@ impl Ident {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name for people to read: bare when it is a plain lower-case name, quoted otherwise.
+    /// For messages only; SQL always uses the quoted `Display` form.
+    pub fn human(&self) -> String {
+        let plain = self
+            .0
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && self
+                .0
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if plain {
+            self.0.clone()
+        } else {
+            self.to_string()
+        }
+    }
 }
 
 impl fmt::Display for Ident {
@@ -61,6 +80,11 @@ impl QualifiedName {
             schema: schema.into(),
             name: name.into(),
         }
+    }
+
+    /// `schema.name` for people to read (see [`Ident::human`]).
+    pub fn human(&self) -> String {
+        format!("{}.{}", self.schema.human(), self.name.human())
     }
 
     /// The name as a SQL string literal, e.g. for `'…'::regclass`.
@@ -128,6 +152,8 @@ mod tests {
         let q = QualifiedName::new("My Schema", "select");
         assert_eq!(q.to_string(), "\"My Schema\".\"select\"");
         assert_eq!(q.literal(), "'\"My Schema\".\"select\"'");
+        assert_eq!(q.human(), "\"My Schema\".select");
+        assert_eq!(QualifiedName::new("public", "t*").human(), "public.\"t*\"");
     }
 
     proptest! {

@@ -225,10 +225,10 @@ pub(crate) async fn plan(
                 let owner = covered
                     .iter()
                     .find(|(_, d)| d.contains(&i))
-                    .map(|(u, _)| tables[*u].name.to_string());
+                    .map(|(u, _)| tables[*u].name.human());
                 match owner {
-                    Some(o) => format!(" ({} is a partition of {o}, which is captured as a whole: name {o} instead)", t.name),
-                    None => format!(" ({} is partitioned; its partitions are captured one by one)", t.name),
+                    Some(o) => format!(" ({} is a partition of {o}, which is captured as a whole: name {o} instead)", t.name.human()),
+                    None => format!(" ({} is partitioned; its partitions are captured one by one)", t.name.human()),
                 }
             })
             .unwrap_or_default();
@@ -266,7 +266,7 @@ pub(crate) async fn plan(
     let keyless: Vec<String> = new
         .iter()
         .filter(|&&i| tables[i].key.is_none() && tables[i].key_problem.is_none())
-        .map(|&i| tables[i].name.to_string())
+        .map(|&i| tables[i].name.human())
         .collect();
     if !keyless.is_empty() {
         return Err(InstallError::NoKey { tables: keyless });
@@ -278,7 +278,7 @@ pub(crate) async fn plan(
                 .key_problem
                 .as_ref()
                 .filter(|_| tables[i].key.is_none())
-                .map(|p| format!("{}: {p}", tables[i].name))
+                .map(|p| format!("{}: {p}", tables[i].name.human()))
         })
         .collect();
     if !bad_keys.is_empty() {
@@ -349,7 +349,7 @@ pub(crate) async fn plan(
             let function = artifact::capture_function(&t.name);
             if !has_trigger(&t.name, CAPTURE_TRIGGER) {
                 if !t.can_trigger {
-                    needs_trigger_priv.push(format!("{} (owner {})", t.name, t.owner));
+                    needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
                 }
                 let cols: Vec<(Ident, String, artifact::KeyForm)> = reg
                     .key_columns
@@ -388,7 +388,7 @@ pub(crate) async fn plan(
             for d in &descendants {
                 if !has_trigger(&d.name, TRUNCATE_TRIGGER) {
                     if !d.can_trigger {
-                        needs_trigger_priv.push(format!("{} (owner {})", d.name, d.owner));
+                        needs_trigger_priv.push(format!("{} (owner {})", d.name.human(), d.owner));
                     }
                     stmts.push((
                         format!("TRUNCATE trigger on new partition {}", d.name),
@@ -401,11 +401,11 @@ pub(crate) async fn plan(
         }
         let key: &Key = t.key.as_ref().expect("checked above");
         if !t.can_trigger {
-            needs_trigger_priv.push(format!("{} (owner {})", t.name, t.owner));
+            needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
         }
         for d in &descendants {
             if !d.can_trigger {
-                needs_trigger_priv.push(format!("{} (owner {})", d.name, d.owner));
+                needs_trigger_priv.push(format!("{} (owner {})", d.name.human(), d.owner));
             }
         }
         let id = next_id;

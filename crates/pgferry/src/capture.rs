@@ -82,13 +82,13 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
         println!("capture added to {} table(s):", report.added.len());
     }
     for t in &report.added {
-        let key: Vec<String> = t.key.iter().map(|k| k.to_string()).collect();
-        let mut line = format!("  + {}  key ({})", t.table, key.join(", "));
+        let key: Vec<String> = t.key.iter().map(|k| k.human()).collect();
+        let mut line = format!("  + {}  key ({})", t.table.human(), key.join(", "));
         if !t.partitions.is_empty() {
             line.push_str(&format!("  partitions: {}", t.partitions.len()));
         }
         if !t.sequences.is_empty() {
-            let s: Vec<String> = t.sequences.iter().map(|s| s.to_string()).collect();
+            let s: Vec<String> = t.sequences.iter().map(|s| s.human()).collect();
             line.push_str(&format!("  sequences: {}", s.join(", ")));
         }
         println!("{line}");
@@ -100,13 +100,13 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
         );
     }
     for p in &report.new_partitions {
-        println!("  + TRUNCATE capture on new partition {p}");
+        println!("  + TRUNCATE capture on new partition {}", p.human());
     }
     for r in &report.repaired {
         println!("  ! repaired missing trigger {r}");
     }
     for m in &report.missing_tables {
-        println!("  ? {m} is registered but no longer exists");
+        println!("  ? {} is registered but no longer exists", m.human());
     }
     Ok(Code::Ok)
 }

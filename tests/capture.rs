@@ -1,0 +1,366 @@
+//! End-to-end tests of `pgferry install` and `pgferry uninstall` against real clusters.
+
+mod common;
+
+use common::{catalog_listing, deltas, load_hostile, pgferry};
+use pgferry_testkit::Cluster;
+
+#[test]
+fn install_captures_every_kind_of_change_on_hostile_names() {
+    let db = Cluster::shared().create_database("capture");
+    load_hostile(&db);
+    let run = pgferry(&["install", "--source", &db.dsn(), "--json"]).expect(0);
+    let report = run.json();
+    assert_eq!(report["added"].as_array().unwrap().len(), 6, "{report}");
+
+    // A second, unprivileged role writes, with a DMY DateStyle and escape bytea output: keys are
+    // recorded in forms that do not depend on either.
+    db.psql(
+        "CREATE ROLE app_writer LOGIN PASSWORD 'pw';
+         GRANT USAGE ON SCHEMA public, \"Sch\"\"ema. *x\" TO app_writer;
+         GRANT ALL ON ALL TABLES IN SCHEMA public, \"Sch\"\"ema. *x\" TO app_writer;
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app_writer;",
+    );
+    db.try_psql_as(
+        "app_writer",
+        "pw",
+        "SET DateStyle = 'SQL, DMY'; SET bytea_output = 'escape'; SET TimeZone = 'Asia/Kolkata';
+         INSERT INTO \"Sch\"\"ema. *x\".\"Order Lines\" VALUES (1, 1, 'a', 'b'), (1, 2, 'c', 'd');
+         UPDATE \"Sch\"\"ema. *x\".\"Order Lines\" SET \"Line No\" = 3 WHERE \"Line No\" = 2;
+         UPDATE \"Sch\"\"ema. *x\".\"Order Lines\" SET \"a$body$b\" = 'x';
+         DELETE FROM \"Sch\"\"ema. *x\".\"Order Lines\" WHERE \"Line No\" = 1;
+         INSERT INTO public.\"dated key\" VALUES ('2026-02-01', '\\x00ff', 'n');
+         INSERT INTO public.\"t*\" VALUES (7, '2026-01-02 03:04:05+00', '\\x01');
+         TRUNCATE public.\"MixedCase\";",
+    )
+    .expect("an unprivileged writer writes captured tables without grants on pgferry");
+    let d = deltas(&db);
+    let expected = [
+        "Sch\"ema. *x.Order Lines I {1,1} -",
+        "Sch\"ema. *x.Order Lines I {1,2} -",
+        "Sch\"ema. *x.Order Lines U {1,3} {1,2}",
+        "Sch\"ema. *x.Order Lines U {1,1} -",
+        "Sch\"ema. *x.Order Lines U {1,3} -",
+        "Sch\"ema. *x.Order Lines D {1,1} -",
+        "public.dated key I {2026-02-01,00ff} -",
+        "public.t* I {2026-01-02T08:34:05+05:30,01} -",
+        "public.MixedCase T - -",
+    ];
+    assert_eq!(d, expected);
+    // Recorded keys read back to the very rows.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM public.\"t*\" t JOIN pgferry.delta d ON d.table_id =
+               (SELECT table_id FROM pgferry.captured_table WHERE table_name = 't*')
+              AND t.\"when\" = d.key[1]::timestamptz AND t.bin = decode(d.key[2], 'hex')"
+        ),
+        "1"
+    );
+    // Sequences used by the captured tables are registered.
+    let seqs = db.psql("SELECT sequence_name FROM pgferry.captured_sequence ORDER BY 1");
+    assert!(seqs.contains("MixedCase_ID_seq"), "{seqs}");
+    assert_eq!(seqs.lines().count(), 2, "{seqs}");
+}
+
+#[test]
+fn install_is_idempotent_and_dry_run_changes_nothing() {
+    let db = Cluster::shared().create_database("idem");
+    db.psql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);");
+    let before = catalog_listing(&db);
+    let dry = pgferry(&["install", "--source", &db.dsn(), "--dry-run"]).expect(0);
+    assert!(dry.stdout.contains("CREATE TRIGGER"), "{}", dry.stdout);
+    assert_eq!(
+        before,
+        catalog_listing(&db),
+        "--dry-run changed the catalog"
+    );
+
+    pgferry(&["install", "--source", &db.dsn(), "--table", "public.a"]).expect(0);
+    let once = catalog_listing(&db);
+    let again = pgferry(&["install", "--source", &db.dsn(), "--table", "public.a"]).expect(0);
+    assert!(again.stdout.contains("no new table"), "{}", again.stdout);
+    assert_eq!(once, catalog_listing(&db));
+
+    db.psql("CREATE TABLE c (id int PRIMARY KEY)");
+    let more = pgferry(&["install", "--source", &db.dsn(), "--json"])
+        .expect(0)
+        .json();
+    let added: Vec<&str> = more["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(added, ["b", "c"]);
+    assert_eq!(more["already_captured"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn tables_without_a_key_are_all_listed_and_nothing_is_installed() {
+    let db = Cluster::shared().create_database("nokey");
+    db.psql(
+        "CREATE TABLE ok (id int PRIMARY KEY);
+         CREATE TABLE loose (a int);
+         CREATE TABLE \"Also Loose\" (a int UNIQUE);
+         CREATE TABLE uniq_ok (a int NOT NULL UNIQUE);",
+    );
+    let run = pgferry(&["install", "--source", &db.dsn()]).expect(1);
+    assert!(run.stderr.contains("loose"), "{}", run.stderr);
+    assert!(run.stderr.contains("Also Loose"), "{}", run.stderr);
+    assert!(!run.stderr.contains("uniq_ok"), "{}", run.stderr);
+    assert!(run.stderr.contains("--exclude"), "{}", run.stderr);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "0"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM pg_trigger"), "0");
+    // The fix the message gives works.
+    pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--exclude",
+        "loose",
+        "--exclude",
+        "\"Also Loose\"",
+    ])
+    .expect(0);
+}
+
+#[test]
+fn patterns_quote_like_sql_and_must_match() {
+    let db = Cluster::shared().create_database("pattern");
+    load_hostile(&db);
+    let none = pgferry(&["install", "--source", &db.dsn(), "--table", "public.nope*"]).expect(1);
+    assert!(none.stderr.contains("public.nope*"), "{}", none.stderr);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "0"
+    );
+
+    let run = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--table",
+        "\"Sch\"\"ema. *x\".*",
+        "--table",
+        "public.\"t*\"",
+        "--json",
+    ])
+    .expect(0);
+    let names: Vec<String> = run.json()["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["Order Lines", "t*"]);
+    let bad = pgferry(&["install", "--source", &db.dsn(), "--table", "a.b.c"]).expect(1);
+    assert!(bad.stderr.contains("quote"), "{}", bad.stderr);
+}
+
+#[test]
+fn a_non_superuser_owner_can_install_and_missing_privileges_are_named() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_database("nonsuper");
+    db.psql(&format!(
+        "CREATE ROLE app_owner LOGIN PASSWORD 'secret-owner';
+         GRANT CREATE ON DATABASE {} TO app_owner;
+         CREATE ROLE no_create LOGIN PASSWORD 'secret-nc';
+         GRANT CREATE ON SCHEMA public TO app_owner;",
+        db.name()
+    ));
+    db.try_psql_as(
+        "app_owner",
+        "secret-owner",
+        "CREATE TABLE items (id int PRIMARY KEY, v text)",
+    )
+    .unwrap();
+
+    // A role that owns nothing and may not create a schema: exit 4, the privilege named.
+    db.psql("GRANT USAGE ON SCHEMA public TO no_create; GRANT SELECT ON items TO no_create;");
+    let denied = pgferry(&["install", "--source", &db.dsn_as("no_create", "secret-nc")]).expect(4);
+    assert!(
+        denied.stderr.contains("CREATE on the database"),
+        "{}",
+        denied.stderr
+    );
+    assert!(!denied.stderr.contains("secret-nc"));
+    db.psql(&format!(
+        "GRANT CREATE ON DATABASE {} TO no_create",
+        db.name()
+    ));
+    let denied = pgferry(&["install", "--source", &db.dsn_as("no_create", "secret-nc")]).expect(4);
+    assert!(
+        denied.stderr.contains("TRIGGER on public.items")
+            || denied.stderr.contains("TRIGGER on \"public\".\"items\""),
+        "{}",
+        denied.stderr
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "0"
+    );
+
+    pgferry(&[
+        "install",
+        "--source",
+        &db.dsn_as("app_owner", "secret-owner"),
+    ])
+    .expect(0);
+    db.try_psql_as(
+        "app_owner",
+        "secret-owner",
+        "INSERT INTO items VALUES (1, 'x')",
+    )
+    .unwrap();
+    assert_eq!(deltas(&db), ["public.items I {1} -"]);
+}
+
+#[test]
+fn connection_failures_exit_3_without_printing_the_password() {
+    let db = Cluster::shared().create_database("conn");
+    db.psql("CREATE ROLE pw_user LOGIN PASSWORD 'right-one'");
+    let wrong = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn_as("pw_user", "hunter2-wrong"),
+    ])
+    .expect(3);
+    assert!(!wrong.stderr.contains("hunter2"), "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("pw_user@127.0.0.1"),
+        "{}",
+        wrong.stderr
+    );
+    let url = format!(
+        "postgresql://pw_user:hunter2-wrong@127.0.0.1:1/{}",
+        db.name()
+    );
+    let unreachable = pgferry(&["install", "--source", &url]).expect(3);
+    assert!(
+        !unreachable.stderr.contains("hunter2"),
+        "{}",
+        unreachable.stderr
+    );
+    let bad = pgferry(&["install", "--source", "host=x password=hunter2 nonsense=1"]).expect(1);
+    assert!(!bad.stderr.contains("hunter2"), "{}", bad.stderr);
+    let usage = pgferry(&["install"]).expect(2);
+    assert!(usage.stderr.contains("--source"), "{}", usage.stderr);
+}
+
+#[test]
+fn a_newer_or_foreign_pgferry_schema_is_refused() {
+    let db = Cluster::shared().create_database("newer");
+    db.psql("CREATE TABLE t (id int PRIMARY KEY)");
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    db.psql("UPDATE pgferry.installation SET schema_version = 99");
+    let run = pgferry(&["install", "--source", &db.dsn()]).expect(1);
+    assert!(run.stderr.contains("version 99"), "{}", run.stderr);
+
+    let other = Cluster::shared().create_database("foreign");
+    other.psql("CREATE SCHEMA pgferry; CREATE TABLE t (id int PRIMARY KEY)");
+    let run = pgferry(&["install", "--source", &other.dsn()]).expect(1);
+    assert!(run.stderr.contains("not made by pgferry"), "{}", run.stderr);
+}
+
+#[test]
+fn partitions_are_captured_once_and_moves_and_new_partitions_are_handled() {
+    let db = Cluster::shared().create_database("parts");
+    db.psql(
+        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');",
+    );
+    let report = pgferry(&["install", "--source", &db.dsn(), "--json"])
+        .expect(0)
+        .json();
+    let added = report["added"].as_array().unwrap();
+    assert_eq!(
+        added.len(),
+        1,
+        "captured once, through the parent: {report}"
+    );
+    assert_eq!(added[0]["partitions"].as_array().unwrap().len(), 2);
+    let by_partition =
+        pgferry(&["install", "--source", &db.dsn(), "--table", "public.m_eu"]).expect(1);
+    assert!(
+        by_partition.stderr.contains("partition of"),
+        "{}",
+        by_partition.stderr
+    );
+
+    db.psql(
+        "INSERT INTO m VALUES (1, 'eu', 'a');
+         UPDATE m SET region = 'us' WHERE id = 1;
+         TRUNCATE m_eu;
+         CREATE TABLE m_asia PARTITION OF m FOR VALUES IN ('asia');
+         INSERT INTO m VALUES (2, 'asia', 'b');",
+    );
+    let d = deltas(&db);
+    assert_eq!(
+        d,
+        [
+            "public.m I {1,eu} -",
+            "public.m D {1,eu} -",
+            "public.m I {1,us} -",
+            "public.m T {public,m_eu} -",
+            "public.m I {2,asia} -",
+        ]
+    );
+    // The new partition's rows are captured through the parent's trigger; its TRUNCATE trigger
+    // comes with the next install.
+    let again = pgferry(&["install", "--source", &db.dsn(), "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(again["new_partitions"][0]["name"], "m_asia", "{again}");
+    db.psql("TRUNCATE m_asia");
+    assert_eq!(deltas(&db).last().unwrap(), "public.m T {public,m_asia} -");
+}
+
+#[test]
+fn uninstall_restores_the_catalog_exactly() {
+    let db = Cluster::shared().create_database("uninstall");
+    load_hostile(&db);
+    db.psql(
+        "CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER user_touch BEFORE UPDATE ON public.\"user\" FOR EACH ROW EXECUTE FUNCTION public.touch();
+         CREATE TABLE m (id int, r int, PRIMARY KEY (id, r)) PARTITION BY RANGE (r);
+         CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);
+         INSERT INTO public.\"user\" VALUES (gen_random_uuid(), 'x', 'y');",
+    );
+    let before = catalog_listing(&db);
+    let data_before = db.psql("SELECT * FROM public.\"user\"");
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    db.psql("UPDATE public.\"user\" SET \"from\" = 'z'");
+    assert_ne!(before, catalog_listing(&db));
+    let dry = pgferry(&["uninstall", "--source", &db.dsn(), "--dry-run"]).expect(0);
+    assert!(dry.stdout.contains("DROP SCHEMA"), "{}", dry.stdout);
+    pgferry(&["uninstall", "--source", &db.dsn()]).expect(0);
+    assert_eq!(before, catalog_listing(&db));
+    assert_eq!(
+        data_before.replace("x", "z"),
+        db.psql("SELECT * FROM public.\"user\"")
+    );
+    let again = pgferry(&["uninstall", "--source", &db.dsn()]).expect(0);
+    assert!(
+        again.stdout.contains("nothing to remove"),
+        "{}",
+        again.stdout
+    );
+}
+
+#[test]
+fn uninstall_refuses_when_user_objects_depend_on_pgferry() {
+    let db = Cluster::shared().create_database("dependent");
+    db.psql("CREATE TABLE t (id int PRIMARY KEY)");
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    db.psql("CREATE VIEW public.my_backlog AS SELECT count(*) FROM pgferry.delta");
+    let run = pgferry(&["uninstall", "--source", &db.dsn()]).expect(1);
+    assert!(run.stderr.contains("my_backlog"), "{}", run.stderr);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "1"
+    );
+}

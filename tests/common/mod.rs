@@ -1,0 +1,104 @@
+//! Shared helpers for the end-to-end tests: run the `pgferry` binary, load fixtures, and
+//! describe a database's catalog for before/after comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use pgferry_testkit::TestDb;
+
+/// What a `pgferry` run printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Panics with the whole output unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}, got {}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs the pgferry binary with `args`.
+pub fn pgferry(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .env("PGFERRY_LOG", "warn")
+        .output()
+        .expect("run pgferry");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A file of `tests/fixtures` (`bucardo-source.sql` is a copy of `../shared/fixtures`'s: a
+/// plain pg_dump of a database instrumented by Bucardo 5.6.0).
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+pub fn load_hostile(db: &TestDb<'_>) {
+    let sql = std::fs::read_to_string(fixture("hostile.sql")).expect("hostile fixture");
+    db.psql(&sql);
+}
+
+/// Every schema, relation, function, trigger, type, sequence and default outside the system
+/// schemas, one line each, sorted: equal before install and after uninstall.
+pub fn catalog_listing(db: &TestDb<'_>) -> String {
+    db.psql(
+        "SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'
+         UNION ALL
+         SELECT 'rel ' || n.nspname || '.' || c.relname || ' ' || c.relkind::text
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+         UNION ALL
+         SELECT 'func ' || n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') ' || md5(p.prosrc)
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+         UNION ALL
+         SELECT 'trigger ' || t.tgrelid::regclass::text || ' ' || t.tgname || ' ' || t.tgfoid::regproc::text
+           FROM pg_trigger t WHERE NOT t.tgisinternal
+         UNION ALL
+         SELECT 'type ' || n.nspname || '.' || t.typname
+           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+          WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+         UNION ALL
+         SELECT 'default ' || d.adrelid::regclass::text || ' ' || pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+         UNION ALL
+         SELECT 'acl ' || c.relname || ' ' || coalesce(c.relacl::text, '-')
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'
+         ORDER BY 1",
+    )
+}
+
+/// Rows of `pgferry.delta` as `table op key old_key`, in capture order.
+pub fn deltas(db: &TestDb<'_>) -> Vec<String> {
+    db.psql(
+        "SELECT t.schema_name || '.' || t.table_name || ' ' || d.op::text || ' ' || coalesce(d.key::text, '-') || ' ' || coalesce(d.old_key::text, '-')
+           FROM pgferry.delta d JOIN pgferry.captured_table t USING (table_id)
+          ORDER BY d.xid, d.ctid",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
