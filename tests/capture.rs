@@ -364,3 +364,20 @@ fn uninstall_refuses_when_user_objects_depend_on_pgferry() {
         "1"
     );
 }
+
+#[test]
+fn a_renamed_captured_table_is_reported_not_captured_twice() {
+    let db = Cluster::shared().create_database("renamed");
+    db.psql("CREATE TABLE old_name (id int PRIMARY KEY)");
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    db.psql("ALTER TABLE old_name RENAME TO new_name; INSERT INTO new_name VALUES (1)");
+    let run = pgferry(&["install", "--source", &db.dsn()]).expect(1);
+    assert!(
+        run.stderr.contains("new_name") && run.stderr.contains("old_name"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("renamed"), "{}", run.stderr);
+    // Writes keep being captured meanwhile.
+    assert_eq!(deltas(&db), ["public.old_name I {1} -"]);
+}

@@ -201,18 +201,7 @@ pub async fn clean(dsn: &Dsn, opts: &CleanOptions) -> Result<CleanReport, CleanE
     if !signs.is_empty() && !opts.force {
         return Err(CleanError::LooksLive { target, signs });
     }
-    let tx = session
-        .client
-        .transaction()
-        .await
-        .map_err(|e| q(&target, "starting the clean transaction", e))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({})",
-        opts.lock_timeout.as_millis(),
-        artifact::INSTALL_LOCK_KEY
-    ))
-    .await
-    .map_err(|e| q(&target, "taking the install lock", e))?;
+    let tx = session.begin_locked(opts.lock_timeout).await?;
 
     let pgferry = artifact::pgferry_removal(&tx, &target).await?;
     if !pgferry.dependents.is_empty() {

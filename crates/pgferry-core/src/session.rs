@@ -5,7 +5,9 @@
 //! text (COPY between two servers, keys recorded as text) mean the same thing on both ends
 //! whatever the server's or role's defaults are.
 
-use tokio_postgres::{Client, NoTls};
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::dsn::Dsn;
 use crate::error::Error;
@@ -92,5 +94,33 @@ impl Session {
     /// The server's major version (10, 11, … 18).
     pub fn major(&self) -> u32 {
         self.server_version / 10000
+    }
+
+    /// Begins a transaction with `lock_timeout` set and pgferry's install lock taken (see
+    /// [`crate::artifact::INSTALL_LOCK_KEY`]): install, uninstall and clean all change the
+    /// database this way, so they never interleave and each is all-or-nothing.
+    pub async fn begin_locked(&mut self, lock_timeout: Duration) -> Result<Transaction<'_>, Error> {
+        let target = self.target.clone();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|source| Error::Query {
+                context: "starting a transaction".into(),
+                target: target.clone(),
+                source,
+            })?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({})",
+            lock_timeout.as_millis().max(1),
+            crate::artifact::INSTALL_LOCK_KEY
+        ))
+        .await
+        .map_err(|source| Error::Query {
+            context: "taking pgferry's install lock".into(),
+            target,
+            source,
+        })?;
+        Ok(tx)
     }
 }

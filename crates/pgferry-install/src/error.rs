@@ -29,6 +29,11 @@ pub enum InstallError {
     #[error("objects outside schema pgferry depend on it: {}\nfix: drop or change them first (pgferry never drops user objects); nothing was removed", objects.join(", "))]
     Dependents { objects: Vec<String> },
 
+    #[error("{table} carries a pgferry capture trigger but is not registered under that name (registered tables that no longer exist: {}); was it renamed?\n\
+             fix: rename it back, or run `pgferry uninstall` then `pgferry install` (targets then need a fresh copy of it); nothing was installed",
+            if stale.is_empty() { "none".to_owned() } else { stale.join(", ") })]
+    Unregistered { table: String, stale: Vec<String> },
+
     #[error("schema pgferry exists but was not made by pgferry (no pgferry.installation); rename or drop it first")]
     ForeignSchema,
 }

@@ -23,9 +23,9 @@ pub use plan::{AddedTable, InstallOptions, InstallReport};
 
 use std::time::Duration;
 
-use pgferry_core::artifact::{self, Dialect, INSTALL_LOCK_KEY, SCHEMA, SCHEMA_VERSION};
+use pgferry_core::artifact::{self, Dialect, SCHEMA, SCHEMA_VERSION};
 use pgferry_core::catalog;
-use pgferry_core::{Dsn, QualifiedName, Session};
+use pgferry_core::{Dsn, Session};
 use serde::Serialize;
 
 /// The base schema, version 1 (see `sql/`).
@@ -47,29 +47,15 @@ pub fn render(sql: &str, dialect: Dialect) -> String {
 pub async fn install(dsn: &Dsn, opts: &InstallOptions) -> Result<InstallReport, InstallError> {
     let mut session = Session::connect(dsn, "install").await?;
     let dialect = Dialect::new(session.server_version);
-    let target = session.target.clone();
-    let tx = session
-        .client
-        .transaction()
-        .await
-        .map_err(|e| pgferry_core::Error::Query {
-            context: "starting the install transaction".into(),
-            target: target.clone(),
-            source: e,
-        })?;
+    let (server_version, target) = (session.server_version, session.target.clone());
     let q = |ctx: &str, e| pgferry_core::Error::Query {
         context: ctx.to_owned(),
         target: target.clone(),
         source: e,
     };
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK_KEY})",
-        opts.lock_timeout.as_millis()
-    ))
-    .await
-    .map_err(|e| q("taking the install lock", e))?;
+    let tx = session.begin_locked(opts.lock_timeout).await?;
 
-    let plan = plan::plan(&tx, session.server_version, dialect, opts, &target).await?;
+    let plan = plan::plan(&tx, server_version, dialect, opts, &target).await?;
     let mut report = plan.report;
     if opts.dry_run || report.statements.is_empty() {
         tx.rollback()
@@ -119,17 +105,7 @@ pub async fn uninstall(
         target: target.clone(),
         source: e,
     };
-    let tx = session
-        .client
-        .transaction()
-        .await
-        .map_err(|e| q("starting the uninstall transaction", e))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK_KEY})",
-        lock_timeout.as_millis()
-    ))
-    .await
-    .map_err(|e| q("taking the install lock", e))?;
+    let tx = session.begin_locked(lock_timeout).await?;
     let found = catalog::schema_exists(&tx, SCHEMA, &target).await?;
     let removal = artifact::pgferry_removal(&tx, &target).await?;
     if !removal.dependents.is_empty() {
@@ -160,33 +136,6 @@ pub async fn uninstall(
         .await
         .map_err(|e| q("committing the uninstall", e))?;
     Ok(report)
-}
-
-/// The registered tables of an installed pgferry schema.
-pub async fn captured_tables(
-    client: &impl tokio_postgres::GenericClient,
-    target: &str,
-) -> Result<Vec<(i32, QualifiedName)>, InstallError> {
-    let rows = client
-        .query(
-            "SELECT table_id, schema_name, table_name FROM pgferry.captured_table ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(|e| pgferry_core::Error::Query {
-            context: "reading pgferry.captured_table".into(),
-            target: target.to_owned(),
-            source: e,
-        })?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
-            )
-        })
-        .collect())
 }
 
 /// This build's schema version, for messages.

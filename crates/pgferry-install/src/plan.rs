@@ -399,6 +399,17 @@ pub(crate) async fn plan(
             }
             continue;
         }
+        if has_trigger(&t.name, CAPTURE_TRIGGER) {
+            // Registered under another name: the table was renamed (or the registry edited).
+            return Err(InstallError::Unregistered {
+                table: t.name.human(),
+                stale: report
+                    .missing_tables
+                    .iter()
+                    .map(QualifiedName::human)
+                    .collect(),
+            });
+        }
         let key: &Key = t.key.as_ref().expect("checked above");
         if !t.can_trigger {
             needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
