@@ -4,6 +4,7 @@
 -- as a quoted literal, so no column name can break out of it.
 -- AFTER ROW: it sees the row as committed by every BEFORE trigger, and it works on partitioned
 -- parents (11+), whose partitions inherit it. A row moved between partitions arrives as DELETE
--- plus INSERT, each with the parent's key.
+-- plus INSERT, each with the parent's key. SECURITY DEFINER without SET search_path: every
+-- name in the body is schema-qualified, operators included (see pgferry--1.sql).
 CREATE FUNCTION @FUNCTION@() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS @BODY@
+LANGUAGE plpgsql SECURITY DEFINER AS @BODY@

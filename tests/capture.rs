@@ -381,3 +381,35 @@ fn a_renamed_captured_table_is_reported_not_captured_twice() {
     // Writes keep being captured meanwhile.
     assert_eq!(deltas(&db), ["public.old_name I {1} -"]);
 }
+
+#[test]
+fn a_writer_with_a_hostile_search_path_cannot_subvert_the_capture() {
+    let db = Cluster::shared().create_database("searchpath");
+    db.psql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE ROLE sneaky LOGIN PASSWORD 'pw';
+         GRANT ALL ON t TO sneaky; GRANT USAGE ON SCHEMA public TO sneaky;
+         CREATE SCHEMA evil AUTHORIZATION sneaky;",
+    );
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    db.try_psql_as(
+        "sneaky",
+        "pw",
+        "CREATE FUNCTION evil.gotcha(text, text) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'evil operator ran as %', current_user; END $$;
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.gotcha);
+         CREATE FUNCTION evil.gotcha_arr(text[], text[]) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'evil array operator ran as %', current_user; END $$;
+         CREATE OPERATOR evil.= (LEFTARG = text[], RIGHTARG = text[], FUNCTION = evil.gotcha_arr);
+         CREATE TABLE evil.delta (x int);
+         SET search_path = evil, pg_catalog, public;
+         INSERT INTO t VALUES (1, 'a');
+         UPDATE t SET v = 'b';
+         DELETE FROM t;",
+    )
+    .expect("capture never runs the writer's operators");
+    assert_eq!(
+        deltas(&db),
+        ["public.t I {1} -", "public.t U {1} -", "public.t D {1} -"]
+    );
+}
