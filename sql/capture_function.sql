@@ -1,10 +1,19 @@
--- The row capture function of one table (pgferry schema version 1), generated at install.
--- Placeholders: @FUNCTION@ (qualified name), @TABLE_ID@, @NEW_KEY@ and @OLD_KEY@ (text[]
--- expressions over NEW/OLD, each key column in its KeyForm), @CURRENT_XID@. The body is passed
--- as a quoted literal, so no column name can break out of it.
--- AFTER ROW: it sees the row as committed by every BEFORE trigger, and it works on partitioned
--- parents (11+), whose partitions inherit it. A row moved between partitions arrives as DELETE
--- plus INSERT, each with the parent's key. SECURITY DEFINER without SET search_path: every
--- name in the body is schema-qualified, operators included (see pgferry--1.sql).
+-- The capture function of one table (pgferry schema version 1), generated at install from one
+-- of two bodies, chosen per table:
+--   capture_statement.plpgsql  ordinary tables outside any inheritance tree: statement-level
+--       AFTER INSERT/UPDATE/DELETE triggers read the keys from transition tables (one INSERT ...
+--       SELECT per statement, so a bulk statement pays per statement, not per row), plus a
+--       row-level AFTER UPDATE OF <key> trigger, WHEN the key changed, that records the old and
+--       new key as a pair.
+--   capture_row.plpgsql  partitioned tables, partitions and inheritance trees: an AFTER ROW
+--       trigger. Row triggers are inherited by partitions (also those attached later) and fire
+--       for rows a statement on a parent touches in a child; statement triggers do neither.
+--       A row moved between partitions arrives as DELETE plus INSERT, each with the key.
+-- Placeholders: @FUNCTION@ (qualified name), @BODY@ (the body, passed as a quoted literal so
+-- no column name can break out of it), and in the bodies @TABLE_ID@, @CURRENT_XID@, and
+-- @KEY_NEW@, @KEY_OLD@, @KEY_N@, @KEY_O@: text[] key expressions over NEW, OLD and the
+-- transition tables' rows n and o, each key column in its KeyForm.
+-- SECURITY DEFINER without SET search_path: every name in the bodies is schema-qualified,
+-- operators included (see pgferry--1.sql).
 CREATE FUNCTION @FUNCTION@() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS @BODY@

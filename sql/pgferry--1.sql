@@ -37,6 +37,7 @@ CREATE TABLE pgferry.captured_table (
     key_types text[] NOT NULL,
     key_forms text[] NOT NULL,
     capture_function text NOT NULL,
+    capture_mode text NOT NULL CHECK (capture_mode IN ('statement', 'row')),
     partitioned boolean NOT NULL,
     added_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     added_snapshot @SNAPSHOT_TYPE@ NOT NULL DEFAULT @CURRENT_SNAPSHOT@,

@@ -38,7 +38,9 @@ fn install_captures_every_kind_of_change_on_hostile_names() {
     let expected = [
         "Sch\"ema. *x.Order Lines I {1,1} -",
         "Sch\"ema. *x.Order Lines I {1,2} -",
+        // A key change: the pair from the row-level key trigger, then the statement's new key.
         "Sch\"ema. *x.Order Lines U {1,3} {1,2}",
+        "Sch\"ema. *x.Order Lines U {1,3} -",
         "Sch\"ema. *x.Order Lines U {1,1} -",
         "Sch\"ema. *x.Order Lines U {1,3} -",
         "Sch\"ema. *x.Order Lines D {1,1} -",
@@ -79,6 +81,18 @@ fn install_is_idempotent_and_dry_run_changes_nothing() {
     let once = catalog_listing(&db);
     let again = pgferry(&["install", "--source", &db.dsn(), "--table", "public.a"]).expect(0);
     assert!(again.stdout.contains("no new table"), "{}", again.stdout);
+    assert_eq!(once, catalog_listing(&db));
+
+    // A capture trigger someone dropped is recreated, and said so.
+    db.psql("DROP TRIGGER pgferry_update ON a");
+    let repaired = pgferry(&["install", "--source", &db.dsn(), "--table", "public.a"]).expect(0);
+    assert!(
+        repaired
+            .stdout
+            .contains("repaired missing trigger pgferry_update on public.a"),
+        "{}",
+        repaired.stdout
+    );
     assert_eq!(once, catalog_listing(&db));
 
     db.psql("CREATE TABLE c (id int PRIMARY KEY)");
@@ -411,5 +425,63 @@ fn a_writer_with_a_hostile_search_path_cannot_subvert_the_capture() {
     assert_eq!(
         deltas(&db),
         ["public.t I {1} -", "public.t U {1} -", "public.t D {1} -"]
+    );
+}
+
+#[test]
+fn statement_capture_for_plain_tables_row_capture_for_inheritance_trees() {
+    let db = Cluster::shared().create_database("modes");
+    db.psql(
+        "CREATE TABLE plain (id int PRIMARY KEY, v int);
+         CREATE TABLE parent (id int PRIMARY KEY, v int);
+         CREATE TABLE child (extra text) INHERITS (parent);
+         ALTER TABLE child ADD PRIMARY KEY (id);",
+    );
+    let report = pgferry(&["install", "--source", &db.dsn(), "--json"])
+        .expect(0)
+        .json();
+    let modes: Vec<(String, String)> = report["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["table"]["name"].as_str().unwrap().to_owned(),
+                t["mode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("child".into(), "row".into()),
+            ("parent".into(), "row".into()),
+            ("plain".into(), "statement".into())
+        ]
+    );
+    db.psql(
+        "INSERT INTO plain SELECT g, g FROM generate_series(1, 3) g;
+         INSERT INTO plain VALUES (3, 0), (4, 0) ON CONFLICT (id) DO UPDATE SET v = excluded.v;
+         UPDATE plain SET id = id + 10 WHERE id = 1;
+         DELETE FROM plain WHERE id = 2;
+         INSERT INTO child VALUES (1, 1, 'x');
+         UPDATE parent SET v = v + 1;",
+    );
+    assert_eq!(
+        deltas(&db),
+        [
+            "public.plain I {1} -",
+            "public.plain I {2} -",
+            "public.plain I {3} -",
+            // INSERT … ON CONFLICT: the updated rows, then the inserted ones.
+            "public.plain U {3} -",
+            "public.plain I {4} -",
+            "public.plain U {11} {1}",
+            "public.plain U {11} -",
+            "public.plain D {2} -",
+            "public.child I {1} -",
+            // A statement on the parent that changes a child's row is captured as the child's.
+            "public.child U {1} -",
+        ]
     );
 }

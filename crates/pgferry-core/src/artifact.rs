@@ -14,8 +14,46 @@ pub const SCHEMA: &str = "pgferry";
 pub const SCHEMA_VERSION: i32 = 1;
 /// Prefix of every trigger pgferry puts on a user table.
 pub const TRIGGER_PREFIX: &str = "pgferry_";
-/// The row-level capture trigger on a captured table (or partitioned parent).
-pub const CAPTURE_TRIGGER: &str = "pgferry_capture";
+/// How a table's changes are captured; see `sql/capture_function.sql` for why each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureMode {
+    /// Statement-level triggers reading transition tables, plus a row-level trigger for key
+    /// changes: ordinary tables outside any inheritance tree.
+    Statement,
+    /// One row-level trigger: partitioned tables, partitions, inheritance parents and children.
+    Row,
+}
+
+impl CaptureMode {
+    /// The capture triggers (besides the TRUNCATE trigger) a table of this mode carries.
+    pub fn triggers(self) -> &'static [&'static str] {
+        match self {
+            CaptureMode::Statement => &[
+                "pgferry_insert",
+                "pgferry_update",
+                "pgferry_delete",
+                "pgferry_key_change",
+            ],
+            CaptureMode::Row => &["pgferry_capture"],
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Statement => "statement",
+            CaptureMode::Row => "row",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CaptureMode> {
+        match s {
+            "statement" => Some(CaptureMode::Statement),
+            "row" => Some(CaptureMode::Row),
+            _ => None,
+        }
+    }
+}
 /// The statement-level TRUNCATE trigger on a captured table and on each of its partitions.
 pub const TRUNCATE_TRIGGER: &str = "pgferry_truncate";
 /// The function behind every TRUNCATE trigger.

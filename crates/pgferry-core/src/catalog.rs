@@ -62,6 +62,8 @@ pub struct TableInfo {
     pub can_trigger: bool,
     /// Tables that belong to an extension are not captured by default.
     pub extension_member: bool,
+    /// Part of a legacy inheritance tree (`INHERITS`), as parent or child.
+    pub inheritance: bool,
 }
 
 fn q(ctx: &str, target: &str, e: tokio_postgres::Error) -> Error {
@@ -86,7 +88,9 @@ pub async fn user_tables(
                 EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                           AND d.objid = c.oid AND d.deptype = 'e'),
-                i.inhparent, pn.nspname::text, pc.relname::text
+                i.inhparent, pn.nspname::text, pc.relname::text,
+                NOT c.relispartition AND (c.relhassubclass AND c.relkind = 'r'
+                    OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits ih WHERE ih.inhrelid = c.oid))
            FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
            LEFT JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid AND c.relispartition
@@ -121,6 +125,7 @@ pub async fn user_tables(
                 owner: r.get(4),
                 can_trigger: r.get(5),
                 extension_member: r.get(6),
+                inheritance: r.get(10),
             }
         })
         .collect();

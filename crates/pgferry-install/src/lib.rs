@@ -32,8 +32,10 @@ use serde::Serialize;
 pub const SCHEMA_V1_SQL: &str = include_str!("../../../sql/pgferry--1.sql");
 /// Template of a table's capture function.
 pub const CAPTURE_FUNCTION_SQL: &str = include_str!("../../../sql/capture_function.sql");
-/// Template of a capture function's body.
-pub const CAPTURE_BODY_SQL: &str = include_str!("../../../sql/capture_body.plpgsql");
+/// Body of a statement-mode capture function (see `sql/capture_function.sql`).
+pub const CAPTURE_STATEMENT_SQL: &str = include_str!("../../../sql/capture_statement.plpgsql");
+/// Body of a row-mode capture function.
+pub const CAPTURE_ROW_SQL: &str = include_str!("../../../sql/capture_row.plpgsql");
 
 /// Fills the per-version placeholders of an SQL template.
 pub fn render(sql: &str, dialect: Dialect) -> String {

@@ -4,7 +4,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use pgferry_core::artifact::{
-    self, Dialect, CAPTURE_TRIGGER, SCHEMA, SCHEMA_VERSION, TRUNCATE_FUNCTION, TRUNCATE_TRIGGER,
+    self, CaptureMode, Dialect, KeyForm, SCHEMA, SCHEMA_VERSION, TRUNCATE_FUNCTION,
+    TRUNCATE_TRIGGER,
 };
 use pgferry_core::catalog::{self, Key, TableInfo, TableKind};
 use pgferry_core::ident::literal;
@@ -13,7 +14,10 @@ use serde::Serialize;
 use tokio_postgres::types::Oid;
 use tokio_postgres::Transaction;
 
-use crate::{render, InstallError, CAPTURE_BODY_SQL, CAPTURE_FUNCTION_SQL, SCHEMA_V1_SQL};
+use crate::{
+    render, InstallError, CAPTURE_FUNCTION_SQL, CAPTURE_ROW_SQL, CAPTURE_STATEMENT_SQL,
+    SCHEMA_V1_SQL,
+};
 
 /// What to install.
 #[derive(Clone, Debug)]
@@ -44,6 +48,8 @@ impl Default for InstallOptions {
 pub struct AddedTable {
     pub table: QualifiedName,
     pub table_id: i32,
+    /// Statement-level triggers with transition tables, or a row-level trigger.
+    pub mode: CaptureMode,
     pub key: Vec<Ident>,
     /// Partitions covered through this table (when partitioned).
     pub partitions: Vec<QualifiedName>,
@@ -77,9 +83,8 @@ pub(crate) struct Plan {
 
 struct Registered {
     table_id: i32,
-    key_columns: Vec<String>,
-    key_types: Vec<String>,
-    key_forms: Vec<String>,
+    mode: CaptureMode,
+    columns: Vec<(Ident, String, KeyForm)>,
 }
 
 /// The units of capture: tables captured as a whole.
@@ -171,7 +176,7 @@ pub(crate) async fn plan(
         }
         for r in tx
             .query(
-                "SELECT table_id, schema_name, table_name, key_columns, key_types, key_forms FROM pgferry.captured_table",
+                "SELECT table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_mode FROM pgferry.captured_table",
                 &[],
             )
             .await
@@ -183,9 +188,16 @@ pub(crate) async fn plan(
                 QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
                 Registered {
                     table_id: id,
-                    key_columns: r.get(3),
-                    key_types: r.get(4),
-                    key_forms: r.get(5),
+                    mode: CaptureMode::parse(r.get(6)).unwrap_or(CaptureMode::Row),
+                    columns: r
+                        .get::<_, Vec<String>>(3)
+                        .into_iter()
+                        .zip(r.get::<_, Vec<String>>(4))
+                        .zip(r.get::<_, Vec<String>>(5))
+                        .map(|((c, ty), f)| {
+                            (Ident::new(c), ty, KeyForm::parse(&f).unwrap_or(KeyForm::Text))
+                        })
+                        .collect(),
                 },
             );
         }
@@ -346,44 +358,48 @@ pub(crate) async fn plan(
             .collect();
         if let Some(reg) = registered.get(&t.name) {
             report.already_captured.push(t.name.clone());
-            let function = artifact::capture_function(&t.name);
-            if !has_trigger(&t.name, CAPTURE_TRIGGER) {
+            let capture = Capture {
+                table: &t.name,
+                function: artifact::capture_function(&t.name),
+                table_id: reg.table_id,
+                mode: reg.mode,
+                columns: reg.columns.clone(),
+            };
+            let missing: Vec<&str> = reg
+                .mode
+                .triggers()
+                .iter()
+                .copied()
+                .filter(|name| !has_trigger(&t.name, name))
+                .collect();
+            if !missing.is_empty() {
                 if !t.can_trigger {
                     needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
                 }
-                let cols: Vec<(Ident, String, artifact::KeyForm)> = reg
-                    .key_columns
-                    .iter()
-                    .zip(&reg.key_types)
-                    .zip(&reg.key_forms)
-                    .map(|((c, ty), f)| {
-                        (
-                            Ident::new(c.clone()),
-                            ty.clone(),
-                            artifact::KeyForm::parse(f).unwrap_or(artifact::KeyForm::Text),
-                        )
-                    })
-                    .collect();
                 stmts.push((
-                    format!("recreate the capture function of {}", t.name),
-                    capture_function_sql(&function, reg.table_id, &cols, dialect, true),
+                    format!("recreate the capture function of {}", t.name.human()),
+                    capture.function_sql(dialect, true),
                 ));
-                stmts.push((
-                    format!("recreate the capture trigger of {}", t.name),
-                    capture_trigger_sql(&t.name, &function, dialect),
-                ));
-                report
-                    .repaired
-                    .push(format!("{CAPTURE_TRIGGER} on {}", t.name));
+                for (name, sql) in capture.triggers_sql(dialect) {
+                    if missing.contains(&name) {
+                        stmts.push((
+                            format!("recreate trigger {name} on {}", t.name.human()),
+                            sql,
+                        ));
+                        report
+                            .repaired
+                            .push(format!("{name} on {}", t.name.human()));
+                    }
+                }
             }
             if !has_trigger(&t.name, TRUNCATE_TRIGGER) {
                 stmts.push((
-                    format!("recreate the TRUNCATE trigger of {}", t.name),
+                    format!("recreate the TRUNCATE trigger of {}", t.name.human()),
                     truncate_trigger_sql(&t.name, reg.table_id, false, dialect),
                 ));
                 report
                     .repaired
-                    .push(format!("{TRUNCATE_TRIGGER} on {}", t.name));
+                    .push(format!("{TRUNCATE_TRIGGER} on {}", t.name.human()));
             }
             for d in &descendants {
                 if !has_trigger(&d.name, TRUNCATE_TRIGGER) {
@@ -391,7 +407,7 @@ pub(crate) async fn plan(
                         needs_trigger_priv.push(format!("{} (owner {})", d.name.human(), d.owner));
                     }
                     stmts.push((
-                        format!("TRUNCATE trigger on new partition {}", d.name),
+                        format!("TRUNCATE trigger on new partition {}", d.name.human()),
                         truncate_trigger_sql(&d.name, reg.table_id, true, dialect),
                     ));
                     report.new_partitions.push(d.name.clone());
@@ -399,7 +415,10 @@ pub(crate) async fn plan(
             }
             continue;
         }
-        if has_trigger(&t.name, CAPTURE_TRIGGER) {
+        if existing
+            .iter()
+            .any(|x| x.table == t.name && x.trigger.as_str() != TRUNCATE_TRIGGER)
+        {
             // Registered under another name: the table was renamed (or the registry edited).
             return Err(InstallError::Unregistered {
                 table: t.name.human(),
@@ -421,41 +440,52 @@ pub(crate) async fn plan(
         }
         let id = next_id;
         next_id += 1;
-        let function = artifact::capture_function(&t.name);
-        let cols: Vec<(Ident, String, artifact::KeyForm)> = key
-            .columns
-            .iter()
-            .map(|c| (c.name.clone(), c.sql_type.clone(), c.form))
-            .collect();
+        let mode = if t.kind == TableKind::Ordinary && t.parent.is_none() && !t.inheritance {
+            CaptureMode::Statement
+        } else {
+            CaptureMode::Row
+        };
+        let capture = Capture {
+            table: &t.name,
+            function: artifact::capture_function(&t.name),
+            table_id: id,
+            mode,
+            columns: key
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.sql_type.clone(), c.form))
+                .collect(),
+        };
+        let cols = &capture.columns;
         stmts.push((
-            format!("capture function of {}", t.name),
-            capture_function_sql(&function, id, &cols, dialect, false),
+            format!("capture function of {}", t.name.human()),
+            capture.function_sql(dialect, false),
         ));
         stmts.push((
-            format!("register {}", t.name),
+            format!("register {}", t.name.human()),
             format!(
-                "INSERT INTO pgferry.captured_table (table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_function, partitioned)
-                 VALUES ({id}, {}, {}, {}, {}, {}, {}, {})",
+                "INSERT INTO pgferry.captured_table (table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_function, capture_mode, partitioned)
+                 VALUES ({id}, {}, {}, {}, {}, {}, {}, {}, {})",
                 literal(t.name.schema.as_str()),
                 literal(t.name.name.as_str()),
                 text_array(cols.iter().map(|c| c.0.as_str().to_owned())),
                 text_array(cols.iter().map(|c| c.1.clone())),
                 text_array(cols.iter().map(|c| c.2.as_str().to_owned())),
-                literal(function.name.as_str()),
+                literal(capture.function.name.as_str()),
+                literal(mode.as_str()),
                 t.kind == TableKind::Partitioned,
             ),
         ));
+        for (name, sql) in capture.triggers_sql(dialect) {
+            stmts.push((format!("trigger {name} on {}", t.name.human()), sql));
+        }
         stmts.push((
-            format!("capture trigger on {}", t.name),
-            capture_trigger_sql(&t.name, &function, dialect),
-        ));
-        stmts.push((
-            format!("TRUNCATE trigger on {}", t.name),
+            format!("TRUNCATE trigger on {}", t.name.human()),
             truncate_trigger_sql(&t.name, id, false, dialect),
         ));
         for d in &descendants {
             stmts.push((
-                format!("TRUNCATE trigger on partition {}", d.name),
+                format!("TRUNCATE trigger on partition {}", d.name.human()),
                 truncate_trigger_sql(&d.name, id, true, dialect),
             ));
         }
@@ -479,6 +509,7 @@ pub(crate) async fn plan(
         report.added.push(AddedTable {
             table: t.name.clone(),
             table_id: id,
+            mode,
             key: cols.iter().map(|c| c.0.clone()).collect(),
             partitions: descendants.iter().map(|d| d.name.clone()).collect(),
             sequences: seqs,
@@ -504,7 +535,7 @@ fn text_array(items: impl Iterator<Item = String>) -> String {
     format!("ARRAY[{}]::text[]", parts.join(", "))
 }
 
-fn key_array(record: &str, cols: &[(Ident, String, artifact::KeyForm)]) -> String {
+fn key_array(record: &str, cols: &[(Ident, String, KeyForm)]) -> String {
     let parts: Vec<String> = cols
         .iter()
         .map(|(name, _, form)| form.capture_expr(&format!("{record}.{name}")))
@@ -512,41 +543,80 @@ fn key_array(record: &str, cols: &[(Ident, String, artifact::KeyForm)]) -> Strin
     format!("ARRAY[{}]", parts.join(", "))
 }
 
-fn capture_function_sql(
-    function: &QualifiedName,
+/// The capture of one table: its function and triggers, rendered from `sql/`.
+struct Capture<'a> {
+    table: &'a QualifiedName,
+    function: QualifiedName,
     table_id: i32,
-    cols: &[(Ident, String, artifact::KeyForm)],
-    dialect: Dialect,
-    replace: bool,
-) -> String {
-    let body = render(CAPTURE_BODY_SQL, dialect)
-        .replace("@TABLE_ID@", &table_id.to_string())
-        .replace("@NEW_KEY@", &key_array("NEW", cols))
-        .replace("@OLD_KEY@", &key_array("OLD", cols));
-    let sql = CAPTURE_FUNCTION_SQL
-        .lines()
-        .filter(|l| !l.starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("@FUNCTION@", &function.to_string())
-        .replace("@BODY@", &literal(&body));
-    if replace {
-        sql.replacen("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-    } else {
-        sql
-    }
+    mode: CaptureMode,
+    columns: Vec<(Ident, String, KeyForm)>,
 }
 
-fn capture_trigger_sql(
-    table: &QualifiedName,
-    function: &QualifiedName,
-    dialect: Dialect,
-) -> String {
-    format!(
-        "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW {} {function}()",
-        Ident::new(CAPTURE_TRIGGER),
-        dialect.execute()
-    )
+impl Capture<'_> {
+    fn function_sql(&self, dialect: Dialect, replace: bool) -> String {
+        let template = match self.mode {
+            CaptureMode::Statement => CAPTURE_STATEMENT_SQL,
+            CaptureMode::Row => CAPTURE_ROW_SQL,
+        };
+        let body = render(template, dialect)
+            .replace("@TABLE_ID@", &self.table_id.to_string())
+            .replace("@KEY_NEW@", &key_array("NEW", &self.columns))
+            .replace("@KEY_OLD@", &key_array("OLD", &self.columns))
+            .replace("@KEY_N@", &key_array("n", &self.columns))
+            .replace("@KEY_O@", &key_array("o", &self.columns));
+        let sql = CAPTURE_FUNCTION_SQL
+            .lines()
+            .filter(|l| !l.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("@FUNCTION@", &self.function.to_string())
+            .replace("@BODY@", &literal(&body));
+        if replace {
+            sql.replacen("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+        } else {
+            sql
+        }
+    }
+
+    /// `(trigger name, CREATE TRIGGER …)` for each capture trigger of the mode.
+    fn triggers_sql(&self, dialect: Dialect) -> Vec<(&'static str, String)> {
+        let (table, function, exec) = (self.table, &self.function, dialect.execute());
+        let names = self.mode.triggers();
+        match self.mode {
+            CaptureMode::Row => vec![(
+                names[0],
+                format!(
+                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW {exec} {function}()",
+                    Ident::new(names[0])
+                ),
+            )],
+            CaptureMode::Statement => {
+                let cols: Vec<String> = self.columns.iter().map(|c| c.0.to_string()).collect();
+                let of = |rec: &str| {
+                    let v: Vec<String> = cols.iter().map(|c| format!("{rec}.{c}")).collect();
+                    if v.len() == 1 {
+                        v[0].clone()
+                    } else {
+                        format!("ROW({})", v.join(", "))
+                    }
+                };
+                vec![
+                    (names[0], format!(
+                        "CREATE TRIGGER {} AFTER INSERT ON {table} REFERENCING NEW TABLE AS pgferry_new FOR EACH STATEMENT {exec} {function}()",
+                        Ident::new(names[0]))),
+                    (names[1], format!(
+                        "CREATE TRIGGER {} AFTER UPDATE ON {table} REFERENCING NEW TABLE AS pgferry_new FOR EACH STATEMENT {exec} {function}()",
+                        Ident::new(names[1]))),
+                    (names[2], format!(
+                        "CREATE TRIGGER {} AFTER DELETE ON {table} REFERENCING OLD TABLE AS pgferry_old FOR EACH STATEMENT {exec} {function}()",
+                        Ident::new(names[2]))),
+                    (names[3], format!(
+                        "CREATE TRIGGER {} AFTER UPDATE OF {} ON {table} FOR EACH ROW WHEN ({} IS DISTINCT FROM {}) {exec} {function}()",
+                        Ident::new(names[3]), cols.join(", "), of("OLD"), of("NEW"))),
+                ]
+            }
+        }
+    }
 }
 
 fn truncate_trigger_sql(
