@@ -3,8 +3,9 @@
 --   capture_statement.plpgsql  ordinary tables outside any inheritance tree: statement-level
 --       AFTER INSERT/UPDATE/DELETE triggers read the keys from transition tables (one INSERT ...
 --       SELECT per statement, so a bulk statement pays per statement, not per row), plus a
---       row-level AFTER UPDATE OF <key> trigger, WHEN the key changed, that records the old and
---       new key as a pair.
+--       row-level AFTER UPDATE trigger, WHEN the key changed (evaluated without a function
+--       call; not UPDATE OF <key>, which misses keys changed by BEFORE triggers), that records
+--       the old and new key as a pair.
 --   capture_row.plpgsql  partitioned tables, partitions and inheritance trees: an AFTER ROW
 --       trigger. Row triggers are inherited by partitions (also those attached later) and fire
 --       for rows a statement on a parent touches in a child; statement triggers do neither.

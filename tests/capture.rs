@@ -465,7 +465,12 @@ fn statement_capture_for_plain_tables_row_capture_for_inheritance_trees() {
          UPDATE plain SET id = id + 10 WHERE id = 1;
          DELETE FROM plain WHERE id = 2;
          INSERT INTO child VALUES (1, 1, 'x');
-         UPDATE parent SET v = v + 1;",
+         UPDATE parent SET v = v + 1;
+         CREATE FUNCTION public.renumber() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN NEW.id := NEW.id + 100; RETURN NEW; END $$;
+         CREATE TRIGGER renumber BEFORE UPDATE ON plain FOR EACH ROW WHEN (NEW.v = 42)
+           EXECUTE FUNCTION public.renumber();
+         UPDATE plain SET v = 42 WHERE id = 4;",
     );
     assert_eq!(
         deltas(&db),
@@ -482,6 +487,9 @@ fn statement_capture_for_plain_tables_row_capture_for_inheritance_trees() {
             "public.child I {1} -",
             // A statement on the parent that changes a child's row is captured as the child's.
             "public.child U {1} -",
+            // A key changed by a BEFORE trigger, though the UPDATE did not name it.
+            "public.plain U {104} {4}",
+            "public.plain U {104} -",
         ]
     );
 }

@@ -611,8 +611,10 @@ impl Capture<'_> {
                         "CREATE TRIGGER {} AFTER DELETE ON {table} REFERENCING OLD TABLE AS pgferry_old FOR EACH STATEMENT {exec} {function}()",
                         Ident::new(names[2]))),
                     (names[3], format!(
-                        "CREATE TRIGGER {} AFTER UPDATE OF {} ON {table} FOR EACH ROW WHEN ({} IS DISTINCT FROM {}) {exec} {function}()",
-                        Ident::new(names[3]), cols.join(", "), of("OLD"), of("NEW"))),
+                        // Not `UPDATE OF <key>`: a BEFORE trigger may change the key without
+                        // the statement naming it, and column-specific triggers miss that.
+                        "CREATE TRIGGER {} AFTER UPDATE ON {table} FOR EACH ROW WHEN ({} IS DISTINCT FROM {}) {exec} {function}()",
+                        Ident::new(names[3]), of("OLD"), of("NEW"))),
                 ]
             }
         }
