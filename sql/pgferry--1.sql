@@ -84,6 +84,18 @@ CREATE TABLE pgferry.target (
     acked_at timestamptz
 );
 
+-- On a target: the source snapshot it last applied, per source, written in the same transaction
+-- as the rows of that round (the truth about a target's progress). Snapshots are kept as text,
+-- whose form is the same for pg_snapshot and txid_snapshot, since source and target may run
+-- different major versions.
+CREATE TABLE pgferry.applied (
+    source_node_id text PRIMARY KEY,
+    source text NOT NULL,
+    snapshot text,
+    rounds bigint NOT NULL DEFAULT 0,
+    applied_at timestamptz
+);
+
 -- TRUNCATE capture, shared by every captured table and partition:
 --   TG_ARGV[0] the captured table's table_id, TG_ARGV[1] 'table' or 'partition'.
 CREATE FUNCTION pgferry.capture_truncate() RETURNS trigger

@@ -205,6 +205,15 @@ impl Dialect {
         }
     }
 
+    /// The function telling whether a transaction id is visible in a snapshot.
+    pub fn visible_in_snapshot(self) -> &'static str {
+        if self.major >= 13 {
+            "pg_catalog.pg_visible_in_snapshot"
+        } else {
+            "pg_catalog.txid_visible_in_snapshot"
+        }
+    }
+
     /// `EXECUTE FUNCTION` (11+) or `EXECUTE PROCEDURE` (10).
     pub fn execute(self) -> &'static str {
         if self.major >= 11 {

@@ -19,7 +19,7 @@ mod error;
 mod plan;
 
 pub use error::InstallError;
-pub use plan::{AddedTable, InstallOptions, InstallReport};
+pub use plan::{schema_statements, AddedTable, InstallOptions, InstallReport};
 
 use std::time::Duration;
 

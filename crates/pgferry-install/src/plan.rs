@@ -308,43 +308,7 @@ pub(crate) async fn plan(
     let mut needs_trigger_priv: Vec<String> = Vec::new();
     let mut stmts: Vec<(String, String)> = Vec::new();
     if !schema_exists {
-        let can_create: bool = tx
-            .query_one(
-                "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
-                &[],
-            )
-            .await
-            .map_err(|e| q("checking privileges", e))?
-            .get(0);
-        if !can_create {
-            return Err(InstallError::Privilege {
-                what: "CREATE on the database (to create schema pgferry)".into(),
-                fix: "GRANT CREATE ON DATABASE <db> TO <installing role>, or install as a role that has it".into(),
-            });
-        }
-        stmts.push((
-            "create schema pgferry".into(),
-            render(SCHEMA_V1_SQL, dialect),
-        ));
-        let sysid_readable: bool = tx
-            .query_one("SELECT pg_catalog.has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')", &[])
-            .await
-            .map_err(|e| q("checking privileges", e))?
-            .get(0);
-        let sysid = if sysid_readable {
-            "(SELECT system_identifier::text FROM pg_catalog.pg_control_system())"
-        } else {
-            "NULL"
-        };
-        stmts.push((
-            "record the node identity".into(),
-            format!(
-                "INSERT INTO pgferry.installation (schema_version, node_id, system_identifier, database_name, server_version_num, pgferry_version)
-                 VALUES ({SCHEMA_VERSION}, pg_catalog.md5(pg_catalog.random()::text || pg_catalog.clock_timestamp()::text || pg_catalog.pg_backend_pid()::text),
-                         {sysid}, pg_catalog.current_database(), pg_catalog.current_setting('server_version_num')::integer, {})",
-                literal(env!("CARGO_PKG_VERSION"))
-            ),
-        ));
+        stmts.extend(schema_statements(tx, dialect, target).await?);
     }
 
     let sequences = catalog::table_sequences(tx, target).await?;
@@ -634,4 +598,51 @@ fn truncate_trigger_sql(
         artifact::object(TRUNCATE_FUNCTION),
         if partition { "partition" } else { "table" }
     )
+}
+
+/// The statements that create schema pgferry and this node's identity, after checking that the
+/// connected role may: what `install` runs first on a new source, and what the sync engine runs
+/// on a new target (a target keeps its identity and progress in the same schema).
+pub async fn schema_statements(
+    tx: &Transaction<'_>,
+    dialect: Dialect,
+    target: &str,
+) -> Result<Vec<(String, String)>, InstallError> {
+    let q = |ctx: &str, e| pgferry_core::Error::Query {
+        context: ctx.to_owned(),
+        target: target.to_owned(),
+        source: e,
+    };
+    let row = tx
+        .query_one(
+            "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),
+                    pg_catalog.has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .map_err(|e| q("checking privileges", e))?;
+    let (can_create, sysid_readable): (bool, bool) = (row.get(0), row.get(1));
+    if !can_create {
+        return Err(InstallError::Privilege {
+            what: "CREATE on the database (to create schema pgferry)".into(),
+            fix: "GRANT CREATE ON DATABASE <db> TO <pgferry's role>, or connect as a role that has it".into(),
+        });
+    }
+    let sysid = if sysid_readable {
+        "(SELECT system_identifier::text FROM pg_catalog.pg_control_system())"
+    } else {
+        "NULL"
+    };
+    Ok(vec![
+        ("create schema pgferry".into(), render(SCHEMA_V1_SQL, dialect)),
+        (
+            "record the node identity".into(),
+            format!(
+                "INSERT INTO pgferry.installation (schema_version, node_id, system_identifier, database_name, server_version_num, pgferry_version)
+                 VALUES ({SCHEMA_VERSION}, pg_catalog.md5(pg_catalog.random()::text || pg_catalog.clock_timestamp()::text || pg_catalog.pg_backend_pid()::text),
+                         {sysid}, pg_catalog.current_database(), pg_catalog.current_setting('server_version_num')::integer, {})",
+                literal(env!("CARGO_PKG_VERSION"))
+            ),
+        ),
+    ])
 }

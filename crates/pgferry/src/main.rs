@@ -5,6 +5,7 @@ mod capture;
 mod cleanup;
 mod exit;
 mod output;
+mod sync;
 
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ enum Command {
     /// Strip replication artifacts from a database restored from a dump or snapshot of a
     /// captured source (step 4 of a migration), so it can become a target.
     Clean(cleanup::CleanArgs),
+    /// Catch targets up with a source (step 7 of a migration): apply every captured change,
+    /// in rounds at one source snapshot, with row state moved by COPY.
+    Sync(sync::SyncArgs),
 }
 
 /// Options shared by commands that change a database.
@@ -78,6 +82,7 @@ fn main() -> std::process::ExitCode {
             Command::Install(a) => capture::install(a).await,
             Command::Uninstall(a) => capture::uninstall(a).await,
             Command::Clean(a) => cleanup::clean(a).await,
+            Command::Sync(a) => sync::sync(a).await,
         }
     });
     match result {

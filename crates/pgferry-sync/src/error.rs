@@ -1,0 +1,56 @@
+//! Sync errors: each names the table, the column or the node, and the fix.
+
+use pgferry_core::ErrorClass;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Core(#[from] pgferry_core::Error),
+
+    #[error(transparent)]
+    Install(#[from] pgferry_install::InstallError),
+
+    #[error("{source_db} has no pgferry capture installed\nfix: run `pgferry install --source …` on it first (step 1 of a migration)")]
+    NotInstalled { source_db: String },
+
+    #[error("{target} is an uncleaned copy of the source: it carries the source's own capture (node {node})\nfix: run `pgferry clean --db …` on it first; nothing was applied")]
+    UncleanedCopy { target: String, node: String },
+
+    #[error("table {table} is missing on {target}\nfix: create the schema on the target first (e.g. pg_dump --schema-only); nothing was applied")]
+    MissingTable { table: String, target: String },
+
+    #[error("column {column} of table {table} is missing on {target}\nfix: add it to the target (the target's tables must have every column of the source's); nothing was applied")]
+    MissingColumn {
+        table: String,
+        column: String,
+        target: String,
+    },
+
+    #[error("column {column} of table {table} is {source_type} on the source but {target_type} on {target}\nfix: give it the same type on the target; nothing was applied")]
+    TypeMismatch {
+        table: String,
+        column: String,
+        source_type: String,
+        target_type: String,
+        target: String,
+    },
+
+    #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
+    AnotherApplier { target: String },
+
+    #[error("{target}: pgferry may not set session_replication_role = replica, and without it applying would fire the target's triggers and foreign-key actions on: {}\n\
+             fix: apply as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>; nothing was applied",
+            tables.join(", "))]
+    NeedsReplicaRole { target: String, tables: Vec<String> },
+}
+
+impl SyncError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SyncError::Core(e) => e.class(),
+            SyncError::Install(e) => e.class(),
+            SyncError::AnotherApplier { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Definite,
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! One round: the target moves from the source snapshot it last applied (P) to a new one (S).
+//!
+//! Invariants, and why they hold:
+//! - **Everything applied is read at S.** One `REPEATABLE READ READ ONLY` source transaction
+//!   fixes S with its first query, then reads both the pending keys (capture rows visible at S
+//!   whose writing transaction was not visible at P — PgQ's rule, so transactions that commit
+//!   out of order, or stay open across rounds, land in exactly one round) and the rows for those
+//!   keys. The target therefore moves from the source's state at P to its state at S.
+//! - **TRUNCATE cannot slip under S.** A TRUNCATE is not MVCC-safe: a table first read after a
+//!   concurrent TRUNCATE committed looks empty even at an older snapshot. The round takes
+//!   ACCESS SHARE locks on the tables it will read, then checks (in another session) that no
+//!   TRUNCATE of them committed after S; if one did, the round starts over at a new snapshot.
+//! - **One target transaction per round**, with the progress row updated in it: after any crash
+//!   the target holds the source's state at P or at S, never a mix. The progress row is locked
+//!   and compared with P first, so a second applier (daemon, `sync --once`, cutover) rolls back
+//!   instead of applying twice.
+//! - **State, not events**: the target rows of every pending key (old keys of key changes
+//!   included) are deleted, then the rows at S are copied in. Applying a round twice, or over
+//!   a restored dump that already holds some of its changes, gives the same result.
+
+use std::collections::BTreeMap;
+
+use pgferry_core::artifact::Dialect;
+use pgferry_core::ident::literal;
+use pgferry_core::{QualifiedName, Session};
+use serde::Serialize;
+use tokio_postgres::IsolationLevel;
+
+use crate::copy::pass_through;
+use crate::registry::CapturedTable;
+use crate::SyncError;
+
+/// What a round applied to one table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableApplied {
+    /// `schema.table` for people to read.
+    pub table: String,
+    /// Capture rows (changes) the round covered.
+    pub changes: u64,
+    /// Distinct keys whose state was applied (old keys of key changes included).
+    pub keys: u64,
+    /// Rows copied in (keys that exist at the round's snapshot).
+    pub rows: u64,
+    /// Whether the round replayed a TRUNCATE of the table (or of one of its partitions).
+    pub truncated: bool,
+}
+
+/// The outcome of one round.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundOutcome {
+    /// The source snapshot the target now holds.
+    pub snapshot: String,
+    pub tables: Vec<TableApplied>,
+}
+
+/// What a round needs to know about its source and target.
+pub(crate) struct RoundContext<'a> {
+    pub dialect: Dialect,
+    pub source_node: &'a str,
+    pub previous: Option<&'a str>,
+    pub tables: &'a BTreeMap<i32, CapturedTable>,
+    pub replica_role: bool,
+    /// `server_version_num` of the source and of the target.
+    pub versions: (u32, u32),
+}
+
+pub(crate) enum RoundResult {
+    Applied(RoundOutcome),
+    /// A TRUNCATE committed after the round's snapshot: start over.
+    Retry,
+}
+
+/// The SQL condition selecting the capture rows `d` that are pending after snapshot `previous`.
+fn pending_condition(dialect: Dialect, previous: Option<&str>) -> Result<String, SyncError> {
+    let Some(p) = previous else {
+        return Ok("true".into());
+    };
+    let xmin: u64 = p
+        .split(':')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or_else(|| {
+            SyncError::Core(pgferry_core::Error::Dsn {
+                reason: format!("stored progress snapshot {p:?} is not a snapshot"),
+            })
+        })?;
+    let xid_type = dialect.xid_type();
+    Ok(format!(
+        "d.xid >= '{xmin}'::{xid_type} AND NOT {}(d.xid, {}::{})",
+        dialect.visible_in_snapshot(),
+        literal(p),
+        dialect.snapshot_type()
+    ))
+}
+
+/// Runs one round from `ctx.previous` to a new snapshot. `probe` is a second source session,
+/// used to look past the round's snapshot for TRUNCATEs.
+pub(crate) async fn run(
+    source: &mut Session,
+    probe: &Session,
+    target: &mut Session,
+    ctx: &RoundContext<'_>,
+) -> Result<RoundResult, SyncError> {
+    let pending = pending_condition(ctx.dialect, ctx.previous)?;
+    let source_label = source.target.clone();
+    let stx = source
+        .client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: "starting the round's source transaction".into(),
+                target: source_label.clone(),
+                source: e,
+            })
+        })?;
+    let sq = |ctx: &str, e: tokio_postgres::Error| {
+        SyncError::Core(pgferry_core::Error::Query {
+            context: ctx.to_owned(),
+            target: source_label.clone(),
+            source: e,
+        })
+    };
+    // The first query fixes S.
+    let snapshot: String = stx
+        .query_one(
+            &format!("SELECT {}::text", ctx.dialect.current_snapshot()),
+            &[],
+        )
+        .await
+        .map_err(|e| sq("taking the round's snapshot", e))?
+        .get(0);
+    let rows = stx
+        .query(
+            &format!(
+                "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
+                  WHERE {pending} GROUP BY 1 ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| sq("finding pending changes", e))?;
+    let mut work: Vec<(&CapturedTable, u64, bool)> = Vec::new();
+    for r in &rows {
+        let id: i32 = r.get(0);
+        let count: i64 = r.get(1);
+        if let Some(t) = ctx.tables.get(&id) {
+            work.push((t, count as u64, r.get(2)));
+        }
+    }
+    if !work.is_empty() {
+        let names: Vec<String> = work.iter().map(|(t, _, _)| t.name.to_string()).collect();
+        stx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            names.join(", ")
+        ))
+        .await
+        .map_err(|e| sq("locking the round's tables against TRUNCATE", e))?;
+        let ids: Vec<i32> = work.iter().map(|(t, _, _)| t.table_id).collect();
+        let late: bool = probe
+            .client
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM pgferry.delta d WHERE d.table_id = ANY($1) AND d.op = 'T'
+                       AND NOT {}(d.xid, $2::text::{}))",
+                    ctx.dialect.visible_in_snapshot(),
+                    ctx.dialect.snapshot_type()
+                ),
+                &[&ids, &snapshot],
+            )
+            .await
+            .map_err(|e| sq("looking for TRUNCATEs after the round's snapshot", e))?
+            .get(0);
+        if late {
+            tracing::info!(
+                "a TRUNCATE committed after the round's snapshot: starting the round over"
+            );
+            return Ok(RoundResult::Retry);
+        }
+    }
+
+    let target_label = target.target.clone();
+    let tq = |ctx: String| {
+        let target_label = target_label.clone();
+        move |e: tokio_postgres::Error| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: ctx,
+                target: target_label,
+                source: e,
+            })
+        }
+    };
+    let ttx = target
+        .client
+        .transaction()
+        .await
+        .map_err(tq("starting the round's target transaction".into()))?;
+    if ctx.replica_role {
+        ttx.batch_execute("SET LOCAL session_replication_role = replica")
+            .await
+            .map_err(tq("setting session_replication_role".into()))?;
+    }
+    let held: Option<String> = ttx
+        .query_one(
+            "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
+            &[&ctx.source_node],
+        )
+        .await
+        .map_err(tq("locking the target's progress".into()))?
+        .get(0);
+    if held.as_deref() != ctx.previous {
+        return Err(SyncError::AnotherApplier {
+            target: target_label.clone(),
+        });
+    }
+
+    let mut applied = Vec::new();
+    for (t, changes, has_truncate) in work {
+        let name = &t.name;
+        let human = name.human();
+        let columns = crate::schema::columns_to_copy(
+            &stx,
+            &ttx,
+            t,
+            ctx.versions,
+            (&source_label, &target_label),
+        )
+        .await?;
+        let mut truncated = false;
+        if has_truncate {
+            let rows = stx
+                .query(
+                    &format!(
+                        "SELECT DISTINCT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {} AND d.op = 'T'",
+                        t.table_id
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| sq("reading TRUNCATEs", e))?;
+            for r in rows {
+                let key: Option<Vec<String>> = r.get(0);
+                let victim = match key {
+                    Some(k) if k.len() == 2 => QualifiedName::new(k[0].clone(), k[1].clone()),
+                    _ => name.clone(),
+                };
+                let referenced: bool = ttx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                          WHERE contype = 'f' AND confrelid = pg_catalog.to_regclass($1))",
+                        &[&victim.to_string()],
+                    )
+                    .await
+                    .map_err(tq(format!("checking foreign keys to {}", victim.human())))?
+                    .get(0);
+                // TRUNCATE refuses a table a foreign key references, even under the replica role.
+                let sql = if referenced {
+                    format!("DELETE FROM {victim}")
+                } else {
+                    format!("TRUNCATE {victim}")
+                };
+                ttx.batch_execute(&sql)
+                    .await
+                    .map_err(tq(format!("replaying TRUNCATE of {}", victim.human())))?;
+                truncated = true;
+            }
+        }
+        let keys_table = format!("pgferry_keys_{}", t.table_id);
+        let key_defs: Vec<String> = t.key.iter().map(|(c, ty, _)| format!("{c} {ty}")).collect();
+        ttx.batch_execute(&format!(
+            "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
+            key_defs.join(", ")
+        ))
+        .await
+        .map_err(tq(format!("preparing the keys of {human}")))?;
+        let id = t.table_id;
+        let keys = pass_through(
+            &stx,
+            &format!(
+                "COPY (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+                       UNION
+                       SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL) TO STDOUT",
+                new = t.restore("d.key"),
+                old = t.restore("d.old_key"),
+            ),
+            &ttx,
+            &format!("COPY pg_temp.{keys_table} FROM STDIN"),
+        )
+        .await
+        .map_err(tq(format!("moving the pending keys of {human}")))?;
+        let join: Vec<String> = t
+            .key
+            .iter()
+            .map(|(c, _, _)| format!("t.{c} = k.{c}"))
+            .collect();
+        ttx.batch_execute(&format!(
+            "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
+            join.join(" AND ")
+        ))
+        .await
+        .map_err(tq(format!("deleting the pending keys of {human}")))?;
+        let key_tuple = if t.key.len() == 1 {
+            format!("t.{}", t.key[0].0)
+        } else {
+            format!(
+                "({})",
+                t.key
+                    .iter()
+                    .map(|(c, _, _)| format!("t.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let rows = pass_through(
+            &stx,
+            &format!(
+                "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
+                       (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T')) TO STDOUT",
+                cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
+                new = t.restore("d.key"),
+            ),
+            &ttx,
+            &format!(
+                "COPY {name} ({}) FROM STDIN",
+                columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .await
+        .map_err(tq(format!("copying the rows of {human}")))?;
+        tracing::debug!(table = %human, changes, keys, rows, "table applied");
+        applied.push(TableApplied {
+            table: human,
+            changes,
+            keys,
+            rows,
+            truncated,
+        });
+    }
+    ttx.execute(
+        "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
+          WHERE source_node_id = $1",
+        &[&ctx.source_node, &snapshot],
+    )
+    .await
+    .map_err(tq("recording the target's progress".into()))?;
+    ttx.commit()
+        .await
+        .map_err(tq("committing the round".into()))?;
+    stx.commit()
+        .await
+        .map_err(|e| sq("ending the round's source transaction", e))?;
+    Ok(RoundResult::Applied(RoundOutcome {
+        snapshot,
+        tables: applied,
+    }))
+}

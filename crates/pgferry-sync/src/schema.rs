@@ -1,0 +1,96 @@
+//! Checking a target's tables against the source's before rows are copied.
+
+use pgferry_core::Ident;
+use tokio_postgres::Transaction;
+
+use crate::registry::CapturedTable;
+use crate::SyncError;
+
+struct Column {
+    name: String,
+    sql_type: String,
+    generated: bool,
+}
+
+async fn columns(
+    tx: &Transaction<'_>,
+    table: &str,
+    server_version: u32,
+    label: &str,
+) -> Result<Vec<Column>, SyncError> {
+    let generated = if server_version >= 120000 {
+        "a.attgenerated <> ''"
+    } else {
+        "false"
+    };
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), {generated}
+                   FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY a.attnum"
+            ),
+            &[&table],
+        )
+        .await
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: format!("reading the columns of {table}"),
+                target: label.to_owned(),
+                source: e,
+            })
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            sql_type: r.get(1),
+            generated: r.get(2),
+        })
+        .collect())
+}
+
+/// The columns to copy for `table`: every source column that is not generated (the target
+/// computes its generated columns), after checking that the target has each, with the same
+/// type. Errors name the table and the column.
+pub(crate) async fn columns_to_copy(
+    source: &Transaction<'_>,
+    target: &Transaction<'_>,
+    table: &CapturedTable,
+    versions: (u32, u32),
+    labels: (&str, &str),
+) -> Result<Vec<Ident>, SyncError> {
+    let name = table.name.to_string();
+    let src = columns(source, &name, versions.0, labels.0).await?;
+    let dst = columns(target, &name, versions.1, labels.1).await?;
+    if dst.is_empty() {
+        return Err(SyncError::MissingTable {
+            table: table.name.human(),
+            target: labels.1.to_owned(),
+        });
+    }
+    let mut out = Vec::new();
+    for c in src.iter().filter(|c| !c.generated) {
+        let Some(d) = dst.iter().find(|d| d.name == c.name) else {
+            return Err(SyncError::MissingColumn {
+                table: table.name.human(),
+                column: Ident::new(c.name.clone()).human(),
+                target: labels.1.to_owned(),
+            });
+        };
+        if d.sql_type != c.sql_type {
+            return Err(SyncError::TypeMismatch {
+                table: table.name.human(),
+                column: Ident::new(c.name.clone()).human(),
+                source_type: c.sql_type.clone(),
+                target_type: d.sql_type.clone(),
+                target: labels.1.to_owned(),
+            });
+        }
+        if !d.generated {
+            out.push(Ident::new(c.name.clone()));
+        }
+    }
+    Ok(out)
+}

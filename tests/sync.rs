@@ -1,0 +1,305 @@
+//! End-to-end tests of `pgferry sync --once` against real clusters.
+
+mod common;
+
+use std::process::Command;
+
+use common::{load_hostile, pgferry};
+use pgferry_testkit::{client_tool, Cluster, TestDb};
+
+/// Every user table's rows, as sorted text, for equality checks.
+fn contents(db: &TestDb<'_>) -> String {
+    let tables = db.psql(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    );
+    tables
+        .lines()
+        .map(|t| {
+            let rows = db.psql(&format!(
+                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '') FROM {t} AS r"
+            ));
+            format!("== {t}\n{rows}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Copies the schema (no data) of `from` to `to`.
+fn copy_schema(from: &TestDb<'_>, to: &TestDb<'_>) {
+    let dump = Command::new(client_tool("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-schema=pgferry",
+        ])
+        .arg(from.dsn())
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let sql = String::from_utf8(dump.stdout).unwrap();
+    // Leave pgferry's triggers behind: the target must not capture.
+    let sql: String = sql
+        .lines()
+        .filter(|l| !l.contains("EXECUTE FUNCTION pgferry."))
+        .collect::<Vec<_>>()
+        .join("\n");
+    to.psql(&sql);
+}
+
+fn sync(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
+    pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+        "--json",
+    ])
+    .expect(0)
+    .json()
+}
+
+const APP: &str = "
+    CREATE TABLE customers (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL, name text);
+    CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers ON UPDATE CASCADE ON DELETE CASCADE,
+                         total numeric(12,2), at timestamptz DEFAULT now());
+    CREATE TABLE events (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+    CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+    CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+    INSERT INTO customers (email, name) SELECT 'c' || g || '@x', 'name ' || g FROM generate_series(1, 50) g;
+    INSERT INTO orders (customer_id, total) SELECT 1 + g % 50, g FROM generate_series(1, 200) g;
+    INSERT INTO events SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'v' FROM generate_series(1, 20) g;";
+
+#[test]
+fn catch_up_applies_every_kind_of_change_and_a_second_run_applies_nothing() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("sync_src");
+    let target = cluster.create_database("sync_dst");
+    load_hostile(&source);
+    source.psql(APP);
+    copy_schema(&source, &target);
+    // The target starts from a copy of the source's data taken before capture: the catch-up
+    // brings everything since.
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    let before = Command::new(client_tool("pg_dump"))
+        .args(["--data-only", "--exclude-schema=pgferry"])
+        .arg(source.dsn())
+        .output()
+        .unwrap();
+    target.psql(&format!(
+        "SET session_replication_role = replica;\n{}",
+        String::from_utf8(before.stdout).unwrap()
+    ));
+    source.psql(
+        "INSERT INTO customers (email, name) VALUES ('new@x', 'new');
+         UPDATE customers SET name = 'renamed' WHERE id <= 10;
+         UPDATE customers SET id = 1000 WHERE id = 11;
+         DELETE FROM customers WHERE id = 12;
+         UPDATE orders SET total = total * 2 WHERE id % 3 = 0;
+         UPDATE events SET region = 'eu' WHERE id = 1;
+         TRUNCATE events_us;
+         INSERT INTO events VALUES (99, 'us', 'after truncate');
+         INSERT INTO \"Sch\"\"ema. *x\".\"Order Lines\" VALUES (1, 1, 'k', '$body$');
+         INSERT INTO public.\"dated key\" VALUES ('2026-02-01', '\\x00ff', 'n');
+         INSERT INTO public.\"t*\" VALUES (1, '2026-01-02 03:04:05+00', '\\x01');
+         INSERT INTO public.\"MixedCase\" (\"Value\") VALUES ('a'), ('b');",
+    );
+    let report = sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+    assert_eq!(report["rounds"], 1, "{report}");
+    // Sequences moved forward: the next customer gets the same id on both sides.
+    assert_eq!(
+        source.scalar("SELECT nextval('customers_id_seq')"),
+        target.scalar("SELECT nextval('customers_id_seq')")
+    );
+    let again = sync(&source, &target);
+    assert_eq!(again["rows"], 0, "{again}");
+    assert_eq!(
+        again["targets"][0]["tables"].as_array().unwrap().len(),
+        0,
+        "{again}"
+    );
+}
+
+#[test]
+fn a_transaction_that_commits_after_later_ones_is_not_lost() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("straddle_src");
+    let target = cluster.create_database("straddle_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&source.dsn(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("BEGIN; INSERT INTO t VALUES (1, 'early writer, late commit')")
+            .await
+            .unwrap();
+        source.psql("INSERT INTO t VALUES (2, 'later writer, early commit')");
+        sync(&source, &target);
+        assert_eq!(
+            target.scalar("SELECT string_agg(id::text, ',') FROM t"),
+            "2"
+        );
+        client.batch_execute("COMMIT").await.unwrap();
+    });
+    let report = sync(&source, &target);
+    assert_eq!(report["rows"], 1, "{report}");
+    assert_eq!(contents(&source), contents(&target));
+}
+
+#[test]
+fn a_restored_copy_converges_after_clean() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("restore_src");
+    let target = cluster.create_database("restore_dst");
+    source.psql(APP);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql(
+        "UPDATE customers SET name = 'before dump' WHERE id < 5; DELETE FROM orders WHERE id < 20;",
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let dump = Command::new(client_tool("pg_dump"))
+        .args(["-Fc", "-f"])
+        .arg(file.path())
+        .arg(source.dsn())
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    source.psql("UPDATE customers SET name = 'after dump' WHERE id < 3; INSERT INTO orders (customer_id, total) VALUES (1, 1);");
+    let restore = Command::new(client_tool("pg_restore"))
+        .args(["--no-owner", "-d"])
+        .arg(target.dsn())
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+
+    // Not cleaned yet: refused, nothing applied.
+    let refused = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        refused.stderr.contains("pgferry clean"),
+        "{}",
+        refused.stderr
+    );
+
+    pgferry(&["clean", "--db", &target.dsn(), "--watch", "0"]).expect(0);
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+#[test]
+fn swapped_unique_values_apply_without_a_violation() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("swap_src");
+    let target = cluster.create_database("swap_dst");
+    source.psql(
+        "CREATE TABLE users (id int PRIMARY KEY, handle text NOT NULL UNIQUE);
+                 INSERT INTO users VALUES (1, 'a'), (2, 'b'), (3, 'c');",
+    );
+    copy_schema(&source, &target);
+    target.psql("INSERT INTO users VALUES (1, 'a'), (2, 'b'), (3, 'c')");
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql(
+        "BEGIN; UPDATE users SET handle = 'tmp' WHERE id = 1; UPDATE users SET handle = 'a' WHERE id = 2;
+                UPDATE users SET handle = 'b' WHERE id = 1; COMMIT;
+         BEGIN; UPDATE users SET handle = 'tmp' WHERE id = 2; UPDATE users SET handle = 'a' WHERE id = 3;
+                UPDATE users SET handle = 'c' WHERE id = 2; COMMIT;",
+    );
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+#[test]
+fn bad_targets_are_refused_with_the_table_and_column_named() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("bad_src");
+    let target = cluster.create_database("bad_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v text, w int)");
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO t VALUES (1, 'x', 1)");
+    let missing = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        missing.stderr.contains("table public.t is missing"),
+        "{}",
+        missing.stderr
+    );
+    target.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let column = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        column.stderr.contains("column w of table public.t"),
+        "{}",
+        column.stderr
+    );
+    target.psql("ALTER TABLE t ADD COLUMN w bigint");
+    let typed = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        typed.stderr.contains("integer on the source but bigint"),
+        "{}",
+        typed.stderr
+    );
+    assert_eq!(target.scalar("SELECT count(*) FROM t"), "0");
+    let no_capture = cluster.create_database("bad_nocapture");
+    let run = pgferry(&[
+        "sync",
+        "--source",
+        &no_capture.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(run.stderr.contains("pgferry install"), "{}", run.stderr);
+}
