@@ -24,6 +24,8 @@ CREATE TABLE pgferry.installation (
     database_name text NOT NULL,
     server_version_num integer NOT NULL,
     pgferry_version text NOT NULL,
+    -- Capture rows with a smaller xid have been purged (every registered target had them).
+    purged_below @XID_TYPE@,
     installed_by text NOT NULL DEFAULT CURRENT_USER,
     installed_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
@@ -75,11 +77,16 @@ CREATE TABLE pgferry.tick (
     tick_time timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 
--- Targets reserved or registered on this source, and the progress each acknowledged.
+-- Targets reserved (pgferry target add) or registered (first sync) on this source, and the
+-- progress each acknowledged. Capture rows are purged only below the slowest of them; a
+-- reserved target that has acknowledged nothing yet holds purge back entirely.
 CREATE TABLE pgferry.target (
     name text PRIMARY KEY,
     node_id text,
     reserved_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Captured tables the target had when it registered: a table captured later has rows the
+    -- target never received.
+    table_ids integer[],
     acked_snapshot @SNAPSHOT_TYPE@,
     acked_at timestamptz
 );

@@ -303,3 +303,123 @@ fn bad_targets_are_refused_with_the_table_and_column_named() {
     .expect(1);
     assert!(run.stderr.contains("pgferry install"), "{}", run.stderr);
 }
+
+#[test]
+fn applied_changes_are_purged_only_below_every_registered_target() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("purge_src");
+    let a = cluster.create_database("purge_a");
+    let b = cluster.create_database("purge_b");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v int)");
+    copy_schema(&source, &a);
+    copy_schema(&source, &b);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    // Reserve b before anything is purged; a registers on its first sync.
+    pgferry(&[
+        "target",
+        "add",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &b.dsn(),
+    ])
+    .expect(0);
+    source.psql("INSERT INTO t SELECT g, g FROM generate_series(1, 100) g");
+    let first = sync(&source, &a);
+    assert_eq!(first["purged"], 0, "b has acknowledged nothing: {first}");
+    assert_eq!(source.scalar("SELECT count(*) FROM pgferry.delta"), "100");
+    // Two targets in one run: each applies, then everything both have is purged.
+    let both = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &a.dsn(),
+        "--target",
+        &b.dsn(),
+        "--once",
+        "--json",
+    ])
+    .expect(0)
+    .json();
+    assert_eq!(both["purged"], 100, "{both}");
+    assert_eq!(contents(&source), contents(&b));
+    source.psql("UPDATE t SET v = v + 1 WHERE id <= 10");
+    sync(&source, &a);
+    assert_eq!(
+        source.scalar("SELECT count(*) FROM pgferry.delta"),
+        "10",
+        "b still needs them"
+    );
+    sync(&source, &b);
+    assert_eq!(source.scalar("SELECT count(*) FROM pgferry.delta"), "0");
+    assert_eq!(contents(&source), contents(&a));
+    assert_eq!(contents(&source), contents(&b));
+
+    // A target that was never reserved cannot register once changes were purged.
+    let late = cluster.create_database("purge_late");
+    copy_schema(&source, &late);
+    let run = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &late.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        run.stderr.contains("already purged") && run.stderr.contains("target add"),
+        "{}",
+        run.stderr
+    );
+
+    // Dropping a target releases what it held back.
+    source.psql("UPDATE t SET v = 0 WHERE id = 1");
+    sync(&source, &a);
+    assert_eq!(source.scalar("SELECT count(*) FROM pgferry.delta"), "1");
+    let name = b.psql("SELECT node_id FROM pgferry.installation");
+    pgferry(&["target", "drop", "--source", &source.dsn(), name.trim()]).expect(0);
+    sync(&source, &a);
+    assert_eq!(source.scalar("SELECT count(*) FROM pgferry.delta"), "0");
+}
+
+#[test]
+fn a_table_captured_after_the_target_registered_is_refused_until_accepted() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("later_src");
+    let target = cluster.create_database("later_dst");
+    source.psql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); INSERT INTO b VALUES (1);");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn(), "--table", "public.a"]).expect(0);
+    source.psql("INSERT INTO a VALUES (1)");
+    sync(&source, &target);
+    pgferry(&["install", "--source", &source.dsn(), "--table", "public.b"]).expect(0);
+    source.psql("INSERT INTO b VALUES (2)");
+    let run = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        run.stderr.contains("public.b") && run.stderr.contains("--accept-new-tables"),
+        "{}",
+        run.stderr
+    );
+    target.psql("INSERT INTO b VALUES (1)");
+    pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+        "--accept-new-tables",
+    ])
+    .expect(0);
+    assert_eq!(contents(&source), contents(&target));
+}

@@ -35,6 +35,15 @@ pub enum SyncError {
         target: String,
     },
 
+    #[error("target {target} cannot be registered: capture rows were already purged on the source, so changes made before now may be missing from its copy\n\
+             fix: reserve targets before taking the dump (`pgferry target add --source … --target …`), then take a new dump or snapshot; nothing was applied")]
+    PurgedBeforeRegistration { target: String },
+
+    #[error("table(s) {} were added to the capture after target {target} registered: their existing rows never reached it\n\
+             fix: load their current rows into the target (e.g. pg_dump --data-only --table …), then re-run with --accept-new-tables; nothing was applied",
+            tables.join(", "))]
+    TablesAddedLater { target: String, tables: Vec<String> },
+
     #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
     AnotherApplier { target: String },
 

@@ -14,6 +14,7 @@
 
 mod copy;
 mod error;
+mod purge;
 mod registry;
 pub mod round;
 mod schema;
@@ -22,6 +23,7 @@ mod target;
 
 pub use error::SyncError;
 pub use round::{RoundOutcome, TableApplied};
+pub use target::{default_name, drop_target, reserve};
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -30,11 +32,20 @@ use pgferry_core::artifact::{Dialect, SCHEMA};
 use pgferry_core::{catalog, Dsn, Session};
 use serde::Serialize;
 
+/// Options of a catch-up.
+#[derive(Clone, Debug, Default)]
+pub struct SyncOptions {
+    /// Accept tables captured after a target registered (their rows were loaded by hand).
+    pub accept_new_tables: bool,
+}
+
 /// What a catch-up did for one target.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetReport {
     /// The target, as `user@host:port/db`.
     pub target: String,
+    /// The target's name in the source's registry.
+    pub name: String,
     /// The target's node identity.
     pub node_id: String,
     pub rounds: u64,
@@ -58,6 +69,8 @@ pub struct SyncReport {
     pub rows: u64,
     pub seconds: f64,
     pub rows_per_second: f64,
+    /// Capture rows purged on the source because every registered target has them.
+    pub purged: u64,
 }
 
 /// How many times a round may start over because a TRUNCATE slipped under its snapshot.
@@ -65,7 +78,11 @@ const MAX_ROUND_RETRIES: u32 = 10;
 
 /// Applies to each target every change captured on the source that committed before the call,
 /// and moves the registered sequences forward. Targets are registered on first use.
-pub async fn sync_once(source: &Dsn, targets: &[Dsn]) -> Result<SyncReport, SyncError> {
+pub async fn sync_once(
+    source: &Dsn,
+    targets: &[Dsn],
+    opts: &SyncOptions,
+) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     let mut src = Session::connect(source, "sync").await?;
     let probe = Session::connect(source, "sync probe").await?;
@@ -97,11 +114,32 @@ pub async fn sync_once(source: &Dsn, targets: &[Dsn]) -> Result<SyncReport, Sync
         rows: 0,
         seconds: 0.0,
         rows_per_second: 0.0,
+        purged: 0,
     };
     for dsn in targets {
         let t_started = Instant::now();
         let mut dst = Session::connect(dsn, "sync").await?;
         let reg = target::register(&mut dst, &source_node, &source_label).await?;
+        let entry = target::registry_entry(
+            &src,
+            &reg.node_id,
+            &target::default_name(dsn),
+            reg.applied.is_none(),
+            opts.accept_new_tables,
+        )
+        .await?;
+        let added_later: Vec<String> = tables
+            .values()
+            .filter(|t| !entry.table_ids.contains(&t.table_id))
+            .map(|t| t.name.human())
+            .collect();
+        if !added_later.is_empty() {
+            return Err(SyncError::TablesAddedLater {
+                target: entry.name,
+                tables: added_later,
+            });
+        }
+        purge::tick(&src).await?;
         if !reg.replica_role {
             let names: Vec<String> = tables.values().map(|t| t.name.to_string()).collect();
             let blocked = target::needs_replica_role(&dst, &names).await?;
@@ -132,13 +170,14 @@ pub async fn sync_once(source: &Dsn, targets: &[Dsn]) -> Result<SyncReport, Sync
                 }
             }
         };
-        target::acknowledge(&src, &reg.node_id, &reg.node_id, &outcome.snapshot).await?;
+        target::acknowledge(&src, &entry.name, &outcome.snapshot).await?;
         let advanced = sequence::advance(&src, &dst, &sequences).await?;
         let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
         report.rounds += 1;
         report.rows += rows;
         report.targets.push(TargetReport {
             target: dst.target.clone(),
+            name: entry.name,
             node_id: reg.node_id,
             rounds: 1,
             snapshot: outcome.snapshot,
@@ -148,6 +187,7 @@ pub async fn sync_once(source: &Dsn, targets: &[Dsn]) -> Result<SyncReport, Sync
             seconds: t_started.elapsed().as_secs_f64(),
         });
     }
+    report.purged = purge::purge(&src).await?;
     report.seconds = started.elapsed().as_secs_f64();
     report.rows_per_second = if report.seconds > 0.0 {
         report.rows as f64 / report.seconds

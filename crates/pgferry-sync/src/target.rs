@@ -142,12 +142,144 @@ pub(crate) async fn needs_replica_role(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The default registry name of a target: `dbname@host:port` from its DSN (no user, no
+/// password). A reservation made with `pgferry target add` uses the same name, so the first
+/// sync adopts it; after that the registry row is found by the target's node identity.
+pub fn default_name(dsn: &pgferry_core::Dsn) -> String {
+    format!("{}@{}:{}", dsn.dbname(), dsn.host(), dsn.port())
+}
+
+/// A target's row in the source's registry.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub name: String,
+    /// Captured tables the target had when it registered.
+    pub table_ids: Vec<i32>,
+}
+
+/// Finds or creates the source's registry row for a target. A target that has applied nothing
+/// yet is refused when capture rows were already purged and it was not reserved before.
+pub(crate) async fn registry_entry(
+    source: &Session,
+    node_id: &str,
+    name: &str,
+    first_sync: bool,
+    accept_new_tables: bool,
+) -> Result<Entry, SyncError> {
+    let c = &source.client;
+    let row = c
+        .query_opt(
+            "SELECT name, table_ids FROM pgferry.target WHERE node_id = $1
+             UNION ALL
+             SELECT name, table_ids FROM pgferry.target WHERE node_id IS NULL AND name = $2
+             LIMIT 1",
+            &[&node_id, &name],
+        )
+        .await
+        .map_err(err(source, "reading the source's registry of targets"))?;
+    let all_ids: Vec<i32> = c
+        .query(
+            "SELECT table_id FROM pgferry.captured_table ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(err(source, "reading captured tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (entry_name, ids) = match row {
+        Some(r) => (r.get::<_, String>(0), r.get::<_, Option<Vec<i32>>>(1)),
+        None => {
+            if first_sync {
+                let purged: bool = c
+                    .query_one(
+                        "SELECT purged_below IS NOT NULL FROM pgferry.installation",
+                        &[],
+                    )
+                    .await
+                    .map_err(err(source, "reading the purge horizon"))?
+                    .get(0);
+                if purged {
+                    return Err(SyncError::PurgedBeforeRegistration {
+                        target: name.to_owned(),
+                    });
+                }
+            }
+            // A different node may already use the name (a dropped and recreated database):
+            // keep both apart.
+            let taken: bool = c
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pgferry.target WHERE name = $1)",
+                    &[&name],
+                )
+                .await
+                .map_err(err(source, "reading the source's registry of targets"))?
+                .get(0);
+            let entry_name = if taken {
+                format!("{name} ({node_id})")
+            } else {
+                name.to_owned()
+            };
+            (entry_name, None)
+        }
+    };
+    let table_ids = match ids {
+        Some(ids) if !accept_new_tables => ids,
+        _ => all_ids.clone(),
+    };
+    c.execute(
+        "INSERT INTO pgferry.target (name, node_id, table_ids) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET node_id = excluded.node_id, table_ids = excluded.table_ids",
+        &[&entry_name, &node_id, &table_ids],
+    )
+    .await
+    .map_err(err(source, "registering the target on the source"))?;
+    Ok(Entry {
+        name: entry_name,
+        table_ids,
+    })
+}
+
+/// Reserves a target on the source before its copy exists (before the dump is taken), so that
+/// nothing it will need is purged. Returns false when it was reserved already.
+pub async fn reserve(source: &pgferry_core::Dsn, name: &str) -> Result<bool, SyncError> {
+    let s = Session::connect(source, "target").await?;
+    if !catalog::schema_exists(&s.client, SCHEMA, &s.target).await? {
+        return Err(SyncError::NotInstalled {
+            source_db: s.target.clone(),
+        });
+    }
+    let n = s
+        .client
+        .execute(
+            "INSERT INTO pgferry.target (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&name],
+        )
+        .await
+        .map_err(err(&s, "reserving the target"))?;
+    Ok(n == 1)
+}
+
+/// Removes a target from the source's registry, releasing the capture rows it held back.
+/// Returns false when there was no such target.
+pub async fn drop_target(source: &pgferry_core::Dsn, name: &str) -> Result<bool, SyncError> {
+    let s = Session::connect(source, "target").await?;
+    let n = s
+        .client
+        .execute(
+            "DELETE FROM pgferry.target WHERE name = $1 OR node_id = $1",
+            &[&name],
+        )
+        .await
+        .map_err(err(&s, "dropping the target"))?;
+    Ok(n > 0)
+}
+
 /// Records on the source what the target acknowledged (after the target committed; the
 /// target's own progress row stays the truth).
 pub(crate) async fn acknowledge(
     source: &Session,
     name: &str,
-    node_id: &str,
     snapshot: &str,
 ) -> Result<(), SyncError> {
     let dialect = Dialect::new(source.server_version);
@@ -155,13 +287,10 @@ pub(crate) async fn acknowledge(
         .client
         .execute(
             &format!(
-                "INSERT INTO pgferry.target (name, node_id, acked_snapshot, acked_at)
-                 VALUES ($1, $2, $3::text::{snap}, pg_catalog.now())
-                 ON CONFLICT (name) DO UPDATE SET node_id = excluded.node_id,
-                     acked_snapshot = excluded.acked_snapshot, acked_at = excluded.acked_at",
+                "UPDATE pgferry.target SET acked_snapshot = $2::text::{snap}, acked_at = pg_catalog.now() WHERE name = $1",
                 snap = dialect.snapshot_type()
             ),
-            &[&name, &node_id, &snapshot],
+            &[&name, &snapshot],
         )
         .await
         .map_err(err(source, "recording the target's progress on the source"))?;

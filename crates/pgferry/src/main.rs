@@ -40,6 +40,9 @@ enum Command {
     /// Catch targets up with a source (step 7 of a migration): apply every captured change,
     /// in rounds at one source snapshot, with row state moved by COPY.
     Sync(sync::SyncArgs),
+    /// Manage the source's registry of targets.
+    #[command(subcommand)]
+    Target(sync::TargetCommand),
 }
 
 /// Options shared by commands that change a database.
@@ -83,6 +86,7 @@ fn main() -> std::process::ExitCode {
             Command::Uninstall(a) => capture::uninstall(a).await,
             Command::Clean(a) => cleanup::clean(a).await,
             Command::Sync(a) => sync::sync(a).await,
+            Command::Target(c) => sync::target(c).await,
         }
     });
     match result {

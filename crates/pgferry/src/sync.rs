@@ -19,9 +19,86 @@ pub struct SyncArgs {
     /// (Continuous replication is `pgferry run`.)
     #[arg(long)]
     pub once: bool,
+    /// Accept tables that were added to the capture after a target registered, once their
+    /// current rows have been loaded into the target by other means.
+    #[arg(long)]
+    pub accept_new_tables: bool,
     /// Print a JSON report on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TargetCommand {
+    /// Reserve a target on the source before its copy is taken, so that nothing it will need
+    /// is purged (do this before the dump or snapshot).
+    Add {
+        /// The captured source.
+        #[arg(long, value_name = "DSN")]
+        source: String,
+        /// The future target; only its name is used (`dbname@host:port`, or --name).
+        #[arg(long, value_name = "DSN", required_unless_present = "name")]
+        target: Option<String>,
+        /// The registry name, instead of the one derived from --target.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove a target from the source's registry, releasing the capture rows it holds back.
+    Drop {
+        #[arg(long, value_name = "DSN")]
+        source: String,
+        /// The target's registry name or node id (see `pgferry status`).
+        name: String,
+    },
+}
+
+pub async fn target(cmd: TargetCommand) -> Result<Code, Failure> {
+    let fail = |e: SyncError| {
+        let class = e.class();
+        Failure::new(e, class)
+    };
+    match cmd {
+        TargetCommand::Add {
+            source,
+            target,
+            name,
+        } => {
+            let source = parse_dsn(&source)?;
+            let name = match (name, target) {
+                (Some(n), _) => n,
+                (None, Some(t)) => pgferry_sync::default_name(&parse_dsn(&t)?),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let added = pgferry_sync::reserve(&source, &name).await.map_err(fail)?;
+            if added {
+                println!(
+                    "reserved target {name:?} on {}: capture rows are kept for it from now on",
+                    source.redacted()
+                );
+            } else {
+                println!(
+                    "target {name:?} was already registered on {}",
+                    source.redacted()
+                );
+            }
+            Ok(Code::Ok)
+        }
+        TargetCommand::Drop { source, name } => {
+            let source = parse_dsn(&source)?;
+            if pgferry_sync::drop_target(&source, &name)
+                .await
+                .map_err(fail)?
+            {
+                println!("dropped target {name:?} from {}", source.redacted());
+                Ok(Code::Ok)
+            } else {
+                Err(Failure::new(
+                    anyhow::anyhow!("no target {name:?} on {}", source.redacted()),
+                    ErrorClass::Definite,
+                ))
+            }
+        }
+    }
 }
 
 pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
@@ -39,7 +116,10 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
         .iter()
         .map(|t| parse_dsn(t))
         .collect::<Result<_, _>>()?;
-    let report = pgferry_sync::sync_once(&source, &targets)
+    let opts = pgferry_sync::SyncOptions {
+        accept_new_tables: a.accept_new_tables,
+    };
+    let report = pgferry_sync::sync_once(&source, &targets, &opts)
         .await
         .map_err(|e: SyncError| {
             let class = e.class();
@@ -76,8 +156,8 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
         }
     }
     println!(
-        "{} rows in {:.2} s ({:.0} rows/s)",
-        report.rows, report.seconds, report.rows_per_second
+        "{} rows in {:.2} s ({:.0} rows/s); {} applied capture rows purged on the source",
+        report.rows, report.seconds, report.rows_per_second, report.purged
     );
     Ok(Code::Ok)
 }

@@ -1,0 +1,68 @@
+//! Purge: capture rows every registered target has applied are deleted.
+//!
+//! A capture row whose xid is below the `xmin` of a target's acknowledged snapshot is visible in
+//! that snapshot, so the target has it. Rows below the smallest such `xmin` over all registered
+//! targets are purged; a target that is reserved but has acknowledged nothing holds purge back
+//! entirely, and with no target registered nothing is purged (capture starts before any target
+//! exists). The horizon is recorded, so that a target registered later, whose copy may predate
+//! purged changes, is refused. Purge is a plain DELETE: it takes the same lock as the capture
+//! triggers' inserts, so it never blocks writers.
+
+use pgferry_core::artifact::Dialect;
+use pgferry_core::Session;
+
+use crate::SyncError;
+
+/// Purges what every target has; returns the number of capture rows deleted.
+pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
+    let dialect = Dialect::new(source.server_version);
+    let xmin = if dialect.major >= 13 {
+        "pg_catalog.pg_snapshot_xmin"
+    } else {
+        "pg_catalog.txid_snapshot_xmin"
+    };
+    let sql = format!(
+        "WITH horizon AS (
+             SELECT CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
+                         THEN min({xmin}(acked_snapshot)) END AS h
+               FROM pgferry.target),
+         gone AS (
+             DELETE FROM pgferry.delta d USING horizon WHERE d.xid < horizon.h RETURNING 1),
+         mark AS (
+             UPDATE pgferry.installation SET purged_below = horizon.h FROM horizon
+              WHERE horizon.h IS NOT NULL AND (purged_below IS NULL OR purged_below < horizon.h))
+         SELECT count(*) FROM gone"
+    );
+    let n: i64 = source
+        .client
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| SyncError::Core(source.err("purging applied capture rows", e)))?
+        .get(0);
+    source
+        .client
+        .execute(
+            "DELETE FROM pgferry.tick WHERE tick_time < pg_catalog.now() - interval '1 day'",
+            &[],
+        )
+        .await
+        .map_err(|e| SyncError::Core(source.err("purging old ticks", e)))?;
+    Ok(n as u64)
+}
+
+/// Records a tick: the source's current snapshot and time, for lag in seconds.
+pub(crate) async fn tick(source: &Session) -> Result<(), SyncError> {
+    let dialect = Dialect::new(source.server_version);
+    source
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO pgferry.tick (snapshot) VALUES ({})",
+                dialect.current_snapshot()
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| SyncError::Core(source.err("recording a tick", e)))?;
+    Ok(())
+}
