@@ -19,6 +19,7 @@ mod registry;
 pub mod round;
 mod schema;
 mod sequence;
+pub mod status;
 mod target;
 
 pub use error::SyncError;

@@ -40,6 +40,9 @@ enum Command {
     /// Catch targets up with a source (step 7 of a migration): apply every captured change,
     /// in rounds at one source snapshot, with row state moved by COPY.
     Sync(sync::SyncArgs),
+    /// Show where each target stands: pending changes per table, the age of the oldest,
+    /// the last acknowledged snapshot.
+    Status(sync::StatusArgs),
     /// Manage the source's registry of targets.
     #[command(subcommand)]
     Target(sync::TargetCommand),
@@ -87,6 +90,7 @@ fn main() -> std::process::ExitCode {
             Command::Clean(a) => cleanup::clean(a).await,
             Command::Sync(a) => sync::sync(a).await,
             Command::Target(c) => sync::target(c).await,
+            Command::Status(a) => sync::status(a).await,
         }
     });
     match result {

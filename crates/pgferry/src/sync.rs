@@ -161,3 +161,85 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
     );
     Ok(Code::Ok)
 }
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The captured source: shows every registered target, its pending changes per table and
+    /// the age of the oldest one.
+    #[arg(long, value_name = "DSN", required_unless_present = "target")]
+    pub source: Option<String>,
+    /// A target: shows its own progress (what it applied from each source).
+    #[arg(long, value_name = "DSN")]
+    pub target: Option<String>,
+    /// Print JSON on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ago(s: Option<f64>) -> String {
+    s.map(|s| format!("{s:.1} s ago"))
+        .unwrap_or_else(|| "never".into())
+}
+
+pub async fn status(a: StatusArgs) -> Result<Code, Failure> {
+    let fail = |e: SyncError| {
+        let class = e.class();
+        Failure::new(e, class)
+    };
+    if let Some(t) = &a.target {
+        let rows = pgferry_sync::status::target_status(&parse_dsn(t)?)
+            .await
+            .map_err(fail)?;
+        if a.json {
+            output::json(&rows);
+        } else if rows.is_empty() {
+            println!("not a pgferry target yet (nothing applied)");
+        } else {
+            for r in &rows {
+                println!(
+                    "from {} (node {}): snapshot {}, {} rounds, last applied {}",
+                    r.source,
+                    r.source_node_id,
+                    r.snapshot.as_deref().unwrap_or("-"),
+                    r.rounds,
+                    ago(r.applied_seconds_ago)
+                );
+            }
+        }
+        return Ok(Code::Ok);
+    }
+    let source = parse_dsn(a.source.as_deref().unwrap_or_default())?;
+    let st = pgferry_sync::status::source_status(&source)
+        .await
+        .map_err(fail)?;
+    if a.json {
+        output::json(&st);
+        return Ok(Code::Ok);
+    }
+    println!(
+        "{} (node {}): {} captured tables, {} capture rows kept",
+        st.source, st.node_id, st.captured_tables, st.capture_rows
+    );
+    if st.targets.is_empty() {
+        println!("  no target registered (nothing is purged until one is)");
+    }
+    for t in &st.targets {
+        let state = if t.reserved_only {
+            "reserved, never synced (holds back purge)".to_owned()
+        } else {
+            format!("acknowledged {}", ago(t.acked_seconds_ago))
+        };
+        let oldest = t
+            .oldest_pending_seconds
+            .map(|s| format!(", oldest pending {s:.1} s old"))
+            .unwrap_or_default();
+        println!(
+            "  target {}: {state}; {} pending{oldest}",
+            t.name, t.pending
+        );
+        for p in &t.tables {
+            println!("    {}  {} pending", p.table, p.pending);
+        }
+    }
+    Ok(Code::Ok)
+}
