@@ -70,6 +70,10 @@ pub(crate) enum RoundResult {
     Retry,
 }
 
+/// `work_mem` of a round's sessions: enough for the hash joins and aggregates over a large
+/// round's keys to stay in memory (on the servers; pgferry's own memory does not grow with it).
+const ROUND_WORK_MEM: &str = "64MB";
+
 /// The SQL condition selecting the capture rows `d` that are pending after snapshot `previous`.
 fn pending_condition(dialect: Dialect, previous: Option<&str>) -> Result<String, SyncError> {
     let Some(p) = previous else {
@@ -124,6 +128,9 @@ pub(crate) async fn run(
             source: e,
         })
     };
+    stx.batch_execute(&format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'"))
+        .await
+        .map_err(|e| sq("setting work_mem", e))?;
     // The first query fixes S.
     let snapshot: String = stx
         .query_one(
@@ -198,6 +205,9 @@ pub(crate) async fn run(
         .transaction()
         .await
         .map_err(tq("starting the round's target transaction".into()))?;
+    ttx.batch_execute(&format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'"))
+        .await
+        .map_err(tq("setting work_mem".into()))?;
     if ctx.replica_role {
         ttx.batch_execute("SET LOCAL session_replication_role = replica")
             .await
@@ -268,6 +278,7 @@ pub(crate) async fn run(
                 truncated = true;
             }
         }
+        let clock = std::time::Instant::now();
         let keys_table = format!("pgferry_keys_{}", t.table_id);
         let key_defs: Vec<String> = t.key.iter().map(|(c, ty, _)| format!("{c} {ty}")).collect();
         ttx.batch_execute(&format!(
@@ -291,6 +302,7 @@ pub(crate) async fn run(
         )
         .await
         .map_err(tq(format!("moving the pending keys of {human}")))?;
+        let keys_seconds = clock.elapsed().as_secs_f64();
         let join: Vec<String> = t
             .key
             .iter()
@@ -302,6 +314,7 @@ pub(crate) async fn run(
         ))
         .await
         .map_err(tq(format!("deleting the pending keys of {human}")))?;
+        let delete_seconds = clock.elapsed().as_secs_f64() - keys_seconds;
         let key_tuple = if t.key.len() == 1 {
             format!("t.{}", t.key[0].0)
         } else {
@@ -314,6 +327,15 @@ pub(crate) async fn run(
                     .join(", ")
             )
         };
+        // pgferry.delta has no index and its statistics lag behind: for a large set of keys
+        // the planner would still pick a nested loop of index probes; a hash join is faster.
+        stx.batch_execute(if changes > 10_000 {
+            "SET LOCAL enable_nestloop = off"
+        } else {
+            "SET LOCAL enable_nestloop = on"
+        })
+        .await
+        .map_err(|e| sq("choosing the join", e))?;
         let rows = pass_through(
             &stx,
             &format!(
@@ -330,7 +352,16 @@ pub(crate) async fn run(
         )
         .await
         .map_err(tq(format!("copying the rows of {human}")))?;
-        tracing::debug!(table = %human, changes, keys, rows, "table applied");
+        tracing::debug!(
+            table = %human,
+            changes,
+            keys,
+            rows,
+            keys_seconds,
+            delete_seconds,
+            copy_seconds = clock.elapsed().as_secs_f64() - keys_seconds - delete_seconds,
+            "table applied"
+        );
         applied.push(TableApplied {
             table: human,
             changes,
