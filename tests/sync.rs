@@ -475,3 +475,81 @@ fn status_shows_pending_changes_per_target_and_table() {
         .json();
     assert_eq!(mine[0]["rounds"], 1, "{mine}");
 }
+
+#[test]
+fn without_the_replica_role_only_tables_without_foreign_keys_or_triggers_are_applied() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("role_src");
+    let target = cluster.create_database("role_dst");
+    let ddl = "CREATE TABLE parent (id int PRIMARY KEY);
+               CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
+               CREATE TABLE plain (id int PRIMARY KEY, v text);";
+    source.psql(ddl);
+    target.psql(&format!(
+        "CREATE ROLE applier LOGIN PASSWORD 'pw-applier';
+         GRANT CREATE, TEMPORARY ON DATABASE {} TO applier; GRANT CREATE ON SCHEMA public TO applier;
+         SET ROLE applier; {ddl} RESET ROLE;",
+        target.name()
+    ));
+    pgferry(&[
+        "install",
+        "--source",
+        &source.dsn(),
+        "--table",
+        "public.plain",
+    ])
+    .expect(0);
+    source.psql("INSERT INTO plain VALUES (1, 'a')");
+    let as_applier = target.dsn_as("applier", "pw-applier");
+    pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &as_applier,
+        "--once",
+    ])
+    .expect(0);
+    assert_eq!(target.scalar("SELECT v FROM plain"), "a");
+
+    // Tables with foreign keys need the replica role: refused, naming them and the fix.
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO parent VALUES (1); INSERT INTO child VALUES (1, 1);");
+    let run = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &as_applier,
+        "--once",
+        "--accept-new-tables",
+    ])
+    .expect(1);
+    assert!(
+        run.stderr.contains("public.child") && run.stderr.contains("public.parent"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("GRANT SET ON PARAMETER session_replication_role"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("pw-applier"));
+    assert_eq!(target.scalar("SELECT count(*) FROM parent"), "0");
+
+    // PostgreSQL 15+: granting SET on the parameter is enough.
+    target.psql("GRANT SET ON PARAMETER session_replication_role TO applier");
+    pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &as_applier,
+        "--once",
+        "--accept-new-tables",
+    ])
+    .expect(0);
+    assert_eq!(contents(&source), contents(&target));
+}

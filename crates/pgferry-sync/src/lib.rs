@@ -106,6 +106,7 @@ pub async fn sync_once(
             .map(|t| (t.table_id, t))
             .collect();
     let sequences = registry::captured_sequences(&src.client, &source_label).await?;
+    let _ticker = purge::ticker(source).await?;
     let dialect = Dialect::new(src.server_version);
 
     let mut report = SyncReport {
@@ -140,14 +141,19 @@ pub async fn sync_once(
                 tables: added_later,
             });
         }
-        purge::tick(&src).await?;
         if !reg.replica_role {
             let names: Vec<String> = tables.values().map(|t| t.name.to_string()).collect();
             let blocked = target::needs_replica_role(&dst, &names).await?;
             if !blocked.is_empty() {
+                let human = |quoted: &String| {
+                    tables
+                        .values()
+                        .find(|t| t.name.to_string() == *quoted)
+                        .map_or_else(|| quoted.clone(), |t| t.name.human())
+                };
                 return Err(SyncError::NeedsReplicaRole {
                     target: dst.target.clone(),
-                    tables: blocked,
+                    tables: blocked.iter().map(human).collect(),
                 });
             }
         }

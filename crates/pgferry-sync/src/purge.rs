@@ -66,3 +66,32 @@ pub(crate) async fn tick(source: &Session) -> Result<(), SyncError> {
         .map_err(|e| SyncError::Core(source.err("recording a tick", e)))?;
     Ok(())
 }
+
+/// Writes a tick every second, in its own session and short transactions, until the returned
+/// guard is dropped: lag and the age of pending changes are read from ticks.
+pub(crate) async fn ticker(source: &pgferry_core::Dsn) -> Result<Ticker, SyncError> {
+    let session = Session::connect(source, "ticker").await?;
+    tick(&session).await?;
+    let handle = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if let Err(e) = tick(&session).await {
+                tracing::warn!(error = %e, "could not record a tick");
+                return;
+            }
+        }
+    });
+    Ok(Ticker(handle))
+}
+
+/// Stops the ticker when dropped.
+#[derive(Debug)]
+pub(crate) struct Ticker(tokio::task::JoinHandle<()>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
