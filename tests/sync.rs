@@ -553,3 +553,147 @@ fn without_the_replica_role_only_tables_without_foreign_keys_or_triggers_are_app
     .expect(0);
     assert_eq!(contents(&source), contents(&target));
 }
+
+#[test]
+fn truncates_committed_while_rounds_run_are_replayed_in_place() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("trunc_src");
+    let target = cluster.create_database("trunc_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v int)");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    let dsn = source.dsn();
+    let writer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut i = 0;
+        while std::time::Instant::now() < deadline {
+            let sql = match i % 4 {
+                0 => format!("TRUNCATE t; INSERT INTO t SELECT g, {i} FROM generate_series(1, 200) g;"),
+                1 => format!("BEGIN; TRUNCATE t; INSERT INTO t VALUES (1, {i}); COMMIT;"),
+                _ => format!("INSERT INTO t SELECT g, {i} FROM generate_series({i} * 1000, {i} * 1000 + 500) g;"),
+            };
+            let out = Command::new(client_tool("psql"))
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &dsn, "-c", &sql])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            i += 1;
+        }
+    });
+    while !writer.is_finished() {
+        sync(&source, &target);
+    }
+    writer.join().unwrap();
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+#[test]
+fn two_appliers_on_one_target_never_apply_twice() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("two_src");
+    let target = cluster.create_database("two_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    sync(&source, &target);
+    for round in 0..3 {
+        source.psql(&format!(
+            "INSERT INTO t SELECT g, md5(g::text) FROM generate_series({0} * 100000 + 1, {0} * 100000 + 100000) g",
+            round
+        ));
+        let spawn = || {
+            Command::new(env!("CARGO_BIN_EXE_pgferry"))
+                .args([
+                    "sync",
+                    "--source",
+                    &source.dsn(),
+                    "--target",
+                    &target.dsn(),
+                    "--once",
+                ])
+                .env("PGFERRY_LOG", "warn")
+                .output()
+                .unwrap()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(spawn);
+            let b = s.spawn(spawn);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for out in [&a, &b] {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() || err.contains("another pgferry is applying"),
+                "unexpected failure: {err}"
+            );
+        }
+        assert_eq!(contents(&source), contents(&target));
+    }
+}
+
+#[test]
+fn a_connection_killed_mid_round_leaves_the_target_as_it_was_and_a_rerun_finishes() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("kill_src");
+    let target = cluster.create_database("kill_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO t VALUES (0, 'first')");
+    sync(&source, &target);
+    let before = contents(&target);
+    let progress = target.scalar("SELECT snapshot FROM pgferry.applied");
+    source
+        .psql("INSERT INTO t SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g");
+
+    for victim in [target.name(), source.name()] {
+        let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .args([
+                "sync",
+                "--source",
+                &source.dsn(),
+                "--target",
+                &target.dsn(),
+                "--once",
+            ])
+            .env("PGFERRY_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill the round's session on `victim` as soon as it is copying.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let killed = source.scalar(&format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = '{victim}' AND application_name = 'pgferry sync'
+                    AND state = 'active' AND query ILIKE 'COPY%'"
+            ));
+            if killed != "0" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the round never started copying"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "the sync survived its session being killed"
+        );
+        assert_eq!(contents(&target), before, "a killed round left a trace");
+        assert_eq!(
+            target.scalar("SELECT snapshot FROM pgferry.applied"),
+            progress
+        );
+    }
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
