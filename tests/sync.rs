@@ -697,3 +697,78 @@ fn a_connection_killed_mid_round_leaves_the_target_as_it_was_and_a_rerun_finishe
     sync(&source, &target);
     assert_eq!(contents(&source), contents(&target));
 }
+
+#[test]
+fn a_reader_of_the_target_never_sees_a_transfer_half_applied() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("inv_src");
+    let target = cluster.create_database("inv_dst");
+    let ddl = "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, transfers int NOT NULL DEFAULT 0);
+               CREATE TABLE transfers (id bigserial PRIMARY KEY, from_id int REFERENCES accounts, to_id int REFERENCES accounts, amount bigint);";
+    let seed = "INSERT INTO accounts SELECT g, 1000, 0 FROM generate_series(1, 50) g;";
+    source.psql(ddl);
+    source.psql(seed);
+    target.psql(ddl);
+    target.psql(seed);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (dsn, stop) = (source.dsn(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 2000 {
+                let (a, b) = (1 + i % 50, 1 + (i * 7 + 3) % 50);
+                let sql = format!(
+                    "BEGIN;
+                     UPDATE accounts SET balance = balance - 10, transfers = transfers + 1 WHERE id = {a};
+                     INSERT INTO transfers (from_id, to_id, amount) VALUES ({a}, {b}, 10);
+                     UPDATE accounts SET balance = balance + 10 WHERE id = {b};
+                     COMMIT;"
+                );
+                let out = Command::new(client_tool("psql"))
+                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &dsn, "-c", &sql])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                i += 1;
+            }
+        })
+    };
+    let reader = {
+        let (dsn, stop) = (target.dsn(), stop.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(client_tool("psql"))
+                    .args([
+                        "-X", "-At", &dsn, "-c",
+                        "SELECT (SELECT sum(balance) FROM accounts) || ' ' ||
+                                ((SELECT count(*) FROM transfers) = (SELECT sum(transfers) FROM accounts))",
+                    ])
+                    .output()
+                    .unwrap();
+                let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                assert_eq!(
+                    line, "50000 true",
+                    "the target showed a state the source was never in"
+                );
+                samples += 1;
+            }
+            samples
+        })
+    };
+    for _ in 0..15 {
+        sync(&source, &target);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let samples = reader.join().unwrap();
+    assert!(samples > 10, "only {samples} samples");
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
