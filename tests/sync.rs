@@ -772,3 +772,37 @@ fn a_reader_of_the_target_never_sees_a_transfer_half_applied() {
     sync(&source, &target);
     assert_eq!(contents(&source), contents(&target));
 }
+
+#[test]
+fn servers_with_different_datestyles_and_output_settings_get_the_same_values() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("style_src");
+    let target = cluster.create_database("style_dst");
+    source.psql(&format!(
+        "ALTER DATABASE {} SET DateStyle = 'SQL, DMY'; ALTER DATABASE {0} SET TimeZone = 'Asia/Kolkata';
+         ALTER DATABASE {0} SET bytea_output = 'escape'; ALTER DATABASE {0} SET extra_float_digits = 0;
+         ALTER DATABASE {0} SET IntervalStyle = 'iso_8601';",
+        source.name()
+    ));
+    target.psql(&format!(
+        "ALTER DATABASE {} SET DateStyle = 'German'; ALTER DATABASE {0} SET TimeZone = 'America/New_York';
+         ALTER DATABASE {0} SET bytea_output = 'escape'; ALTER DATABASE {0} SET extra_float_digits = 0;
+         ALTER DATABASE {0} SET IntervalStyle = 'sql_standard';",
+        target.name()
+    ));
+    let ddl = "CREATE TABLE t (at timestamptz PRIMARY KEY, d date, ts timestamp, i interval, f float8, b bytea)";
+    source.psql(ddl);
+    target.psql(ddl);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql(
+        "INSERT INTO t VALUES
+           ('2026-03-04 05:06:07.123456+00', '2026-03-04', '2026-12-01 13:14:15', '1 year 2 mons 3 days 04:05:06.5', 0.1::float8 + 0.2, '\\x00ff10'),
+           ('1999-12-31 23:59:59+00', '0044-03-15 BC', 'infinity', '-1 days', 1e-310, '\\x');
+         UPDATE t SET f = f * 3 WHERE d = '2026-03-04';",
+    );
+    sync(&source, &target);
+    let neutral = "SET DateStyle = 'ISO'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';
+                   SET extra_float_digits = 3; SET bytea_output = 'hex';
+                   SELECT at, d, ts, i, f, encode(float8send(f), 'hex'), b FROM t ORDER BY at";
+    assert_eq!(source.psql(neutral), target.psql(neutral));
+}
