@@ -83,7 +83,10 @@ fn every_type_round_trips_exactly() {
     .expect(0);
     let expected = rows(&source);
     assert_eq!(target.scalar("SELECT count(*) FROM zoo"), "4");
-    assert!(expected.contains("happy") && expected.contains("large large"), "{expected}");
+    assert!(
+        expected.contains("happy") && expected.contains("large large"),
+        "{expected}"
+    );
     assert_eq!(expected, rows(&target));
     // Identity values are kept, generated columns computed by the target.
     assert_eq!(

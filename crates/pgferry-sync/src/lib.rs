@@ -87,6 +87,7 @@ pub async fn sync_once(
     let started = Instant::now();
     let mut src = Session::connect(source, "sync").await?;
     let probe = Session::connect(source, "sync probe").await?;
+    let reader = Session::connect(source, "sync reader").await?;
     let source_label = src.target.clone();
     if !catalog::schema_exists(&src.client, SCHEMA, &source_label).await? {
         return Err(SyncError::NotInstalled {
@@ -167,7 +168,7 @@ pub async fn sync_once(
         };
         let mut tries = 0;
         let outcome = loop {
-            match round::run(&mut src, &probe, &mut dst, &ctx).await? {
+            match round::run(&mut src, &probe, &reader, &mut dst, &ctx).await? {
                 round::RoundResult::Applied(o) => break o,
                 round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => tries += 1,
                 round::RoundResult::Retry => {

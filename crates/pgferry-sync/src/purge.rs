@@ -1,12 +1,14 @@
 //! Purge: capture rows every registered target has applied are deleted.
 //!
-//! A capture row whose xid is below the `xmin` of a target's acknowledged snapshot is visible in
-//! that snapshot, so the target has it. Rows below the smallest such `xmin` over all registered
-//! targets are purged; a target that is reserved but has acknowledged nothing holds purge back
-//! entirely, and with no target registered nothing is purged (capture starts before any target
-//! exists). The horizon is recorded, so that a target registered later, whose copy may predate
-//! purged changes, is refused. Purge is a plain DELETE: it takes the same lock as the capture
-//! triggers' inserts, so it never blocks writers.
+//! A capture row is purged when its transaction is visible in the acknowledged snapshot of
+//! every registered target: each of them has it. (Visibility, not just `xid < xmin`: any
+//! transaction in flight anywhere on the source's cluster holds a snapshot's `xmin` back, and
+//! purge must not wait for unrelated long transactions.) A target that is reserved but has
+//! acknowledged nothing holds purge back entirely, and with no target registered nothing is
+//! purged (capture starts before any target exists). The horizon below which rows may be gone
+//! is recorded, so that a target registered later, whose copy may predate purged changes, is
+//! refused. Purge is a plain DELETE: it takes the same lock as the capture triggers' inserts, so
+//! it never blocks writers.
 
 use pgferry_core::artifact::Dialect;
 use pgferry_core::Session;
@@ -16,18 +18,22 @@ use crate::SyncError;
 /// Purges what every target has; returns the number of capture rows deleted.
 pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
     let dialect = Dialect::new(source.server_version);
-    let xmin = if dialect.major >= 13 {
-        "pg_catalog.pg_snapshot_xmin"
+    let xmax = if dialect.major >= 13 {
+        "pg_catalog.pg_snapshot_xmax"
     } else {
-        "pg_catalog.txid_snapshot_xmin"
+        "pg_catalog.txid_snapshot_xmax"
     };
+    let visible = dialect.visible_in_snapshot();
     let sql = format!(
         "WITH horizon AS (
              SELECT CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
-                         THEN min({xmin}(acked_snapshot)) END AS h
+                         THEN min({xmax}(acked_snapshot)) END AS h
                FROM pgferry.target),
          gone AS (
-             DELETE FROM pgferry.delta d USING horizon WHERE d.xid < horizon.h RETURNING 1),
+             DELETE FROM pgferry.delta d USING horizon
+              WHERE d.xid < horizon.h
+                AND NOT EXISTS (SELECT 1 FROM pgferry.target t WHERE NOT {visible}(d.xid, t.acked_snapshot))
+             RETURNING 1),
          mark AS (
              UPDATE pgferry.installation SET purged_below = horizon.h FROM horizon
               WHERE horizon.h IS NOT NULL AND (purged_below IS NULL OR purged_below < horizon.h))

@@ -26,7 +26,7 @@ use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
 use tokio_postgres::IsolationLevel;
 
-use crate::copy::pass_through;
+use crate::copy::{pass_through, prefetch_through, PrefetchError};
 use crate::registry::CapturedTable;
 use crate::SyncError;
 
@@ -70,6 +70,10 @@ pub(crate) enum RoundResult {
     Retry,
 }
 
+/// Tables with more pending changes than this are copied with prefetch (see
+/// [`prefetch_through`]); smaller ones take the simpler path.
+const PREFETCH_MIN_CHANGES: u64 = 10_000;
+
 /// `work_mem` of a round's sessions: enough for the hash joins and aggregates over a large
 /// round's keys to stay in memory (on the servers; pgferry's own memory does not grow with it).
 const ROUND_WORK_MEM: &str = "64MB";
@@ -102,6 +106,7 @@ fn pending_condition(dialect: Dialect, previous: Option<&str>) -> Result<String,
 pub(crate) async fn run(
     source: &mut Session,
     probe: &Session,
+    reader: &Session,
     target: &mut Session,
     ctx: &RoundContext<'_>,
 ) -> Result<RoundResult, SyncError> {
@@ -188,6 +193,31 @@ pub(crate) async fn run(
             return Ok(RoundResult::Retry);
         }
     }
+
+    // A second source session at the same snapshot, to read large tables' rows while the
+    // target deletes (see `prefetch_through`).
+    let reader_ready = if work
+        .iter()
+        .any(|(_, changes, _)| *changes > PREFETCH_MIN_CHANGES)
+    {
+        let id: String = stx
+            .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
+            .await
+            .map_err(|e| sq("exporting the round's snapshot", e))?
+            .get(0);
+        reader
+            .client
+            .batch_execute(&format!(
+                "ROLLBACK; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {};
+                 SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL enable_nestloop = off",
+                literal(&id)
+            ))
+            .await
+            .map_err(|e| sq("sharing the round's snapshot", e))?;
+        Some(&reader.client)
+    } else {
+        None
+    };
 
     let target_label = target.target.clone();
     let tq = |ctx: String| {
@@ -279,42 +309,14 @@ pub(crate) async fn run(
             }
         }
         let clock = std::time::Instant::now();
-        let keys_table = format!("pgferry_keys_{}", t.table_id);
-        let key_defs: Vec<String> = t.key.iter().map(|(c, ty, _)| format!("{c} {ty}")).collect();
-        ttx.batch_execute(&format!(
-            "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
-            key_defs.join(", ")
-        ))
-        .await
-        .map_err(tq(format!("preparing the keys of {human}")))?;
         let id = t.table_id;
-        let keys = pass_through(
-            &stx,
-            &format!(
-                "COPY (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-                       UNION
-                       SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL) TO STDOUT",
-                new = t.restore("d.key"),
-                old = t.restore("d.old_key"),
-            ),
-            &ttx,
-            &format!("COPY pg_temp.{keys_table} FROM STDIN"),
-        )
-        .await
-        .map_err(tq(format!("moving the pending keys of {human}")))?;
-        let keys_seconds = clock.elapsed().as_secs_f64();
+        let keys_table = format!("pgferry_keys_{id}");
+        let key_defs: Vec<String> = t.key.iter().map(|(c, ty, _)| format!("{c} {ty}")).collect();
         let join: Vec<String> = t
             .key
             .iter()
             .map(|(c, _, _)| format!("t.{c} = k.{c}"))
             .collect();
-        ttx.batch_execute(&format!(
-            "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
-            join.join(" AND ")
-        ))
-        .await
-        .map_err(tq(format!("deleting the pending keys of {human}")))?;
-        let delete_seconds = clock.elapsed().as_secs_f64() - keys_seconds;
         let key_tuple = if t.key.len() == 1 {
             format!("t.{}", t.key[0].0)
         } else {
@@ -327,39 +329,92 @@ pub(crate) async fn run(
                     .join(", ")
             )
         };
-        // pgferry.delta has no index and its statistics lag behind: for a large set of keys
-        // the planner would still pick a nested loop of index probes; a hash join is faster.
-        stx.batch_execute(if changes > 10_000 {
-            "SET LOCAL enable_nestloop = off"
+        let keys_sql = format!(
+            "COPY (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+                   UNION
+                   SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL) TO STDOUT",
+            new = t.restore("d.key"),
+            old = t.restore("d.old_key"),
+        );
+        let rows_sql = format!(
+            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
+                   (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T')) TO STDOUT",
+            cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
+            new = t.restore("d.key"),
+        );
+        let copy_in = format!(
+            "COPY {name} ({}) FROM STDIN",
+            columns
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // The target side before the rows: the pending keys into a temporary table, then every
+        // target row with one of them deleted.
+        let prepare = async {
+            ttx.batch_execute(&format!(
+                "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
+                key_defs.join(", ")
+            ))
+            .await
+            .map_err(tq(format!("preparing the keys of {human}")))?;
+            let keys = pass_through(
+                &stx,
+                &keys_sql,
+                &ttx,
+                &format!("COPY pg_temp.{keys_table} FROM STDIN"),
+            )
+            .await
+            .map_err(tq(format!("moving the pending keys of {human}")))?;
+            ttx.batch_execute(&format!(
+                "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
+                join.join(" AND ")
+            ))
+            .await
+            .map_err(tq(format!("deleting the pending keys of {human}")))?;
+            Ok::<u64, SyncError>(keys)
+        };
+        let large = changes > PREFETCH_MIN_CHANGES;
+        let (keys, rows) = if let (true, Some(reader)) = (large, reader_ready) {
+            // Large table: the source reads the rows (at the same snapshot, through the reader
+            // session) while the target deletes the old ones.
+            let keys = std::cell::Cell::new(0);
+            let prepare = async {
+                keys.set(prepare.await.map_err(PrefetchError::Prepare)?);
+                Ok(())
+            };
+            let rows = prefetch_through(reader, &rows_sql, &ttx, prepare, &copy_in)
+                .await
+                .map_err(|e| match e {
+                    PrefetchError::Prepare(e) => e,
+                    PrefetchError::Source(e) => sq(&format!("reading the rows of {human}"), e),
+                    PrefetchError::Target(e) => tq(format!("copying the rows of {human}"))(e),
+                })?;
+            (keys.get(), rows)
         } else {
-            "SET LOCAL enable_nestloop = on"
-        })
-        .await
-        .map_err(|e| sq("choosing the join", e))?;
-        let rows = pass_through(
-            &stx,
-            &format!(
-                "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
-                       (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T')) TO STDOUT",
-                cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
-                new = t.restore("d.key"),
-            ),
-            &ttx,
-            &format!(
-                "COPY {name} ({}) FROM STDIN",
-                columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        )
-        .await
-        .map_err(tq(format!("copying the rows of {human}")))?;
+            let keys = prepare.await?;
+            // pgferry.delta has no index and its statistics lag behind: for a large set of
+            // keys the planner would still pick a nested loop of index probes.
+            stx.batch_execute(if large {
+                "SET LOCAL enable_nestloop = off"
+            } else {
+                "SET LOCAL enable_nestloop = on"
+            })
+            .await
+            .map_err(|e| sq("choosing the join", e))?;
+            let rows = pass_through(&stx, &rows_sql, &ttx, &copy_in)
+                .await
+                .map_err(tq(format!("copying the rows of {human}")))?;
+            (keys, rows)
+        };
         tracing::debug!(
             table = %human,
             changes,
             keys,
             rows,
-            keys_seconds,
-            delete_seconds,
-            copy_seconds = clock.elapsed().as_secs_f64() - keys_seconds - delete_seconds,
+            seconds = clock.elapsed().as_secs_f64(),
+            prefetched = large && reader_ready.is_some(),
             "table applied"
         );
         applied.push(TableApplied {
@@ -380,6 +435,11 @@ pub(crate) async fn run(
     ttx.commit()
         .await
         .map_err(tq("committing the round".into()))?;
+    if let Some(r) = reader_ready {
+        r.batch_execute("COMMIT")
+            .await
+            .map_err(|e| sq("ending the reader's transaction", e))?;
+    }
     stx.commit()
         .await
         .map_err(|e| sq("ending the round's source transaction", e))?;
