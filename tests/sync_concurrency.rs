@@ -1,0 +1,855 @@
+//! End-to-end tests of `pgferry sync --once` under concurrency: TRUNCATEs committing while
+//! rounds run, two appliers racing for one target, sessions killed in the middle of a round,
+//! readers of the target while rounds commit, and transactions that stay open across rounds.
+//!
+//! Every wait is bounded by a deadline; sleeps only pace polling loops.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{pgferry, Run};
+use pgferry_testkit::{Cluster, TestDb};
+
+/// The exit code of a transient failure, which is what losing the race for a target is.
+const EXIT_FAILURE: i32 = 5;
+/// The exit code of a connection failure.
+const EXIT_CONNECTION: i32 = 3;
+const ANOTHER_APPLIER: &str = "another pgferry is applying";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A plain client session for the test's own SQL (writers, readers, pollers, open
+/// transactions), with a single-threaded runtime of its own so that it can live in a thread.
+struct Conn {
+    client: tokio_postgres::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Conn {
+    fn open(dsn: &str) -> Conn {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            client
+        });
+        Conn { client, rt }
+    }
+
+    fn try_batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+
+    #[track_caller]
+    fn batch(&self, sql: &str) {
+        if let Err(e) = self.try_batch(sql) {
+            panic!("{sql}\nfailed: {e:?}");
+        }
+    }
+
+    /// The columns of the first row of `sql`'s last result, as text.
+    #[track_caller]
+    fn row(&self, sql: &str) -> Vec<Option<String>> {
+        let msgs = match self.rt.block_on(self.client.simple_query(sql)) {
+            Ok(m) => m,
+            Err(e) => panic!("{sql}\nfailed: {e:?}"),
+        };
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).map(str::to_owned))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// The first column of the first row of `sql` (empty for NULL or no row).
+    #[track_caller]
+    fn text(&self, sql: &str) -> String {
+        self.row(sql)
+            .into_iter()
+            .next()
+            .flatten()
+            .unwrap_or_default()
+    }
+}
+
+fn sync_args<'a>(source: &'a str, target: &'a str) -> [&'a str; 7] {
+    [
+        "sync", "--source", source, "--target", target, "--once", "--json",
+    ]
+}
+
+/// `pgferry sync --once --json`, whatever it returns.
+fn try_sync(source: &TestDb<'_>, target: &TestDb<'_>) -> Run {
+    let (s, t) = (source.dsn(), target.dsn());
+    pgferry(&sync_args(&s, &t))
+}
+
+/// `pgferry sync --once --json`, which must succeed; its report.
+#[track_caller]
+fn sync(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
+    try_sync(source, target).expect(0).json()
+}
+
+/// Starts `pgferry sync --once --json` without waiting for it.
+fn spawn_sync(source: &TestDb<'_>, target: &TestDb<'_>) -> Child {
+    let (s, t) = (source.dsn(), target.dsn());
+    Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args(sync_args(&s, &t))
+        .env_remove("PGPASSWORD")
+        .env("PGFERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgferry")
+}
+
+/// Waits (at most `limit`) for a process started by [`spawn_sync`]; kills it and panics when it
+/// takes longer.
+fn finish(mut child: Child, limit: Duration) -> Run {
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for pgferry") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "pgferry sync did not end within {limit:?}\nstderr:\n{}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// The user tables of `db`, quoted, sorted.
+fn user_tables(db: &TestDb<'_>) -> Vec<String> {
+    db.psql(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Every user table's rows, as sorted text (for small tables: a mismatch shows the rows).
+fn contents(db: &TestDb<'_>) -> String {
+    user_tables(db)
+        .iter()
+        .map(|t| {
+            let rows = db.psql(&format!(
+                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), '') FROM {t} AS r"
+            ));
+            format!("== {t}\n{rows}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every user table's row count and an md5 of its sorted rows (for large tables).
+fn digest(db: &TestDb<'_>) -> String {
+    user_tables(db)
+        .iter()
+        .map(|t| {
+            db.scalar(&format!(
+                "SELECT '{t} ' || count(*) || ' ' || md5(coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), ''))
+                   FROM {t} AS r"
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The target's progress row: the source snapshot it holds and its round count.
+fn progress(target: &TestDb<'_>) -> String {
+    target.scalar("SELECT snapshot || ' / ' || rounds FROM pgferry.applied")
+}
+
+/// What the source's registry records as acknowledged by its (single) target.
+fn acked(source: &TestDb<'_>) -> String {
+    source.scalar("SELECT coalesce(acked_snapshot::text, '-') FROM pgferry.target")
+}
+
+/// Runs `sql` on both databases (the same schema, and the same rows before capture).
+fn on_both(source: &TestDb<'_>, target: &TestDb<'_>, sql: &str) {
+    source.psql(sql);
+    target.psql(sql);
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics with `what` after `limit`.
+#[track_caller]
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn is_sqlstate(e: &tokio_postgres::Error, codes: &[&str]) -> bool {
+    e.code().is_some_and(|c| codes.contains(&c.code()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. TRUNCATE committed while rounds run
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn truncates_committed_while_rounds_run_never_leave_the_target_in_a_state_the_source_was_not_in() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("ctrunc_src");
+    let target = cluster.create_database("ctrunc_dst");
+    // `meta` describes `t` and `child` in the same transactions that change them, so every
+    // state the source commits satisfies: count(t) = n, sum(t.v) = total, count(child) = m.
+    on_both(
+        &source,
+        &target,
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+         CREATE TABLE child (id int PRIMARY KEY, t_id int NOT NULL REFERENCES t ON DELETE CASCADE);
+         CREATE TABLE meta (id int PRIMARY KEY, n bigint NOT NULL, total bigint NOT NULL, m bigint NOT NULL);
+         INSERT INTO meta VALUES (1, 0, 0, 0);",
+    );
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+
+    let writer = {
+        let dsn = source.dsn();
+        thread::spawn(move || {
+            let c = Conn::open(&dsn);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut next: i64 = 1;
+            let mut ops = 0u64;
+            let mut truncates = 0u64;
+            let mut errors = Vec::new();
+            // `k` new rows of t (ids next..next+k), each with one child row, and meta updated.
+            let mut insert = |k: i64| {
+                let (a, b) = (next, next + k - 1);
+                next += k;
+                format!(
+                    "INSERT INTO t SELECT g, g % 100 FROM generate_series({a}, {b}) g;
+                     INSERT INTO child SELECT g, g FROM generate_series({a}, {b}) g;
+                     UPDATE meta SET n = n + {k}, m = m + {k},
+                                     total = total + (SELECT sum(g % 100) FROM generate_series({a}, {b}) g);"
+                )
+            };
+            const RESET: &str = "TRUNCATE t, child; UPDATE meta SET n = 0, total = 0, m = 0;";
+            while Instant::now() < deadline {
+                let sql = match ops % 12 {
+                    // TRUNCATE alone, the inserts that follow in later transactions.
+                    0 => {
+                        truncates += 1;
+                        format!("BEGIN; {RESET} COMMIT;")
+                    }
+                    // TRUNCATE and inserts in one transaction.
+                    4 => {
+                        truncates += 1;
+                        format!("BEGIN; {RESET} {} COMMIT;", insert(30))
+                    }
+                    // Inserts, TRUNCATE, inserts in one transaction.
+                    8 => {
+                        truncates += 1;
+                        format!("BEGIN; {} {RESET} {} COMMIT;", insert(10), insert(20))
+                    }
+                    // Updates and deletes of existing rows.
+                    3 | 7 => format!(
+                        "BEGIN;
+                         WITH u AS (UPDATE t SET v = v + 1 WHERE id % 3 = {0} RETURNING 1)
+                         UPDATE meta SET total = total + (SELECT count(*) FROM u);
+                         COMMIT;",
+                        ops % 3
+                    ),
+                    10 => format!(
+                        "BEGIN;
+                         WITH c AS (DELETE FROM child WHERE t_id % 5 = {0} RETURNING 1),
+                              d AS (DELETE FROM t WHERE id % 5 = {0} RETURNING v)
+                         UPDATE meta SET n = n - (SELECT count(*) FROM d), m = m - (SELECT count(*) FROM c),
+                                         total = total - (SELECT coalesce(sum(v), 0) FROM d);
+                         COMMIT;",
+                        ops % 5
+                    ),
+                    _ => format!("BEGIN; {} COMMIT;", insert(25)),
+                };
+                if let Err(e) = c.try_batch(&sql) {
+                    let _ = c.try_batch("ROLLBACK");
+                    errors.push(format!("{sql}\nfailed: {e:?}"));
+                }
+                ops += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            (ops, truncates, errors)
+        })
+    };
+
+    // Whatever a round applied, the target must be in a state the source committed.
+    let check = Conn::open(&target.dsn());
+    let invariant = "SELECT (SELECT count(*) FROM t) = n AND (SELECT coalesce(sum(v), 0) FROM t) = total
+                            AND (SELECT count(*) FROM child) = m
+                            AND NOT EXISTS (SELECT 1 FROM child c WHERE NOT EXISTS (SELECT 1 FROM t WHERE t.id = c.t_id)),
+                            n, (SELECT count(*) FROM t), total, (SELECT coalesce(sum(v), 0) FROM t), m, (SELECT count(*) FROM child)
+                       FROM meta";
+    let mut runs = Vec::new();
+    let mut truncated_rounds = 0;
+    let mut broken = Vec::new();
+    while !writer.is_finished() {
+        let run = try_sync(&source, &target);
+        if run.code == 0 {
+            let report = run.json();
+            if report["targets"][0]["tables"]
+                .as_array()
+                .is_some_and(|ts| ts.iter().any(|t| t["truncated"] == true))
+            {
+                truncated_rounds += 1;
+            }
+            let row = check.row(invariant);
+            if row[0].as_deref() != Some("t") {
+                broken.push(format!(
+                    "after sync {}: meta (n, total, m) = {:?}, {:?}, {:?} but t has {:?} rows summing to {:?} and child {:?} rows",
+                    runs.len(),
+                    row[1],
+                    row[3],
+                    row[5],
+                    row[2],
+                    row[4],
+                    row[6]
+                ));
+            }
+        }
+        runs.push(run);
+    }
+    let (ops, truncates, writer_errors) = writer.join().expect("writer");
+    eprintln!(
+        "{} syncs while the writer made {ops} changes ({truncates} with a TRUNCATE); {truncated_rounds} rounds replayed one",
+        runs.len()
+    );
+
+    assert!(
+        writer_errors.is_empty(),
+        "{} of the application's {ops} transactions failed while syncs ran:\n{}",
+        writer_errors.len(),
+        writer_errors.join("\n")
+    );
+    let failed: Vec<String> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.code != 0)
+        .map(|(i, r)| format!("sync {i}: exit {}\n{}", r.code, r.stderr))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} syncs failed while TRUNCATEs committed:\n{}",
+        failed.len(),
+        runs.len(),
+        failed.join("\n")
+    );
+    assert!(
+        broken.is_empty(),
+        "the target showed states the source never committed:\n{}",
+        broken.join("\n")
+    );
+    assert!(
+        runs.len() >= 3,
+        "only {} syncs ran during the writes",
+        runs.len()
+    );
+    assert!(truncates >= 10, "the writer only made {ops} changes");
+    assert!(truncated_rounds >= 1, "no round replayed a TRUNCATE");
+
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Two appliers on one target
+// ---------------------------------------------------------------------------------------------
+
+/// Checks the outcomes of two syncs that ran at the same time; returns how many applied.
+#[track_caller]
+fn judge_pair(runs: [&Run; 2]) -> usize {
+    for r in runs {
+        assert!(
+            r.code == 0 || (r.code == EXIT_FAILURE && r.stderr.contains(ANOTHER_APPLIER)),
+            "a sync racing another failed otherwise: exit {}\nstderr:\n{}",
+            r.code,
+            r.stderr
+        );
+        if r.code != 0 {
+            assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
+        }
+    }
+    let applied = runs.iter().filter(|r| r.code == 0).count();
+    assert!(
+        applied >= 1,
+        "both syncs lost the race: one of them must have applied"
+    );
+    applied
+}
+
+#[test]
+fn two_appliers_on_one_target_apply_once_and_the_loser_says_so() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("ctwo_src");
+    let target = cluster.create_database("ctwo_dst");
+    on_both(
+        &source,
+        &target,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)",
+    );
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    sync(&source, &target);
+    source.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 200000) g");
+
+    // A forced race: the test holds the target's progress row while both syncs start, so that
+    // both are inside a round (snapshot taken, target transaction open) when it lets go.
+    let rounds_before: i64 = target
+        .scalar("SELECT rounds FROM pgferry.applied")
+        .parse()
+        .unwrap();
+    let gate = Conn::open(&target.dsn());
+    gate.batch("BEGIN; SELECT 1 FROM pgferry.applied FOR UPDATE");
+    let a = spawn_sync(&source, &target);
+    let b = spawn_sync(&source, &target);
+    let watch = Conn::open(&target.dsn());
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'pgferry%'
+            AND wait_event_type = 'Lock' AND query ILIKE '%pgferry.applied%FOR UPDATE%'",
+        target.name()
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "both syncs to wait for the progress row",
+        || watch.text(&waiting) == "2",
+    );
+    gate.batch("ROLLBACK");
+    let (ra, rb) = (
+        finish(a, Duration::from_secs(60)),
+        finish(b, Duration::from_secs(60)),
+    );
+    assert_eq!(
+        judge_pair([&ra, &rb]),
+        1,
+        "both applied the same round:\n{}\n{}",
+        ra.stdout,
+        rb.stdout
+    );
+    let loser = if ra.code == 0 { &rb } else { &ra };
+    assert_eq!(loser.code, EXIT_FAILURE, "{}", loser.stderr);
+    eprintln!("forced race, the loser said: {}", loser.stderr.trim());
+    assert_eq!(digest(&source), digest(&target));
+    let rounds_after: i64 = target
+        .scalar("SELECT rounds FROM pgferry.applied")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        rounds_after,
+        rounds_before + 1,
+        "exactly one round committed"
+    );
+    assert_eq!(
+        acked(&source),
+        target.scalar("SELECT snapshot FROM pgferry.applied"),
+        "the source's registry records what the target holds"
+    );
+    let again = sync(&source, &target);
+    assert_eq!(again["rows"], 0, "{again}");
+
+    // Free races, with different kinds of change: whoever wins, the target ends equal.
+    let changes = [
+        "UPDATE t SET v = upper(v) WHERE id % 2 = 0",
+        "DELETE FROM t WHERE id % 3 = 0; INSERT INTO t SELECT g, 'new' FROM generate_series(200001, 260000) g",
+        "UPDATE t SET id = -id WHERE id % 5 = 0",
+    ];
+    let mut lost = 0;
+    for change in changes {
+        source.psql(change);
+        let (a, b) = (spawn_sync(&source, &target), spawn_sync(&source, &target));
+        let (ra, rb) = (
+            finish(a, Duration::from_secs(60)),
+            finish(b, Duration::from_secs(60)),
+        );
+        lost += 2 - judge_pair([&ra, &rb]);
+        assert_eq!(digest(&source), digest(&target), "after {change}");
+    }
+    eprintln!(
+        "free races: {lost} of {} syncs lost to the other",
+        2 * changes.len()
+    );
+    sync(&source, &target);
+    assert_eq!(digest(&source), digest(&target));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A connection killed mid-round, then a rerun
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_session_killed_mid_round_leaves_the_target_untouched_and_a_rerun_finishes() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("ckill_src");
+    let target = cluster.create_database("ckill_dst");
+    on_both(
+        &source,
+        &target,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)",
+    );
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO t VALUES (0, 'first')");
+    sync(&source, &target);
+    const ROWS: i64 = 400_000;
+    source.psql(&format!(
+        "INSERT INTO t SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, {ROWS}) g;
+         UPDATE t SET v = 'changed' WHERE id = 0;"
+    ));
+    let before = digest(&target);
+    let held = progress(&target);
+    let acked_before = acked(&source);
+    let capture_rows = source.scalar("SELECT count(*) FROM pgferry.delta");
+
+    let poll = Conn::open(&source.dsn());
+    // Mid-round: the target session holds the progress row (it has an xid) and is deleting or
+    // copying rows.
+    let mid_round = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'pgferry%'
+            AND backend_xid IS NOT NULL AND state = 'active' AND query ~* '^\\s*(COPY|DELETE)'",
+        target.name()
+    );
+    let source_copying = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'pgferry%'
+            AND state = 'active' AND query ~* '^\\s*COPY'",
+        source.name()
+    );
+    for victims in [
+        vec![target.name()],
+        vec![source.name()],
+        vec![source.name(), target.name()],
+    ] {
+        let mut child = spawn_sync(&source, &target);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = poll.text(&mid_round) != "0"
+                && (victims.contains(&target.name()) || poll.text(&source_copying) != "0");
+            if ready {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let run = finish(child, Duration::from_secs(1));
+                panic!("the sync ended ({status}) before it could be killed mid-round:\n{run:?}");
+            }
+            assert!(Instant::now() < deadline, "the round never got going");
+            thread::sleep(Duration::from_millis(2));
+        }
+        let killed = poll.text(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name LIKE 'pgferry%' AND datname IN ('{}')",
+            victims.join("', '")
+        ));
+        let run = finish(child, Duration::from_secs(60));
+        eprintln!(
+            "killed {killed} pgferry session(s) on {victims:?}: exit {}\n{}",
+            run.code,
+            run.stderr.trim()
+        );
+        assert!(
+            run.code == EXIT_CONNECTION || run.code == EXIT_FAILURE,
+            "a sync whose session was killed must fail (exit 3 or 5): {run:?}"
+        );
+        assert_eq!(held, progress(&target), "a killed round moved the progress");
+        assert_eq!(before, digest(&target), "a killed round left a trace");
+        assert_eq!(
+            acked_before,
+            acked(&source),
+            "a killed round was acknowledged"
+        );
+        assert_eq!(
+            capture_rows,
+            source.scalar("SELECT count(*) FROM pgferry.delta"),
+            "capture rows were purged although the round failed"
+        );
+        // The dead process's sessions are gone, and hold nothing the next run would wait for.
+        wait_for(
+            Duration::from_secs(10),
+            "the killed sync's sessions to go away",
+            || {
+                poll.text(&format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgferry%'
+                      AND datname IN ('{}', '{}')",
+                    source.name(),
+                    target.name()
+                )) == "0"
+            },
+        );
+    }
+    let report = sync(&source, &target);
+    assert_eq!(report["rows"], ROWS + 1, "{report}");
+    assert_eq!(digest(&source), digest(&target));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Cross-table invariants never broken on the target
+// ---------------------------------------------------------------------------------------------
+
+const ACCOUNTS: i64 = 50;
+const OPENING_BALANCE: i64 = 1000;
+
+/// One transfer between two accounts, with its log row; rows are locked in id order so that
+/// concurrent writers never deadlock.
+fn transfer_sql(from: i64, to: i64, amount: i64) -> String {
+    let (first, second) = if from < to { (from, to) } else { (to, from) };
+    let change = |id: i64| {
+        if id == from {
+            format!(
+                "UPDATE accounts SET balance = balance - {amount}, sent = sent + 1 WHERE id = {id};"
+            )
+        } else {
+            format!("UPDATE accounts SET balance = balance + {amount} WHERE id = {id};")
+        }
+    };
+    format!(
+        "BEGIN; {} INSERT INTO transfers (from_id, to_id, amount) VALUES ({from}, {to}, {amount}); {} COMMIT;",
+        change(first),
+        change(second)
+    )
+}
+
+/// Undoes the oldest transfer: its log row is deleted and both balances restored.
+const REVERSAL: &str = "WITH d AS (DELETE FROM transfers WHERE id = (SELECT min(id) FROM transfers) RETURNING from_id, to_id, amount)
+    UPDATE accounts a SET balance = a.balance + CASE WHEN a.id = d.from_id THEN d.amount ELSE -d.amount END,
+                          sent = a.sent - CASE WHEN a.id = d.from_id THEN 1 ELSE 0 END
+      FROM d WHERE a.id IN (d.from_id, d.to_id)";
+
+#[test]
+fn a_reader_of_the_target_never_sees_a_state_the_source_was_not_in() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("cinv_src");
+    let target = cluster.create_database("cinv_dst");
+    on_both(
+        &source,
+        &target,
+        &format!(
+            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, sent int NOT NULL DEFAULT 0);
+             CREATE TABLE transfers (id bigserial PRIMARY KEY, from_id int NOT NULL REFERENCES accounts,
+                                     to_id int NOT NULL REFERENCES accounts, amount bigint NOT NULL);
+             INSERT INTO accounts SELECT g, {OPENING_BALANCE}, 0 FROM generate_series(1, {ACCOUNTS}) g;"
+        ),
+    );
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two writers, so that transactions commit in a different order than they start.
+    let writers: Vec<_> = (0..2i64)
+        .map(|w| {
+            let (dsn, stop) = (source.dsn(), stop.clone());
+            thread::spawn(move || {
+                let c = Conn::open(&dsn);
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let mut i = 0i64;
+                let mut done = 0;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let from = 1 + (i * 7 + w * 13) % ACCOUNTS;
+                    let to = 1 + (from + 1 + (i + w) % (ACCOUNTS - 1)) % ACCOUNTS;
+                    let to = if to == from { 1 + to % ACCOUNTS } else { to };
+                    let sql = if i % 10 == 9 {
+                        REVERSAL.to_owned()
+                    } else {
+                        transfer_sql(from, to, 1 + i % 97)
+                    };
+                    match c.try_batch(&sql) {
+                        Ok(()) => done += 1,
+                        // Two reversals may lock the same two accounts in opposite orders.
+                        Err(e) if is_sqlstate(&e, &["40P01"]) => {
+                            let _ = c.try_batch("ROLLBACK");
+                        }
+                        Err(e) => panic!("{sql}\nfailed: {e:?}"),
+                    }
+                    i += 1;
+                }
+                done
+            })
+        })
+        .collect();
+
+    let reader = {
+        let (dsn, stop) = (target.dsn(), stop.clone());
+        thread::spawn(move || {
+            let c = Conn::open(&dsn);
+            // One statement: one snapshot of both tables.
+            let sample = format!(
+                "SELECT (SELECT count(*) FROM accounts),
+                        (SELECT coalesce(sum(balance), 0) FROM accounts),
+                        (SELECT count(*) FROM transfers),
+                        (SELECT coalesce(sum(sent), 0) FROM accounts),
+                        (SELECT count(*) FROM accounts a
+                           LEFT JOIN (SELECT from_id AS id, sum(amount) AS s, count(*) AS c FROM transfers GROUP BY 1) o USING (id)
+                           LEFT JOIN (SELECT to_id AS id, sum(amount) AS s FROM transfers GROUP BY 1) i USING (id)
+                          WHERE a.balance <> {OPENING_BALANCE} - coalesce(o.s, 0) + coalesce(i.s, 0)
+                             OR a.sent <> coalesce(o.c, 0))"
+            );
+            let expected_total = (ACCOUNTS * OPENING_BALANCE).to_string();
+            let mut samples = 0u64;
+            let mut states = std::collections::BTreeSet::new();
+            let mut bad = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let row: Vec<String> = c
+                    .row(&sample)
+                    .into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect();
+                let ok = row[0] == ACCOUNTS.to_string()
+                    && row[1] == expected_total
+                    && row[2] == row[3]
+                    && row[4] == "0";
+                if !ok && bad.len() < 10 {
+                    bad.push(format!(
+                        "accounts {}, total balance {}, transfers {}, sum(sent) {}, accounts off their log {}",
+                        row[0], row[1], row[2], row[3], row[4]
+                    ));
+                }
+                states.insert(row[2].clone());
+                samples += 1;
+            }
+            (samples, states.len(), bad)
+        })
+    };
+
+    let mut syncs = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        sync(&source, &target);
+        syncs += 1;
+    }
+    let done: i64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    stop.store(true, Ordering::Relaxed);
+    let (samples, states, bad) = reader.join().expect("reader");
+    eprintln!("{done} transfers, {syncs} syncs; the reader took {samples} samples and saw {states} states");
+    assert!(
+        bad.is_empty(),
+        "the target showed states the source was never in:\n{}",
+        bad.join("\n")
+    );
+    assert!(done > 20, "only {done} transfers");
+    assert!(samples >= 20, "only {samples} samples");
+    assert!(
+        states >= 2,
+        "the reader saw only {states} state(s) in {samples} samples over {syncs} syncs"
+    );
+    sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Transactions open across several rounds
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn transactions_open_across_rounds_arrive_with_the_round_after_their_commit() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("copen_src");
+    let target = cluster.create_database("copen_dst");
+    on_both(
+        &source,
+        &target,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE u (id int PRIMARY KEY, v text NOT NULL);",
+    );
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO t VALUES (1, 'committed early'), (2, 'committed early')");
+    sync(&source, &target);
+
+    // After every sync the target equals what the source has committed: the open
+    // transactions' rows are neither applied early nor skipped later.
+    let step = |label: &str| {
+        let report = sync(&source, &target);
+        assert_eq!(contents(&source), contents(&target), "after {label}");
+        report
+    };
+
+    // A starts first and writes at once (its xid is the oldest running one for a while).
+    let a = Conn::open(&source.dsn());
+    a.batch("BEGIN; INSERT INTO t VALUES (100, 'A first')");
+    source.psql("INSERT INTO t VALUES (3, 'short 1')");
+    // B starts later.
+    let b = Conn::open(&source.dsn());
+    b.batch("BEGIN; INSERT INTO u VALUES (200, 'B first')");
+    step("round 1: A and B open");
+
+    source
+        .psql("INSERT INTO t VALUES (4, 'short 2'); UPDATE t SET v = 'short update' WHERE id = 2;");
+    // A keeps writing: a row committed long ago, a subtransaction, a rolled-back one.
+    a.batch(
+        "UPDATE t SET v = 'A changed it' WHERE id = 1;
+         SAVEPOINT s1; INSERT INTO u VALUES (101, 'A in a savepoint'); RELEASE SAVEPOINT s1;
+         SAVEPOINT s2; INSERT INTO u VALUES (102, 'A rolled back'); ROLLBACK TO SAVEPOINT s2;",
+    );
+    step("round 2: A and B open");
+
+    b.batch("INSERT INTO t VALUES (201, 'B second'); DELETE FROM t WHERE id = 3;");
+    source.psql("INSERT INTO u VALUES (5, 'short 3')");
+    // C starts after several rounds, reads first and writes late.
+    let c = Conn::open(&source.dsn());
+    c.batch("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t");
+    step("round 3: A, B and C open");
+
+    // B (started after A) commits first.
+    b.batch("COMMIT");
+    source.psql("INSERT INTO t VALUES (6, 'short 4')");
+    let report = step("round 4: B committed");
+    assert_eq!(
+        target.scalar("SELECT string_agg(id::text, ',' ORDER BY id) FROM t WHERE id >= 100"),
+        "201"
+    );
+    // B's two rows and short 4's (B's delete copies nothing).
+    assert_eq!(report["rows"], 3, "{report}");
+
+    c.batch("INSERT INTO u VALUES (300, 'C late write')");
+    step("round 5: A and C open");
+
+    // A, the oldest, commits last but one.
+    a.batch("COMMIT");
+    let report = step("round 6: A committed");
+    // A's rows: 100, u 101, and its update of 1 (102 was rolled back).
+    assert_eq!(report["rows"], 3, "{report}");
+    assert_eq!(
+        target.scalar("SELECT v FROM t WHERE id = 1"),
+        "A changed it"
+    );
+    assert_eq!(target.scalar("SELECT count(*) FROM u WHERE id = 102"), "0");
+
+    c.batch("COMMIT");
+    let report = step("round 7: C committed");
+    assert_eq!(report["rows"], 1, "{report}");
+    let report = step("round 8: nothing new");
+    assert_eq!(report["rows"], 0, "{report}");
+}
