@@ -103,6 +103,15 @@ CREATE TABLE pgferry.applied (
     applied_at timestamptz
 );
 
+-- On a target, during a round split table by table (--split-rounds-above): the tables already
+-- committed at the round's snapshot. Emptied when the round ends.
+CREATE TABLE pgferry.applied_table (
+    source_node_id text NOT NULL REFERENCES pgferry.applied ON DELETE CASCADE,
+    table_id integer NOT NULL,
+    snapshot text NOT NULL,
+    PRIMARY KEY (source_node_id, table_id)
+);
+
 -- TRUNCATE capture, shared by every captured table and partition:
 --   TG_ARGV[0] the captured table's table_id, TG_ARGV[1] 'table' or 'partition'.
 CREATE FUNCTION pgferry.capture_truncate() RETURNS trigger

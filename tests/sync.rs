@@ -851,3 +851,68 @@ fn the_prefetch_path_applies_the_same_state() {
     );
     assert_eq!(contents(&source), contents(&target));
 }
+
+#[test]
+fn a_split_round_commits_table_by_table_and_resumes_after_a_failure() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("split_src");
+    let target = cluster.create_database("split_dst");
+    source.psql(
+        "CREATE TABLE a (id int PRIMARY KEY, v int); CREATE TABLE b (id int PRIMARY KEY, v int, w int);
+         CREATE TABLE c (id int PRIMARY KEY, v int);",
+    );
+    copy_schema(&source, &target);
+    target.psql("ALTER TABLE b DROP COLUMN w");
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql(
+        "INSERT INTO a SELECT g, g FROM generate_series(1, 100) g;
+         INSERT INTO b SELECT g, g, g FROM generate_series(1, 100) g;
+         INSERT INTO c SELECT g, g FROM generate_series(1, 100) g;",
+    );
+    let split = |code: i32| {
+        pgferry(&[
+            "sync",
+            "--source",
+            &source.dsn(),
+            "--target",
+            &target.dsn(),
+            "--once",
+            "--split-rounds-above",
+            "10",
+            "--json",
+        ])
+        .expect(code)
+    };
+    // Table a commits on its own; b fails (a column is missing): a stays applied, with its own
+    // progress, while the round's progress stays where it was.
+    let failed = split(1);
+    assert!(
+        failed.stderr.contains("column w of table public.b"),
+        "{}",
+        failed.stderr
+    );
+    assert_eq!(target.scalar("SELECT count(*) FROM a"), "100");
+    assert_eq!(target.scalar("SELECT count(*) FROM c"), "0");
+    assert_eq!(
+        target.scalar("SELECT count(*) FROM pgferry.applied_table"),
+        "1"
+    );
+    assert_eq!(
+        target.scalar("SELECT snapshot IS NULL FROM pgferry.applied"),
+        "t"
+    );
+    // More changes meanwhile, then the fix: the rerun resumes and converges.
+    source.psql("UPDATE a SET v = 0 WHERE id <= 5; DELETE FROM c WHERE id > 50;");
+    target.psql("ALTER TABLE b ADD COLUMN w int");
+    let report = split(0).json();
+    assert_eq!(report["targets"][0]["split"], true, "{report}");
+    assert_eq!(contents(&source), contents(&target));
+    assert_eq!(
+        target.scalar("SELECT count(*) FROM pgferry.applied_table"),
+        "0"
+    );
+    // Small rounds are not split.
+    source.psql("UPDATE a SET v = 1 WHERE id = 1");
+    assert_eq!(split(0).json()["targets"][0]["split"], false);
+    assert_eq!(contents(&source), contents(&target));
+}

@@ -38,6 +38,11 @@ use serde::Serialize;
 pub struct SyncOptions {
     /// Accept tables captured after a target registered (their rows were loaded by hand).
     pub accept_new_tables: bool,
+    /// Commit a round holding more changes than this table by table, each table at the same
+    /// snapshot with its own progress. Off by default; never used when foreign keys are checked
+    /// on the target. Gives up, until the round ends, the guarantee that all tables of the
+    /// target are at one common snapshot.
+    pub split_rounds_above: Option<u64>,
 }
 
 /// What a catch-up did for one target.
@@ -58,6 +63,8 @@ pub struct TargetReport {
     pub rows: u64,
     /// Sequences moved forward on the target.
     pub sequences_advanced: u64,
+    /// Whether the round was committed table by table (`--split-rounds-above`).
+    pub split: bool,
     pub seconds: f64,
 }
 
@@ -165,6 +172,7 @@ pub async fn sync_once(
             tables: &tables,
             replica_role: reg.replica_role,
             versions: (src.server_version, dst.server_version),
+            split_above: opts.split_rounds_above,
         };
         let mut tries = 0;
         let outcome = loop {
@@ -192,6 +200,7 @@ pub async fn sync_once(
             tables: outcome.tables,
             rows,
             sequences_advanced: advanced,
+            split: outcome.split,
             seconds: t_started.elapsed().as_secs_f64(),
         });
     }

@@ -23,6 +23,12 @@ pub struct SyncArgs {
     /// current rows have been loaded into the target by other means.
     #[arg(long)]
     pub accept_new_tables: bool,
+    /// Commit a round holding more than ROWS changes table by table (each table at the same
+    /// source snapshot, with its own progress). Off by default, and never used when foreign
+    /// keys are checked on the target: until the round ends, the target's tables are not at one
+    /// common snapshot.
+    #[arg(long, value_name = "ROWS")]
+    pub split_rounds_above: Option<u64>,
     /// Print a JSON report on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +124,7 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
         .collect::<Result<_, _>>()?;
     let opts = pgferry_sync::SyncOptions {
         accept_new_tables: a.accept_new_tables,
+        split_rounds_above: a.split_rounds_above,
     };
     let report = pgferry_sync::sync_once(&source, &targets, &opts)
         .await
@@ -147,6 +154,9 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
                     ""
                 }
             );
+        }
+        if t.split {
+            println!("  round committed table by table (--split-rounds-above)");
         }
         if t.sequences_advanced > 0 {
             println!("  {} sequence(s) moved forward", t.sequences_advanced);
