@@ -817,42 +817,6 @@ fn settle(source: &TestDb<'_>, targets: &[&TestDb<'_>], expected: u64) -> u32 {
 }
 
 #[test]
-fn the_prefetch_path_applies_the_same_state() {
-    let cluster = Cluster::shared();
-    let source = cluster.create_database("prefetch_src");
-    let target = cluster.create_database("prefetch_dst");
-    source.psql(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE small (id int PRIMARY KEY);",
-    );
-    copy_schema(&source, &target);
-    pgferry(&["install", "--source", &source.dsn()]).expect(0);
-    source.psql(
-        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 30000) g;
-         UPDATE t SET v = 'u' WHERE id % 3 = 0; DELETE FROM t WHERE id % 7 = 0; INSERT INTO small VALUES (1);",
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-        .args([
-            "sync",
-            "--source",
-            &source.dsn(),
-            "--target",
-            &target.dsn(),
-            "--once",
-        ])
-        .env("PGFERRY_PREFETCH_MIN_CHANGES", "100")
-        .env("PGFERRY_LOG", "pgferry_sync=debug")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("prefetched=true"),
-        "the prefetch path was not taken: {err}"
-    );
-    assert_eq!(contents(&source), contents(&target));
-}
-
-#[test]
 fn a_split_round_commits_table_by_table_and_resumes_after_a_failure() {
     let cluster = Cluster::shared();
     let source = cluster.create_database("split_src");

@@ -61,6 +61,9 @@ pub const TRUNCATE_FUNCTION: &str = "capture_truncate";
 /// Key for `pg_advisory_xact_lock` taken by install, uninstall and clean.
 pub const INSTALL_LOCK_KEY: i64 = 0x7067_6665_7272_7901; // "pgferry" + 1
 
+/// Key for the advisory lock under which a source's registry of targets is read and written.
+pub const REGISTRY_LOCK_KEY: i64 = 0x7067_6665_7272_7902;
+
 /// Bucardo's schema, removed by `clean --bucardo`.
 pub const BUCARDO_SCHEMA: &str = "bucardo";
 /// Name patterns (SQL `LIKE`) of the triggers Bucardo puts on user tables.

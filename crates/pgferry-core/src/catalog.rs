@@ -154,10 +154,13 @@ pub async fn user_tables(
             AND x.indisvalid AND x.indimmediate AND k.ord <= {nkey}
           ORDER BY 1, 3 DESC, 2, 4"
     );
+    let path = set_search_path(client, "pg_catalog", target).await?;
+    // On an error the transaction is aborted anyway: nothing to restore.
     let rows = client
         .query(&sql, &[])
         .await
         .map_err(|e| q("reading keys", target, e))?;
+    set_search_path(client, &path, target).await?;
     // (table oid, index name) -> (primary, all not null, columns, problem)
     type Candidate = (bool, bool, Vec<KeyColumn>, Option<String>);
     let mut candidates: HashMap<Oid, Vec<(String, Candidate)>> = HashMap::new();
@@ -378,4 +381,30 @@ pub async fn schema_exists(
 /// The pgferry schema name, as an identifier.
 pub fn pgferry_schema() -> Ident {
     Ident::new(SCHEMA)
+}
+
+/// Sets `search_path` for the rest of the current transaction and returns the previous value.
+///
+/// `format_type()` leaves out the schema of a type visible on the session's `search_path`, so
+/// the same column reads `mood` on one session and `app.mood` on another. Catalog reads that
+/// record or compare type names run with `search_path = pg_catalog`, where every type outside
+/// `pg_catalog` is printed schema-qualified, the same everywhere.
+pub async fn set_search_path(
+    client: &impl GenericClient,
+    path: &str,
+    target: &str,
+) -> Result<String, Error> {
+    let old: String = client
+        .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
+        .await
+        .map_err(|e| q("reading search_path", target, e))?
+        .get(0);
+    client
+        .execute(
+            "SELECT pg_catalog.set_config('search_path', $1, true)",
+            &[&path],
+        )
+        .await
+        .map_err(|e| q("setting search_path", target, e))?;
+    Ok(old)
 }

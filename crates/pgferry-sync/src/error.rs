@@ -44,6 +44,9 @@ pub enum SyncError {
             tables.join(", "))]
     TablesAddedLater { target: String, tables: Vec<String> },
 
+    #[error("captured tables on {source_db} stayed locked exclusively (TRUNCATEs or other DDL in progress) for every attempt of the round for about 30 s; nothing was applied\nfix: retry when the long transaction holding them has ended")]
+    TablesBusy { source_db: String },
+
     #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
     AnotherApplier { target: String },
 
@@ -58,7 +61,9 @@ impl SyncError {
         match self {
             SyncError::Core(e) => e.class(),
             SyncError::Install(e) => e.class(),
-            SyncError::AnotherApplier { .. } => ErrorClass::Transient,
+            SyncError::AnotherApplier { .. } | SyncError::TablesBusy { .. } => {
+                ErrorClass::Transient
+            }
             _ => ErrorClass::Definite,
         }
     }

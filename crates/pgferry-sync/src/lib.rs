@@ -81,8 +81,9 @@ pub struct SyncReport {
     pub purged: u64,
 }
 
-/// How many times a round may start over because a TRUNCATE slipped under its snapshot.
-const MAX_ROUND_RETRIES: u32 = 10;
+/// How many times a round may start over because of a TRUNCATE (one that slipped under its
+/// snapshot, or one holding a table): with the growing pauses, about 30 s in all.
+const MAX_ROUND_RETRIES: u32 = 20;
 
 /// Applies to each target every change captured on the source that committed before the call,
 /// and moves the registered sequences forward. Targets are registered on first use.
@@ -94,7 +95,6 @@ pub async fn sync_once(
     let started = Instant::now();
     let mut src = Session::connect(source, "sync").await?;
     let probe = Session::connect(source, "sync probe").await?;
-    let reader = Session::connect(source, "sync reader").await?;
     let source_label = src.target.clone();
     if !catalog::schema_exists(&src.client, SCHEMA, &source_label).await? {
         return Err(SyncError::NotInstalled {
@@ -176,13 +176,17 @@ pub async fn sync_once(
         };
         let mut tries = 0;
         let outcome = loop {
-            match round::run(&mut src, &probe, &reader, &mut dst, &ctx).await? {
+            match round::run(&mut src, &probe, &mut dst, &ctx).await? {
                 round::RoundResult::Applied(o) => break o,
-                round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => tries += 1,
+                round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => {
+                    tries += 1;
+                    let pause = std::time::Duration::from_millis(20u64 << tries.min(7));
+                    tokio::time::sleep(pause).await;
+                }
                 round::RoundResult::Retry => {
-                    return Err(SyncError::Core(pgferry_core::Error::Dsn {
-                        reason: "TRUNCATEs kept committing under every round's snapshot".into(),
-                    }))
+                    return Err(SyncError::TablesBusy {
+                        source_db: source_label.clone(),
+                    })
                 }
             }
         };

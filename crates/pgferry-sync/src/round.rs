@@ -26,7 +26,7 @@ use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
 use tokio_postgres::{IsolationLevel, Transaction};
 
-use crate::copy::{pass_through, prefetch_through, PrefetchError};
+use crate::copy::pass_through;
 use crate::registry::CapturedTable;
 use crate::SyncError;
 
@@ -71,20 +71,9 @@ pub(crate) struct RoundContext<'a> {
 
 pub(crate) enum RoundResult {
     Applied(RoundOutcome),
-    /// A TRUNCATE committed after the round's snapshot: start over.
+    /// A TRUNCATE committed after the round's snapshot, or one holds a table right now: start
+    /// over a little later.
     Retry,
-}
-
-/// Tables with more pending changes than `PGFERRY_PREFETCH_MIN_CHANGES` are copied with
-/// prefetch (see [`prefetch_through`]): the source reads the rows while the target deletes.
-/// Off by default: with source and target on one 2-core machine it measured no faster
-/// (3.35-3.89 s against 3.30-3.43 s for the standard backlog) and holds up to ~32 MiB more;
-/// it is there for sources and targets on separate hosts, where the overlap is real.
-fn prefetch_min_changes() -> u64 {
-    std::env::var("PGFERRY_PREFETCH_MIN_CHANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX)
 }
 
 /// `work_mem` of a round's sessions: enough for the hash joins and aggregates over a large
@@ -119,7 +108,6 @@ fn pending_condition(dialect: Dialect, previous: Option<&str>) -> Result<String,
 pub(crate) async fn run(
     source: &mut Session,
     probe: &Session,
-    reader: &Session,
     target: &mut Session,
     ctx: &RoundContext<'_>,
 ) -> Result<RoundResult, SyncError> {
@@ -178,12 +166,23 @@ pub(crate) async fn run(
     }
     if !work.is_empty() {
         let names: Vec<String> = work.iter().map(|(t, _, _)| t.name.to_string()).collect();
-        stx.batch_execute(&format!(
-            "LOCK TABLE {} IN ACCESS SHARE MODE",
-            names.join(", ")
-        ))
-        .await
-        .map_err(|e| sq("locking the round's tables against TRUNCATE", e))?;
+        // NOWAIT: the round never waits for a lock while holding others, so it can never be
+        // part of a deadlock with an application (which PostgreSQL might resolve by aborting the
+        // application's transaction). A table locked exclusively right now (a TRUNCATE in
+        // progress) makes the round start over a little later.
+        if let Err(e) = stx
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+                names.join(", ")
+            ))
+            .await
+        {
+            if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                tracing::debug!("a captured table is locked exclusively: starting the round over");
+                return Ok(RoundResult::Retry);
+            }
+            return Err(sq("locking the round's tables against TRUNCATE", e));
+        }
         let ids: Vec<i32> = work.iter().map(|(t, _, _)| t.table_id).collect();
         let late: bool = probe
             .client
@@ -206,31 +205,6 @@ pub(crate) async fn run(
             return Ok(RoundResult::Retry);
         }
     }
-
-    // A second source session at the same snapshot, to read large tables' rows while the
-    // target deletes (see `prefetch_through`).
-    let reader_ready = if work
-        .iter()
-        .any(|(_, changes, _)| *changes > prefetch_min_changes())
-    {
-        let id: String = stx
-            .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
-            .await
-            .map_err(|e| sq("exporting the round's snapshot", e))?
-            .get(0);
-        reader
-            .client
-            .batch_execute(&format!(
-                "ROLLBACK; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {};
-                 SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL enable_nestloop = off",
-                literal(&id)
-            ))
-            .await
-            .map_err(|e| sq("sharing the round's snapshot", e))?;
-        Some(&reader.client)
-    } else {
-        None
-    };
 
     let target_label = target.target.clone();
     let labels = (source_label.as_str(), target_label.as_str());
@@ -277,18 +251,7 @@ pub(crate) async fn run(
             ctx.dialect,
             ahead.get(&t.table_id).map(String::as_str).or(ctx.previous),
         )?;
-        let one = apply_table(
-            &stx,
-            &ttx,
-            reader_ready,
-            t,
-            changes,
-            has_truncate,
-            &pending,
-            ctx,
-            labels,
-        )
-        .await?;
+        let one = apply_table(&stx, &ttx, t, changes, has_truncate, &pending, ctx, labels).await?;
         applied.push(one);
         if split {
             // This table is at S: record it, commit, and go on in a new transaction.
@@ -321,11 +284,6 @@ pub(crate) async fn run(
     ttx.commit()
         .await
         .map_err(tgt(&target_label, "committing the round"))?;
-    if let Some(r) = reader_ready {
-        r.batch_execute("COMMIT")
-            .await
-            .map_err(|e| sq("ending the reader's transaction", e))?;
-    }
     stx.commit()
         .await
         .map_err(|e| sq("ending the round's source transaction", e))?;
@@ -389,7 +347,6 @@ async fn begin_target<'a>(
 async fn apply_table(
     stx: &Transaction<'_>,
     ttx: &Transaction<'_>,
-    reader_ready: Option<&tokio_postgres::Client>,
     t: &CapturedTable,
     changes: u64,
     has_truncate: bool,
@@ -517,47 +474,25 @@ async fn apply_table(
             .map_err(tq(format!("deleting the pending keys of {human}")))?;
         Ok::<u64, SyncError>(keys)
     };
-    let large = changes > 10_000;
-    let prefetch = changes > prefetch_min_changes();
-    let (keys, rows) = if let (true, Some(reader)) = (prefetch, reader_ready) {
-        // Large table: the source reads the rows (at the same snapshot, through the reader
-        // session) while the target deletes the old ones.
-        let keys = std::cell::Cell::new(0);
-        let prepare = async {
-            keys.set(prepare.await.map_err(PrefetchError::Prepare)?);
-            Ok(())
-        };
-        let rows = prefetch_through(reader, &rows_sql, ttx, prepare, &copy_in)
-            .await
-            .map_err(|e| match e {
-                PrefetchError::Prepare(e) => e,
-                PrefetchError::Source(e) => sq(&format!("reading the rows of {human}"), e),
-                PrefetchError::Target(e) => tq(format!("copying the rows of {human}"))(e),
-            })?;
-        (keys.get(), rows)
+    let keys = prepare.await?;
+    // pgferry.delta has no index and its statistics lag behind: for a large set of keys the
+    // planner would still pick a nested loop of index probes; a hash join is faster.
+    stx.batch_execute(if changes > 10_000 {
+        "SET LOCAL enable_nestloop = off"
     } else {
-        let keys = prepare.await?;
-        // pgferry.delta has no index and its statistics lag behind: for a large set of
-        // keys the planner would still pick a nested loop of index probes.
-        stx.batch_execute(if large {
-            "SET LOCAL enable_nestloop = off"
-        } else {
-            "SET LOCAL enable_nestloop = on"
-        })
+        "SET LOCAL enable_nestloop = on"
+    })
+    .await
+    .map_err(|e| sq("choosing the join", e))?;
+    let rows = pass_through(stx, &rows_sql, ttx, &copy_in)
         .await
-        .map_err(|e| sq("choosing the join", e))?;
-        let rows = pass_through(stx, &rows_sql, ttx, &copy_in)
-            .await
-            .map_err(tq(format!("copying the rows of {human}")))?;
-        (keys, rows)
-    };
+        .map_err(tq(format!("copying the rows of {human}")))?;
     tracing::debug!(
         table = %human,
         changes,
         keys,
         rows,
         seconds = clock.elapsed().as_secs_f64(),
-        prefetched = prefetch && reader_ready.is_some(),
         "table applied"
     );
     Ok(TableApplied {

@@ -23,6 +23,7 @@ async fn columns(
     } else {
         "false"
     };
+    let path = pgferry_core::catalog::set_search_path(tx, "pg_catalog", label).await?;
     let rows = tx
         .query(
             &format!(
@@ -35,12 +36,14 @@ async fn columns(
         )
         .await
         .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: format!("reading the columns of {table}"),
-                target: label.to_owned(),
-                source: e,
-            })
-        })?;
+        SyncError::Core(pgferry_core::Error::Query {
+            context: format!("reading the columns of {table}"),
+            target: label.to_owned(),
+            source: e,
+        })
+    })?;
+    // On an error the transaction is aborted anyway: nothing to restore.
+    pgferry_core::catalog::set_search_path(tx, &path, label).await?;
     Ok(rows
         .iter()
         .map(|r| Column {

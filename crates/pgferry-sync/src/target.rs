@@ -166,6 +166,34 @@ pub(crate) async fn registry_entry(
     first_sync: bool,
     accept_new_tables: bool,
 ) -> Result<Entry, SyncError> {
+    // Two first syncs of one new target must not both create its registry row.
+    source
+        .client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_lock($1)",
+            &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
+        )
+        .await
+        .map_err(err(source, "locking the source's registry of targets"))?;
+    let entry = registry_entry_locked(source, node_id, name, first_sync, accept_new_tables).await;
+    source
+        .client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_unlock($1)",
+            &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
+        )
+        .await
+        .map_err(err(source, "unlocking the source's registry of targets"))?;
+    entry
+}
+
+async fn registry_entry_locked(
+    source: &Session,
+    node_id: &str,
+    name: &str,
+    first_sync: bool,
+    accept_new_tables: bool,
+) -> Result<Entry, SyncError> {
     let c = &source.client;
     let row = c
         .query_opt(
