@@ -368,6 +368,24 @@ fn applied_changes_are_purged_only_below_every_registered_target() {
     let name = b.psql("SELECT node_id FROM pgferry.installation");
     pgferry(&["target", "drop", "--source", &source.dsn(), name.trim()]).expect(0);
     settle(&source, &[&a], 0);
+    // The dropped target missed a purged change: it is refused loudly, never silently skipped.
+    let behind = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &b.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(
+        behind
+            .stderr
+            .contains("behind what the source already purged"),
+        "{}",
+        behind.stderr
+    );
+    assert_ne!(contents(&source), contents(&b));
 }
 
 #[test]

@@ -39,6 +39,10 @@ pub enum SyncError {
              fix: reserve targets before taking the dump (`pgferry target add --source … --target …`), then take a new dump or snapshot; nothing was applied")]
     PurgedBeforeRegistration { target: String },
 
+    #[error("target {target} is behind what the source already purged: it was not registered (dropped with `pgferry target drop`?) while capture rows it still needed were deleted, so it would miss changes\n\
+             fix: give it a fresh copy (dump and restore, then `pgferry clean`), registering it before the dump with `pgferry target add`; nothing was applied")]
+    BehindPurge { target: String },
+
     #[error("table(s) {} were added to the capture after target {target} registered: their existing rows never reached it\n\
              fix: load their current rows into the target (e.g. pg_dump --data-only --table …), then re-run with --accept-new-tables; nothing was applied",
             tables.join(", "))]

@@ -134,7 +134,7 @@ pub async fn sync_once(
             &src,
             &reg.node_id,
             &target::default_name(dsn),
-            reg.applied.is_none(),
+            reg.applied.as_deref(),
             opts.accept_new_tables,
         )
         .await?;

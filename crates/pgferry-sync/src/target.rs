@@ -163,7 +163,7 @@ pub(crate) async fn registry_entry(
     source: &Session,
     node_id: &str,
     name: &str,
-    first_sync: bool,
+    applied: Option<&str>,
     accept_new_tables: bool,
 ) -> Result<Entry, SyncError> {
     // Two first syncs of one new target must not both create its registry row.
@@ -175,7 +175,7 @@ pub(crate) async fn registry_entry(
         )
         .await
         .map_err(err(source, "locking the source's registry of targets"))?;
-    let entry = registry_entry_locked(source, node_id, name, first_sync, accept_new_tables).await;
+    let entry = registry_entry_locked(source, node_id, name, applied, accept_new_tables).await;
     source
         .client
         .execute(
@@ -191,7 +191,7 @@ async fn registry_entry_locked(
     source: &Session,
     node_id: &str,
     name: &str,
-    first_sync: bool,
+    applied: Option<&str>,
     accept_new_tables: bool,
 ) -> Result<Entry, SyncError> {
     let c = &source.client;
@@ -218,20 +218,30 @@ async fn registry_entry_locked(
     let (entry_name, ids) = match row {
         Some(r) => (r.get::<_, String>(0), r.get::<_, Option<Vec<i32>>>(1)),
         None => {
-            if first_sync {
-                let purged: bool = c
-                    .query_one(
-                        "SELECT purged_below IS NOT NULL FROM pgferry.installation",
-                        &[],
-                    )
-                    .await
-                    .map_err(err(source, "reading the purge horizon"))?
-                    .get(0);
-                if purged {
-                    return Err(SyncError::PurgedBeforeRegistration {
-                        target: name.to_owned(),
-                    });
-                }
+            // Not registered (never, or dropped since): capture rows may have been purged
+            // without regard for this target.
+            let xid_type = Dialect::new(source.server_version).xid_type();
+            let xmin: Option<u64> = applied.and_then(|p| p.split(':').next()?.parse().ok());
+            let sql = match xmin {
+                None => "SELECT purged_below IS NOT NULL FROM pgferry.installation".to_owned(),
+                Some(x) => format!(
+                    "SELECT coalesce(purged_below > '{x}'::{xid_type}, false) FROM pgferry.installation"
+                ),
+            };
+            let purged: bool = c
+                .query_one(&sql, &[])
+                .await
+                .map_err(err(source, "reading the purge horizon"))?
+                .get(0);
+            if purged && applied.is_none() {
+                return Err(SyncError::PurgedBeforeRegistration {
+                    target: name.to_owned(),
+                });
+            }
+            if purged {
+                return Err(SyncError::BehindPurge {
+                    target: name.to_owned(),
+                });
             }
             // A different node may already use the name (a dropped and recreated database):
             // keep both apart.
