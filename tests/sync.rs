@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{load_hostile, pgferry};
+use common::{load_hostile, pgferry, sync_json, sync_run};
 use pgferry_testkit::{client_tool, Cluster, TestDb};
 
 /// Every user table's rows, as sorted text, for equality checks.
@@ -53,20 +53,6 @@ fn copy_schema(from: &TestDb<'_>, to: &TestDb<'_>) {
     to.psql(&sql);
 }
 
-fn sync(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
-    pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-        "--json",
-    ])
-    .expect(0)
-    .json()
-}
-
 const APP: &str = "
     CREATE TABLE customers (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL, name text);
     CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers ON UPDATE CASCADE ON DELETE CASCADE,
@@ -112,7 +98,7 @@ fn catch_up_applies_every_kind_of_change_and_a_second_run_applies_nothing() {
          INSERT INTO public.\"t*\" VALUES (1, '2026-01-02 03:04:05+00', '\\x01');
          INSERT INTO public.\"MixedCase\" (\"Value\") VALUES ('a'), ('b');",
     );
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(contents(&source), contents(&target));
     assert_eq!(report["rounds"], 1, "{report}");
     // Sequences moved forward: the next customer gets the same id on both sides.
@@ -120,7 +106,7 @@ fn catch_up_applies_every_kind_of_change_and_a_second_run_applies_nothing() {
         source.scalar("SELECT nextval('customers_id_seq')"),
         target.scalar("SELECT nextval('customers_id_seq')")
     );
-    let again = sync(&source, &target);
+    let again = sync_json(&source, &target);
     assert_eq!(again["rows"], 0, "{again}");
     assert_eq!(
         again["targets"][0]["tables"].as_array().unwrap().len(),
@@ -152,14 +138,14 @@ fn a_transaction_that_commits_after_later_ones_is_not_lost() {
             .await
             .unwrap();
         source.psql("INSERT INTO t VALUES (2, 'later writer, early commit')");
-        sync(&source, &target);
+        sync_json(&source, &target);
         assert_eq!(
             target.scalar("SELECT string_agg(id::text, ',') FROM t"),
             "2"
         );
         client.batch_execute("COMMIT").await.unwrap();
     });
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(report["rows"], 1, "{report}");
     assert_eq!(contents(&source), contents(&target));
 }
@@ -196,15 +182,7 @@ fn a_restored_copy_converges_after_clean() {
     );
 
     // Not cleaned yet: refused, nothing applied.
-    let refused = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let refused = sync_run(&source, &target, &[]).expect(1);
     assert!(
         refused.stderr.contains("pgferry clean"),
         "{}",
@@ -212,7 +190,7 @@ fn a_restored_copy_converges_after_clean() {
     );
 
     pgferry(&["clean", "--db", &target.dsn(), "--watch", "0"]).expect(0);
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_eq!(contents(&source), contents(&target));
 }
 
@@ -234,7 +212,7 @@ fn swapped_unique_values_apply_without_a_violation() {
          BEGIN; UPDATE users SET handle = 'tmp' WHERE id = 2; UPDATE users SET handle = 'a' WHERE id = 3;
                 UPDATE users SET handle = 'c' WHERE id = 2; COMMIT;",
     );
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_eq!(contents(&source), contents(&target));
 }
 
@@ -246,45 +224,21 @@ fn bad_targets_are_refused_with_the_table_and_column_named() {
     source.psql("CREATE TABLE t (id int PRIMARY KEY, v text, w int)");
     pgferry(&["install", "--source", &source.dsn()]).expect(0);
     source.psql("INSERT INTO t VALUES (1, 'x', 1)");
-    let missing = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let missing = sync_run(&source, &target, &[]).expect(1);
     assert!(
         missing.stderr.contains("table public.t is missing"),
         "{}",
         missing.stderr
     );
     target.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let column = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let column = sync_run(&source, &target, &[]).expect(1);
     assert!(
         column.stderr.contains("column w of table public.t"),
         "{}",
         column.stderr
     );
     target.psql("ALTER TABLE t ADD COLUMN w bigint");
-    let typed = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let typed = sync_run(&source, &target, &[]).expect(1);
     assert!(
         typed.stderr.contains("integer on the source but bigint"),
         "{}",
@@ -292,15 +246,7 @@ fn bad_targets_are_refused_with_the_table_and_column_named() {
     );
     assert_eq!(target.scalar("SELECT count(*) FROM t"), "0");
     let no_capture = cluster.create_database("bad_nocapture");
-    let run = pgferry(&[
-        "sync",
-        "--source",
-        &no_capture.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let run = sync_run(&no_capture, &target, &[]).expect(1);
     assert!(run.stderr.contains("pgferry install"), "{}", run.stderr);
 }
 
@@ -325,7 +271,7 @@ fn applied_changes_are_purged_only_below_every_registered_target() {
     ])
     .expect(0);
     source.psql("INSERT INTO t SELECT g, g FROM generate_series(1, 100) g");
-    let first = sync(&source, &a);
+    let first = sync_json(&source, &a);
     assert_eq!(first["purged"], 0, "b has acknowledged nothing: {first}");
     assert_eq!(source.scalar("SELECT count(*) FROM pgferry.delta"), "100");
     // Two targets in one run: each applies, then everything both have is purged. (A purge can
@@ -347,15 +293,7 @@ fn applied_changes_are_purged_only_below_every_registered_target() {
     // A target that was never reserved cannot register once changes were purged.
     let late = cluster.create_database("purge_late");
     copy_schema(&source, &late);
-    let run = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &late.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let run = sync_run(&source, &late, &[]).expect(1);
     assert!(
         run.stderr.contains("already purged") && run.stderr.contains("target add"),
         "{}",
@@ -369,15 +307,7 @@ fn applied_changes_are_purged_only_below_every_registered_target() {
     pgferry(&["target", "drop", "--source", &source.dsn(), name.trim()]).expect(0);
     settle(&source, &[&a], 0);
     // The dropped target missed a purged change: it is refused loudly, never silently skipped.
-    let behind = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &b.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let behind = sync_run(&source, &b, &[]).expect(1);
     assert!(
         behind
             .stderr
@@ -397,18 +327,10 @@ fn a_table_captured_after_the_target_registered_is_refused_until_accepted() {
     copy_schema(&source, &target);
     pgferry(&["install", "--source", &source.dsn(), "--table", "public.a"]).expect(0);
     source.psql("INSERT INTO a VALUES (1)");
-    sync(&source, &target);
+    sync_json(&source, &target);
     pgferry(&["install", "--source", &source.dsn(), "--table", "public.b"]).expect(0);
     source.psql("INSERT INTO b VALUES (2)");
-    let run = pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-    ])
-    .expect(1);
+    let run = sync_run(&source, &target, &[]).expect(1);
     assert!(
         run.stderr.contains("public.b") && run.stderr.contains("--accept-new-tables"),
         "{}",
@@ -459,7 +381,7 @@ fn status_shows_pending_changes_per_target_and_table() {
     assert_eq!(t["reserved_only"], true, "{st}");
     assert_eq!(t["pending"], 6, "{st}");
     assert_eq!(t["tables"][0]["table"], "public.\"B b\"", "{st}");
-    sync(&source, &target);
+    sync_json(&source, &target);
     source.psql("INSERT INTO a VALUES (6)");
     let st = pgferry(&["status", "--source", &source.dsn(), "--json"])
         .expect(0)

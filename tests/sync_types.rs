@@ -10,28 +10,13 @@
 
 mod common;
 
-use common::pgferry;
+use common::{pgferry, sync_json};
 use pgferry_testkit::{Cluster, PgBin, TestDb};
 
 /// Fixed text forms for comparison queries, whatever the database's defaults.
 const NEUTRAL: &str =
     "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';
      SET extra_float_digits = 3; SET bytea_output = 'hex';";
-
-/// `pgferry sync --once --json` from `source` to `target`; panics unless it exits 0.
-fn sync(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
-    pgferry(&[
-        "sync",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--once",
-        "--json",
-    ])
-    .expect(0)
-    .json()
-}
 
 /// Runs `sql` in a neutral session of `db`.
 fn neutral(db: &TestDb<'_>, sql: &str) -> String {
@@ -259,7 +244,7 @@ fn a_zoo_of_column_and_key_types_round_trips_exactly() {
         );
     }
     source.psql(ZOO_CHANGES_1);
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(report["rounds"], 1, "{report}");
 
     let rows = assert_same(&source, &target, ZOO_ROWS);
@@ -287,12 +272,12 @@ fn a_zoo_of_column_and_key_types_round_trips_exactly() {
     }
 
     source.psql(ZOO_CHANGES_2);
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(report["rounds"], 1, "{report}");
     assert_same(&source, &target, ZOO_ROWS);
     assert_same(&source, &target, KEYED_ROWS);
     assert_eq!(target.scalar("SELECT count(*) FROM zoo WHERE id = 40"), "1");
-    let again = sync(&source, &target);
+    let again = sync_json(&source, &target);
     assert_eq!(again["rows"], 0, "{again}");
     // Identity values were kept, and the identity sequence carried forward: the next row gets
     // the same identity on both sides.
@@ -380,7 +365,7 @@ fn databases_with_unusual_default_text_forms_get_identical_values() {
     target.psql(STYLED_DDL);
     pgferry(&["install", "--source", &source.dsn()]).expect(0);
     source.psql(STYLED_ROWS);
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(report["rounds"], 1, "{report}");
     let rows = assert_same(&source, &target, STYLED_ROWS_CMP);
     // `01/02/2026 10:00:00.123456` in `SQL, DMY` at Asia/Kolkata.
@@ -391,7 +376,7 @@ fn databases_with_unusual_default_text_forms_get_identical_values() {
     assert_eq!(target.scalar("SELECT count(*) FROM ev"), "307");
 
     source.psql(STYLED_CHANGES);
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_same(&source, &target, STYLED_ROWS_CMP);
     // What the target's own users see, in the target's own styles, is the source's values.
     assert_eq!(
@@ -506,7 +491,7 @@ fn catch_up_across_versions(source_major: &str, target_major: Option<&str>) {
     assert_same(&source, &target, APP_ROWS);
     pgferry(&["install", "--source", &source.dsn()]).expect(0);
     source.psql(&app_changes(sbin.major()));
-    let report = sync(&source, &target);
+    let report = sync_json(&source, &target);
     assert_eq!(report["rounds"], 1, "{report}");
     let rows = assert_same(&source, &target, APP_ROWS);
     assert!(rows.contains("after") && rows.contains("ancient"), "{rows}");
@@ -518,7 +503,7 @@ fn catch_up_across_versions(source_major: &str, target_major: Option<&str>) {
          INSERT INTO ev VALUES (2000, 'eu', '2026-07-01 00:00+00', NULL, 1e-310);
          DELETE FROM ledger WHERE note = 'future';",
     );
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_same(&source, &target, APP_ROWS);
     assert_eq!(
         source.scalar("SELECT last_value FROM acct_id_seq"),
@@ -581,7 +566,7 @@ fn a_source_whose_search_path_reaches_the_type_schema_syncs_to_a_target_whose_do
     source.psql(
         "INSERT INTO visits VALUES (1, 'happy'), (2, NULL); INSERT INTO moods VALUES ('ok', 'x');",
     );
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_same(&source, &target, APP_SCHEMA_ROWS);
     assert_eq!(target.scalar("SELECT count(*) FROM app.visits"), "2");
 }
@@ -607,6 +592,6 @@ fn key_types_recorded_at_install_do_not_depend_on_its_search_path() {
     source.psql(
         "INSERT INTO app.visits VALUES (1, 'happy'); INSERT INTO app.moods VALUES ('ok', 'x');",
     );
-    sync(&source, &target);
+    sync_json(&source, &target);
     assert_same(&source, &target, APP_SCHEMA_ROWS);
 }

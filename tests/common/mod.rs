@@ -50,6 +50,19 @@ pub fn pgferry(args: &[&str]) -> Run {
 
 /// A file of `tests/fixtures` (`bucardo-source.sql` is a copy of `../shared/fixtures`'s: a
 /// plain pg_dump of a database instrumented by Bucardo 5.6.0).
+/// `pgferry sync --source SOURCE --target TARGET --once` followed by `extra`.
+pub fn sync_run(source: &TestDb<'_>, target: &TestDb<'_>, extra: &[&str]) -> Run {
+    let (s, t) = (source.dsn(), target.dsn());
+    let mut args = vec!["sync", "--source", &s, "--target", &t, "--once"];
+    args.extend_from_slice(extra);
+    pgferry(&args)
+}
+
+/// `pgferry sync … --once --json`, which must exit 0; its report.
+pub fn sync_json(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
+    sync_run(source, target, &["--json"]).expect(0).json()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")

@@ -83,6 +83,19 @@ impl Session {
         }
     }
 
+    /// The same as [`Session::err`], as a closure for `map_err`.
+    pub fn on_err(
+        &self,
+        context: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        let (context, target) = (context.into(), self.target.clone());
+        move |source| Error::Query {
+            context,
+            target,
+            source,
+        }
+    }
+
     /// Runs SQL text (several statements allowed, no parameters).
     pub async fn batch(&self, sql: &str, context: &str) -> Result<(), Error> {
         self.client

@@ -53,17 +53,6 @@ pub struct AppliedStatus {
     pub applied_seconds_ago: Option<f64>,
 }
 
-fn err(s: &Session, ctx: &str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
-    let (ctx, target) = (ctx.to_owned(), s.target.clone());
-    move |e| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: ctx,
-            target,
-            source: e,
-        })
-    }
-}
-
 /// Reads the status of every target registered on `source`.
 pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
     let s = Session::connect(source, "status").await?;
@@ -82,7 +71,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
             &[],
         )
         .await
-        .map_err(err(&s, "reading the source's capture"))?;
+        .map_err(s.on_err("reading the source's capture"))?;
     let mut status = SourceStatus {
         source: s.target.clone(),
         node_id: head.get(0),
@@ -99,7 +88,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
             &[],
         )
         .await
-        .map_err(err(&s, "reading the source's registry of targets"))?;
+        .map_err(s.on_err("reading the source's registry of targets"))?;
     for r in rows {
         let acked: Option<String> = r.get(2);
         let pending = match &acked {
@@ -122,7 +111,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
                 &[],
             )
             .await
-            .map_err(err(&s, "counting pending changes"))?;
+            .map_err(s.on_err("counting pending changes"))?;
         let mut tables = Vec::new();
         let mut oldest: Option<String> = None;
         let mut oldest_n: Option<u64> = None;
@@ -154,7 +143,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
                     &[],
                 )
                 .await
-                .map_err(err(&s, "reading ticks"))?
+                .map_err(s.on_err("reading ticks"))?
                 .get(0),
         };
         status.targets.push(TargetStatus {
@@ -186,7 +175,7 @@ pub async fn target_status(target: &Dsn) -> Result<Vec<AppliedStatus>, SyncError
             &[],
         )
         .await
-        .map_err(err(&s, "reading the target's progress"))?;
+        .map_err(s.on_err("reading the target's progress"))?;
     Ok(rows
         .iter()
         .map(|r| AppliedStatus {

@@ -18,17 +18,6 @@ pub(crate) struct Registered {
     pub replica_role: bool,
 }
 
-fn err(s: &Session, ctx: &str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
-    let (ctx, target) = (ctx.to_owned(), s.target.clone());
-    move |e| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: ctx,
-            target,
-            source: e,
-        })
-    }
-}
-
 /// Registers `target` for `source_node` on first use (schema pgferry with the target's own
 /// identity, and a progress row), refusing an uncleaned copy of the source. Returns where the
 /// target stands.
@@ -46,7 +35,7 @@ pub(crate) async fn register(
                 &[],
             )
             .await
-            .map_err(err(target, "reading the target's identity"))?
+            .map_err(target.on_err("reading the target's identity"))?
             .map(|r| r.get(0));
         if node.as_deref() == Some(source_node) {
             return Err(SyncError::UncleanedCopy {
@@ -112,7 +101,7 @@ pub(crate) async fn register(
         .client
         .query_one(replica_sql, &[])
         .await
-        .map_err(err(target, "checking the replica role"))?
+        .map_err(target.on_err("checking the replica role"))?
         .get(0);
     Ok(Registered {
         node_id,
@@ -138,7 +127,7 @@ pub(crate) async fn needs_replica_role(
             &[&tables],
         )
         .await
-        .map_err(err(target, "checking the target's foreign keys and triggers"))?;
+        .map_err(target.on_err("checking the target's foreign keys and triggers"))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -174,7 +163,7 @@ pub(crate) async fn registry_entry(
             &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
         )
         .await
-        .map_err(err(source, "locking the source's registry of targets"))?;
+        .map_err(source.on_err("locking the source's registry of targets"))?;
     let entry = registry_entry_locked(source, node_id, name, applied, accept_new_tables).await;
     source
         .client
@@ -183,7 +172,7 @@ pub(crate) async fn registry_entry(
             &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
         )
         .await
-        .map_err(err(source, "unlocking the source's registry of targets"))?;
+        .map_err(source.on_err("unlocking the source's registry of targets"))?;
     entry
 }
 
@@ -204,14 +193,14 @@ async fn registry_entry_locked(
             &[&node_id, &name],
         )
         .await
-        .map_err(err(source, "reading the source's registry of targets"))?;
+        .map_err(source.on_err("reading the source's registry of targets"))?;
     let all_ids: Vec<i32> = c
         .query(
             "SELECT table_id FROM pgferry.captured_table ORDER BY 1",
             &[],
         )
         .await
-        .map_err(err(source, "reading captured tables"))?
+        .map_err(source.on_err("reading captured tables"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -231,7 +220,7 @@ async fn registry_entry_locked(
             let purged: bool = c
                 .query_one(&sql, &[])
                 .await
-                .map_err(err(source, "reading the purge horizon"))?
+                .map_err(source.on_err("reading the purge horizon"))?
                 .get(0);
             if purged && applied.is_none() {
                 return Err(SyncError::PurgedBeforeRegistration {
@@ -251,7 +240,7 @@ async fn registry_entry_locked(
                     &[&name],
                 )
                 .await
-                .map_err(err(source, "reading the source's registry of targets"))?
+                .map_err(source.on_err("reading the source's registry of targets"))?
                 .get(0);
             let entry_name = if taken {
                 format!("{name} ({node_id})")
@@ -271,7 +260,7 @@ async fn registry_entry_locked(
         &[&entry_name, &node_id, &table_ids],
     )
     .await
-    .map_err(err(source, "registering the target on the source"))?;
+    .map_err(source.on_err("registering the target on the source"))?;
     Ok(Entry {
         name: entry_name,
         table_ids,
@@ -294,7 +283,7 @@ pub async fn reserve(source: &pgferry_core::Dsn, name: &str) -> Result<bool, Syn
             &[&name],
         )
         .await
-        .map_err(err(&s, "reserving the target"))?;
+        .map_err(s.on_err("reserving the target"))?;
     Ok(n == 1)
 }
 
@@ -309,7 +298,7 @@ pub async fn drop_target(source: &pgferry_core::Dsn, name: &str) -> Result<bool,
             &[&name],
         )
         .await
-        .map_err(err(&s, "dropping the target"))?;
+        .map_err(s.on_err("dropping the target"))?;
     Ok(n > 0)
 }
 
@@ -331,6 +320,6 @@ pub(crate) async fn acknowledge(
             &[&name, &snapshot],
         )
         .await
-        .map_err(err(source, "recording the target's progress on the source"))?;
+        .map_err(source.on_err("recording the target's progress on the source"))?;
     Ok(())
 }
