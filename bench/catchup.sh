@@ -20,7 +20,14 @@
 set -euo pipefail
 export LC_ALL=C
 root=$(cd "$(dirname "$0")/.." && pwd)
-JSON=${JSON:-0}; [ "${1:-}" = "--json" ] && JSON=1
+JSON=${JSON:-0}
+for arg in "$@"; do
+    case $arg in
+        --json) JSON=1 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "catchup: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
 ROWS=${ROWS:-1000000}
 RSS10X=${RSS10X:-1}
 UPD=$((ROWS / 5)); INS=$((ROWS / 5)); DEL=$((ROWS / 20))
