@@ -18,21 +18,26 @@ use crate::SyncError;
 /// Purges what every target has; returns the number of capture rows deleted.
 pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
     let dialect = Dialect::new(source.server_version);
-    let xmax = if dialect.major >= 13 {
-        "pg_catalog.pg_snapshot_xmax"
+    let (xmin, xmax) = if dialect.major >= 13 {
+        ("pg_catalog.pg_snapshot_xmin", "pg_catalog.pg_snapshot_xmax")
     } else {
-        "pg_catalog.txid_snapshot_xmax"
+        ("pg_catalog.txid_snapshot_xmin", "pg_catalog.txid_snapshot_xmax")
     };
     let visible = dialect.visible_in_snapshot();
+    // Below every snapshot's xmin a row is visible in all of them (the cheap test, true for
+    // nearly every row); between that and the smallest xmax, each snapshot is asked.
     let sql = format!(
         "WITH horizon AS (
              SELECT CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
+                         THEN min({xmin}(acked_snapshot)) END AS lo,
+                    CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
                          THEN min({xmax}(acked_snapshot)) END AS h
                FROM pgferry.target),
          gone AS (
              DELETE FROM pgferry.delta d USING horizon
-              WHERE d.xid < horizon.h
-                AND NOT EXISTS (SELECT 1 FROM pgferry.target t WHERE NOT {visible}(d.xid, t.acked_snapshot))
+              WHERE d.xid < horizon.lo
+                 OR (d.xid < horizon.h
+                     AND NOT EXISTS (SELECT 1 FROM pgferry.target t WHERE NOT {visible}(d.xid, t.acked_snapshot)))
              RETURNING 1),
          mark AS (
              UPDATE pgferry.installation SET purged_below = horizon.h FROM horizon
