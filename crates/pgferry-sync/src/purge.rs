@@ -21,7 +21,10 @@ pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
     let (xmin, xmax) = if dialect.major >= 13 {
         ("pg_catalog.pg_snapshot_xmin", "pg_catalog.pg_snapshot_xmax")
     } else {
-        ("pg_catalog.txid_snapshot_xmin", "pg_catalog.txid_snapshot_xmax")
+        (
+            "pg_catalog.txid_snapshot_xmin",
+            "pg_catalog.txid_snapshot_xmax",
+        )
     };
     let visible = dialect.visible_in_snapshot();
     // Below every snapshot's xmin a row is visible in all of them (the cheap test, true for
