@@ -6,35 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{catalog_listing, fixture, load_hostile, pgferry};
+use common::{catalog_listing, dump, fixture, load_hostile, pgferry, restore};
 use pgferry_testkit::{client_tool, Cluster, TestDb};
-
-/// pg_dump -Fc of `from`, pg_restore --no-owner into `to`.
-fn dump_restore(from: &TestDb<'_>, to: &TestDb<'_>) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    let dump = Command::new(client_tool("pg_dump"))
-        .args(["-Fc", "-f"])
-        .arg(file.path())
-        .arg(from.dsn())
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let restore = Command::new(client_tool("pg_restore"))
-        .args(["--no-owner", "--no-privileges", "--exit-on-error", "-d"])
-        .arg(to.dsn())
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        restore.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
-}
 
 fn user_data(db: &TestDb<'_>) -> String {
     db.psql(
@@ -58,7 +31,9 @@ fn a_restored_copy_of_a_captured_source_is_cleaned_completely() {
     source.psql("INSERT INTO public.\"user\" VALUES (gen_random_uuid(), 'after install', NULL)");
 
     let copy = cluster.create_database("copy");
-    dump_restore(&source, &copy);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    dump(&source, file.path());
+    restore(file.path(), &copy);
     assert_eq!(copy.scalar("SELECT count(*) FROM pgferry.delta"), "1");
 
     let dry = pgferry(&["clean", "--db", &copy.dsn(), "--dry-run", "--watch", "0.5"]).expect(0);

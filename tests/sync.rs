@@ -4,27 +4,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{load_hostile, pgferry, sync_json, sync_run};
+use common::{contents, dump, load_hostile, pgferry, restore, sync_json, sync_run};
 use pgferry_testkit::{client_tool, Cluster, TestDb};
-
-/// Every user table's rows, as sorted text, for equality checks.
-fn contents(db: &TestDb<'_>) -> String {
-    let tables = db.psql(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
-    );
-    tables
-        .lines()
-        .map(|t| {
-            let rows = db.psql(&format!(
-                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '') FROM {t} AS r"
-            ));
-            format!("== {t}\n{rows}")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 /// Copies the schema (no data) of `from` to `to`.
 fn copy_schema(from: &TestDb<'_>, to: &TestDb<'_>) {
@@ -161,25 +142,9 @@ fn a_restored_copy_converges_after_clean() {
         "UPDATE customers SET name = 'before dump' WHERE id < 5; DELETE FROM orders WHERE id < 20;",
     );
     let file = tempfile::NamedTempFile::new().unwrap();
-    let dump = Command::new(client_tool("pg_dump"))
-        .args(["-Fc", "-f"])
-        .arg(file.path())
-        .arg(source.dsn())
-        .output()
-        .unwrap();
-    assert!(dump.status.success());
+    dump(&source, file.path());
     source.psql("UPDATE customers SET name = 'after dump' WHERE id < 3; INSERT INTO orders (customer_id, total) VALUES (1, 1);");
-    let restore = Command::new(client_tool("pg_restore"))
-        .args(["--no-owner", "-d"])
-        .arg(target.dsn())
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        restore.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
+    restore(file.path(), &target);
 
     // Not cleaned yet: refused, nothing applied.
     let refused = sync_run(&source, &target, &[]).expect(1);

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{pgferry, Run};
+use common::{contents, pgferry, user_tables, Run};
 use pgferry_testkit::{Cluster, TestDb};
 
 /// The exit code of a transient failure, which is what losing the race for a target is.
@@ -210,32 +210,6 @@ fn finish_within(
         }
         thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// The user tables of `db`, quoted, sorted.
-fn user_tables(db: &TestDb<'_>) -> Vec<String> {
-    db.psql(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
-    )
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
-/// Every user table's rows, as sorted text (for small tables: a mismatch shows the rows).
-fn contents(db: &TestDb<'_>) -> String {
-    user_tables(db)
-        .iter()
-        .map(|t| {
-            let rows = db.psql(&format!(
-                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), '') FROM {t} AS r"
-            ));
-            format!("== {t}\n{rows}")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Every user table's row count and an md5 of its sorted rows (for large tables).

@@ -2,10 +2,11 @@
 //! describe a database's catalog for before/after comparisons.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
 
-use pgferry_testkit::TestDb;
+use pgferry_testkit::{client_tool, TestDb};
 
 /// What a `pgferry` run printed and returned.
 #[derive(Debug)]
@@ -114,4 +115,60 @@ pub fn deltas(db: &TestDb<'_>) -> Vec<String> {
     .lines()
     .map(str::to_owned)
     .collect()
+}
+
+/// Every user table outside the system schemas and pgferry's, partitions left out.
+pub fn user_tables(db: &TestDb<'_>) -> Vec<String> {
+    db.psql(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Every user table's rows, as sorted text (for small tables: a mismatch shows the rows).
+pub fn contents(db: &TestDb<'_>) -> String {
+    user_tables(db)
+        .iter()
+        .map(|t| {
+            let rows = db.psql(&format!(
+                "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), '') FROM {t} AS r"
+            ));
+            format!("== {t}\n{rows}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `pg_dump -Fc` of `db` into `file`.
+pub fn dump(db: &TestDb<'_>, file: &Path) {
+    let out = Command::new(client_tool("pg_dump"))
+        .args(["-Fc", "-f"])
+        .arg(file)
+        .arg(db.dsn())
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `pg_restore --no-owner --no-privileges` of `file` into `db`.
+pub fn restore(file: &Path, db: &TestDb<'_>) {
+    let out = Command::new(client_tool("pg_restore"))
+        .args(["--no-owner", "--no-privileges", "--exit-on-error", "-d"])
+        .arg(db.dsn())
+        .arg(file)
+        .output()
+        .expect("run pg_restore");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tokio_postgres::types::Oid;
 use tokio_postgres::GenericClient;
 
-use crate::artifact::{KeyForm, SCHEMA};
+use crate::artifact::KeyForm;
 use crate::error::Error;
 use crate::ident::{Ident, QualifiedName};
 
@@ -376,11 +376,6 @@ pub async fn schema_exists(
         .await
         .map_err(|e| q("looking for a schema", target, e))?;
     Ok(row.get(0))
-}
-
-/// The pgferry schema name, as an identifier.
-pub fn pgferry_schema() -> Ident {
-    Ident::new(SCHEMA)
 }
 
 /// Sets `search_path` for the rest of the current transaction and returns the previous value.

@@ -94,14 +94,6 @@ impl Error {
             Error::Query { source, .. } => ErrorClass::of(source),
         }
     }
-
-    /// The driver error behind this one, if any (for SQLSTATE, DETAIL and HINT).
-    pub fn db_source(&self) -> Option<&tokio_postgres::Error> {
-        match self {
-            Error::Connect { source, .. } | Error::Query { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// Finds the first `tokio_postgres::Error` in an error's source chain.

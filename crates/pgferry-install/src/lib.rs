@@ -23,7 +23,7 @@ pub use plan::{schema_statements, AddedTable, InstallOptions, InstallReport};
 
 use std::time::Duration;
 
-use pgferry_core::artifact::{self, Dialect, SCHEMA, SCHEMA_VERSION};
+use pgferry_core::artifact::{self, Dialect, SCHEMA};
 use pgferry_core::catalog;
 use pgferry_core::{Dsn, Session};
 use serde::Serialize;
@@ -138,9 +138,4 @@ pub async fn uninstall(
         .await
         .map_err(|e| q("committing the uninstall", e))?;
     Ok(report)
-}
-
-/// This build's schema version, for messages.
-pub fn schema_version() -> i32 {
-    SCHEMA_VERSION
 }
