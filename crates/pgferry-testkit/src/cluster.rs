@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +60,19 @@ host all postgres 127.0.0.1/32 trust
 host all all 127.0.0.1/32 md5
 ";
 
+/// How a cluster is set up beyond the defaults, for [`Cluster::start_setup`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSetup {
+    /// Extra `postgresql.conf` lines (they override the defaults).
+    pub conf: Vec<String>,
+    /// The whole `pg_hba.conf`, instead of the default (the superuser `postgres` trusted from
+    /// 127.0.0.1, every other role by password).
+    pub hba: Option<String>,
+    /// Files written into the data directory before the server starts, by name relative to
+    /// it, owned by the server user with mode 0600: certificates and keys for `ssl = on`.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 /// A running (or deliberately stopped) PostgreSQL server in its own temporary directory,
 /// listening on 127.0.0.1 only. Dropping it stops the server (`-m immediate`) and deletes the
 /// directory; if the process ends without dropping it, its watchdog does the same.
@@ -84,6 +98,18 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `postgresql.conf` lines (they override the defaults).
     pub fn start_with(bin: &PgBin, extra_conf: &[&str]) -> io::Result<Cluster> {
+        Cluster::start_setup(
+            bin,
+            &ClusterSetup {
+                conf: extra_conf.iter().map(|l| (*l).to_owned()).collect(),
+                ..ClusterSetup::default()
+            },
+        )
+    }
+
+    /// Like [`Cluster::start`], set up as `setup` says: extra `postgresql.conf` lines, another
+    /// `pg_hba.conf`, files in the data directory (a TLS certificate and key, say).
+    pub fn start_setup(bin: &PgBin, setup: &ClusterSetup) -> io::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("pgferry-")
             .tempdir_in(cluster_base())?
@@ -104,7 +130,7 @@ impl Cluster {
         )?);
         give(&cluster.dir)?;
         cluster.make_data_dir()?;
-        cluster.configure(extra_conf)?;
+        cluster.configure(setup)?;
         cluster.start_on_free_port()?;
         Ok(cluster)
     }
@@ -284,16 +310,33 @@ impl Cluster {
         Ok(())
     }
 
-    /// Appends the settings and `extra_conf` to `postgresql.conf` and replaces `pg_hba.conf`.
-    /// Both files exist already and keep their owner.
-    fn configure(&self, extra_conf: &[&str]) -> io::Result<()> {
+    /// Appends the settings and `setup.conf` to `postgresql.conf`, replaces `pg_hba.conf` and
+    /// writes `setup.files`. The two configuration files exist already and keep their owner;
+    /// the new files are handed to the server user with mode 0600 (as a TLS key must be).
+    fn configure(&self, setup: &ClusterSetup) -> io::Result<()> {
         let mut conf = format!("\n# pgferry-testkit\n{SETTINGS}");
-        for line in extra_conf {
+        for line in &setup.conf {
             conf.push_str(line);
             conf.push('\n');
         }
         append(&self.data.join("postgresql.conf"), &conf)?;
-        fs::write(self.data.join("pg_hba.conf"), HBA)
+        fs::write(
+            self.data.join("pg_hba.conf"),
+            setup.hba.as_deref().unwrap_or(HBA),
+        )?;
+        for (name, contents) in &setup.files {
+            let path = self.data.join(name);
+            let written = fs::write(&path, contents)
+                .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o600)));
+            if let Err(e) = written {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("write {}: {e}", path.display()),
+                ));
+            }
+            give(&path)?;
+        }
+        Ok(())
     }
 
     /// Starts the server on a fresh free port, retrying with another one when the server could

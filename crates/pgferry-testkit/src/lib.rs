@@ -21,8 +21,9 @@
 //! - **Durability is traded for speed**: `initdb --no-sync`, `fsync=off`,
 //!   `synchronous_commit=off`, `full_page_writes=off`. A clean [`Cluster::restart`] keeps all
 //!   data; an immediate [`Cluster::stop`] is a crash and may lose the last commits.
-//! - **Authentication is fixed**: the superuser `postgres` is trusted, every other role must
-//!   give its md5 or SCRAM password (`md5` in `pg_hba.conf` accepts both, on PostgreSQL 10–18).
+//! - **Authentication is fixed** unless a test replaces `pg_hba.conf` ([`ClusterSetup`]): the
+//!   superuser `postgres` is trusted, every other role must give its md5 or SCRAM password
+//!   (`md5` in `pg_hba.conf` accepts both, on PostgreSQL 10–18).
 //! - **Server tools never run as root**: when this process is root, `initdb`, `pg_ctl` and
 //!   `postgres` run as the OS user `postgres` via `runuser -u postgres --`, and the cluster's
 //!   files belong to that user. Client tools ([`client_tool`]) always come from the system's
@@ -48,6 +49,6 @@ mod server_user;
 mod testdb;
 mod watchdog;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, ClusterSetup};
 pub use pgbin::{client_tool, PgBin};
 pub use testdb::TestDb;
