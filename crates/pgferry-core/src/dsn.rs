@@ -3,11 +3,14 @@
 //! A DSN is a libpq URL (`postgresql://user@host:5432/db?sslmode=…`) or a key=value string
 //! (`host=… dbname=…`). pgferry parses it itself rather than through tokio-postgres, for two
 //! reasons: a DSN must be printable without its password ([`Dsn::redacted`] is the only form that
-//! ever reaches a log or an error), and TLS modes that tokio-postgres does not know must be
-//! recognised. The libpq environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
-//! `PGPASSFILE`/`~/.pgpass`) fills what the DSN leaves out, as a DBA expects.
+//! ever reaches a log or an error), and libpq's TLS modes that tokio-postgres does not know
+//! (allow, verify-ca, verify-full) must be recognised ([`SslMode`], [`Dsn::tls`]). The libpq
+//! environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
+//! `PGPASSFILE`/`~/.pgpass`, `PGSSLMODE`, `PGSSLROOTCERT`) fills what the DSN leaves out, as a
+//! DBA expects.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -40,7 +43,7 @@ impl Dsn {
     /// Parses a URL or key=value DSN. The error never contains the password.
     pub fn parse(text: &str) -> Result<Dsn, Error> {
         let text = text.trim();
-        let mut params = if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+        let params = if text.starts_with("postgresql://") || text.starts_with("postgres://") {
             parse_url(text)?
         } else {
             parse_kv(text)?
@@ -52,16 +55,10 @@ impl Dsn {
                 });
             }
         }
-        if let Some(mode) = get(&params, "sslmode") {
-            if !matches!(mode, "disable" | "allow" | "prefer") {
-                return Err(Error::Dsn {
-                    reason: format!(
-                        "sslmode={mode} is not supported yet by this pgferry build (TLS arrives with the daemon); use sslmode=disable or prefer"
-                    ),
-                });
-            }
-        }
-        params.retain(|(k, _)| k != "sslmode" && k != "sslrootcert");
+        // What the DSN says alone must make sense; the environment is read when connecting.
+        resolve_tls(get(&params, "sslmode"), get(&params, "sslrootcert"), |_| {
+            None
+        })?;
         Ok(Dsn { params })
     }
 
@@ -136,7 +133,17 @@ impl Dsn {
         )
     }
 
+    /// The effective TLS settings: `sslmode` and `sslrootcert` from the DSN, else from
+    /// `PGSSLMODE` and `PGSSLROOTCERT`, with libpq's defaults (see [`TlsSettings`]).
+    pub fn tls(&self) -> Result<TlsSettings, Error> {
+        resolve_tls(self.get("sslmode"), self.get("sslrootcert"), |var| {
+            std::env::var(var).ok().filter(|v| !v.is_empty())
+        })
+    }
+
     /// The tokio-postgres configuration for this DSN, with `application_name` set.
+    /// Its `ssl_mode` is left at tokio-postgres's default: [`crate::Session::connect`] sets it
+    /// from [`Dsn::tls`].
     pub fn config(&self, application_name: &str) -> Result<tokio_postgres::Config, Error> {
         let mut c = tokio_postgres::Config::new();
         for host in self.host().split(',') {
@@ -212,6 +219,122 @@ impl std::str::FromStr for Dsn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Dsn::parse(s)
     }
+}
+
+/// libpq's `sslmode`: whether TLS is used and what of the server's certificate is verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// Plain first; TLS only if the server refuses the plain connection.
+    Allow,
+    /// TLS if the server offers it, else plain. The certificate is not verified.
+    Prefer,
+    /// TLS or nothing. The certificate is verified only if a root certificate file exists
+    /// (as libpq does: then it is [`SslMode::VerifyCa`]).
+    Require,
+    /// TLS; the certificate chain must lead to a trusted root. The host name is not checked.
+    VerifyCa,
+    /// TLS; the chain must lead to a trusted root and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spellings, in order of strength.
+    pub const ALL: [SslMode; 6] = [
+        SslMode::Disable,
+        SslMode::Allow,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
+    /// The libpq spelling (`verify-full`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(text: &str) -> Option<SslMode> {
+        SslMode::ALL.into_iter().find(|m| m.as_str() == text)
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the certificates trusted to sign the server's certificate come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file named by `sslrootcert` or `PGSSLROOTCERT`: it must exist.
+    File(PathBuf),
+    /// libpq's default, `~/.postgresql/root.crt`: used if it exists.
+    Default(PathBuf),
+    /// `sslrootcert=system` (libpq 16): the operating system's trusted roots.
+    System,
+    /// No file given and no home directory to look in.
+    None,
+}
+
+/// The effective TLS settings of a DSN (see [`Dsn::tls`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: SslMode,
+    pub root_cert: RootCert,
+}
+
+/// libpq's resolution of `sslmode` and `sslrootcert`: the DSN's values, else the environment's
+/// (`env` looks a variable up), with the default mode `prefer`, or `verify-full` under
+/// `sslrootcert=system`, which refuses anything weaker (libpq 16 does the same).
+fn resolve_tls(
+    mode: Option<&str>,
+    root_cert: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<TlsSettings, Error> {
+    let (mode_text, mode_origin) = match mode {
+        Some(m) => (Some(m.to_owned()), "sslmode"),
+        None => (env("PGSSLMODE"), "PGSSLMODE"),
+    };
+    let root_text = match root_cert {
+        Some(r) => Some(r.to_owned()),
+        None => env("PGSSLROOTCERT"),
+    };
+    let system = root_text.as_deref() == Some("system");
+    let mode = match mode_text.as_deref() {
+        None if system => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some(text) => SslMode::parse(text).ok_or_else(|| Error::Dsn {
+            reason: format!(
+                "{mode_origin}={text:?} is not an sslmode: use one of disable, allow, prefer, require, verify-ca, verify-full"
+            ),
+        })?,
+    };
+    if system && mode != SslMode::VerifyFull {
+        return Err(Error::Dsn {
+            reason: format!(
+                "weak sslmode={mode} may not be used with sslrootcert=system: the system's roots vouch for any name they signed, so use sslmode=verify-full"
+            ),
+        });
+    }
+    let root_cert = match root_text {
+        Some(_) if system => RootCert::System,
+        Some(path) if !path.is_empty() => RootCert::File(PathBuf::from(path)),
+        _ => match env("HOME") {
+            Some(home) => RootCert::Default(Path::new(&home).join(".postgresql/root.crt")),
+            None => RootCert::None,
+        },
+    };
+    Ok(TlsSettings { mode, root_cert })
 }
 
 fn get<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -434,8 +557,135 @@ mod tests {
     fn errors_never_show_the_password() {
         let e = Dsn::parse("host=x password=hunter2 bogus=1").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
-        let e = Dsn::parse("postgresql://u:hunter2@h/db?sslmode=verify-full").unwrap_err();
+        let e = Dsn::parse("postgresql://u:hunter2@h/db?sslmode=verify-everything").unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = Dsn::parse("password=hunter2 sslmode=require sslrootcert=system").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    /// An environment holding only `vars`.
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn settings(dsn: &str, vars: &[(&str, &str)]) -> Result<TlsSettings, Error> {
+        let d = Dsn::parse(dsn)?;
+        resolve_tls(d.get("sslmode"), d.get("sslrootcert"), env(vars))
+    }
+
+    #[test]
+    fn every_sslmode_in_url_and_kv_form() {
+        for mode in SslMode::ALL {
+            let m = mode.as_str();
+            let url = settings(&format!("postgresql://u@h/db?sslmode={m}"), &[]).unwrap();
+            let kv = settings(&format!("host=h sslmode={m}"), &[]).unwrap();
+            assert_eq!(url.mode, mode);
+            assert_eq!(kv, url);
+            assert_eq!(url.root_cert, RootCert::None);
+        }
+        let e = Dsn::parse("host=h sslmode=verify_full")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"verify_full\" is not an sslmode"), "{e}");
+        assert!(e.contains("verify-ca, verify-full"), "{e}");
+        let e = Dsn::parse("postgresql://h/db?sslmode=")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not an sslmode"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_in_url_and_kv_form() {
+        let url = settings(
+            "postgresql://u@h/db?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca%20dir%2Froot.pem",
+            &[],
+        )
+        .unwrap();
+        let kv = settings(
+            "host=h sslmode=verify-ca sslrootcert='/etc/ca dir/root.pem'",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(url, kv);
+        assert_eq!(url.mode, SslMode::VerifyCa);
+        assert_eq!(url.root_cert, RootCert::File("/etc/ca dir/root.pem".into()));
+        // The parameters stay in the DSN (tls() reads them when connecting).
+        let d = Dsn::parse("host=h sslmode=verify-full sslrootcert=/r.pem").unwrap();
+        assert_eq!(d.get("sslmode"), Some("verify-full"));
+        assert_eq!(d.get("sslrootcert"), Some("/r.pem"));
+    }
+
+    #[test]
+    fn default_is_prefer_with_the_home_root_file() {
+        let s = settings("host=h", &[("HOME", "/home/dba")]).unwrap();
+        assert_eq!(s.mode, SslMode::Prefer);
+        assert_eq!(
+            s.root_cert,
+            RootCert::Default("/home/dba/.postgresql/root.crt".into())
+        );
+        assert_eq!(settings("host=h", &[]).unwrap().root_cert, RootCert::None);
+        // An empty sslrootcert is no sslrootcert, as in libpq.
+        let s = settings("host=h sslrootcert=''", &[("HOME", "/h")]).unwrap();
+        assert_eq!(
+            s.root_cert,
+            RootCert::Default("/h/.postgresql/root.crt".into())
+        );
+    }
+
+    #[test]
+    fn environment_fills_what_the_dsn_leaves_out() {
+        let vars = [
+            ("PGSSLMODE", "verify-full"),
+            ("PGSSLROOTCERT", "/env/root.pem"),
+        ];
+        let s = settings("host=h", &vars).unwrap();
+        assert_eq!(s.mode, SslMode::VerifyFull);
+        assert_eq!(s.root_cert, RootCert::File("/env/root.pem".into()));
+        // The DSN wins over the environment.
+        let s = settings("host=h sslmode=require sslrootcert=/dsn.pem", &vars).unwrap();
+        assert_eq!(s.mode, SslMode::Require);
+        assert_eq!(s.root_cert, RootCert::File("/dsn.pem".into()));
+        let s = settings("postgresql://h/db?sslmode=disable", &vars).unwrap();
+        assert_eq!(s.mode, SslMode::Disable);
+        // A bad PGSSLMODE is named as such.
+        let e = settings("host=h", &[("PGSSLMODE", "on")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PGSSLMODE=\"on\" is not an sslmode"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full() {
+        let s = settings("host=h sslrootcert=system", &[]).unwrap();
+        assert_eq!(s.mode, SslMode::VerifyFull);
+        assert_eq!(s.root_cert, RootCert::System);
+        let s = settings("host=h", &[("PGSSLROOTCERT", "system")]).unwrap();
+        assert_eq!(
+            (s.mode, s.root_cert),
+            (SslMode::VerifyFull, RootCert::System)
+        );
+        for weak in ["disable", "allow", "prefer", "require", "verify-ca"] {
+            let e = Dsn::parse(&format!("host=h sslmode={weak} sslrootcert=system"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "weak sslmode={weak} may not be used with sslrootcert=system"
+                )),
+                "{e}"
+            );
+            assert!(e.contains("verify-full"), "{e}");
+            let e = settings(
+                "host=h",
+                &[("PGSSLMODE", weak), ("PGSSLROOTCERT", "system")],
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Dsn { .. }), "{e}");
+        }
     }
 
     #[test]

@@ -15,6 +15,16 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// TLS could not be set up, or the server or its certificate did not pass the `sslmode`.
+    /// `reason` says which and names the fix; `source` is the driver's error, if it got that far.
+    #[error("cannot connect to {target}: {reason}")]
+    Tls {
+        target: String,
+        reason: String,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+
     #[error("{context} (on {target})")]
     Query {
         context: String,
@@ -91,6 +101,7 @@ impl Error {
                 ErrorClass::Privilege => ErrorClass::Privilege,
                 _ => ErrorClass::Connection,
             },
+            Error::Tls { .. } => ErrorClass::Connection,
             Error::Query { source, .. } => ErrorClass::of(source),
         }
     }

@@ -4,13 +4,20 @@
 //! `extra_float_digits`, `bytea_output` and client encoding, so that values passed through as
 //! text (COPY between two servers, keys recorded as text) mean the same thing on both ends
 //! whatever the server's or role's defaults are.
+//!
+//! Every session is opened with a rustls connector configured from the DSN's effective
+//! `sslmode` and `sslrootcert` (see the `tls` module): a TLS or certificate failure becomes
+//! [`Error::Tls`], which says which check failed and how to fix it.
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::config::{Host, SslMode as TlsMode};
+use tokio_postgres::{Client, Config, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::dsn::Dsn;
+use crate::dsn::{Dsn, SslMode};
 use crate::error::Error;
+use crate::tls;
 
 /// The `application_name` prefix of every pgferry session; `clean` uses it to recognise a
 /// database that a running pgferry is connected to.
@@ -32,25 +39,51 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, checks the server version and fixes the session's text forms.
-    /// `role` names what the session is for (`install`, `sync`…), shown in `pg_stat_activity`.
+    /// Connects (over TLS as the DSN's `sslmode` asks, see [`crate::SslMode`]), checks the
+    /// server version and fixes the session's text forms. `role` names what the session is for
+    /// (`install`, `sync`…), shown in `pg_stat_activity`.
     pub async fn connect(dsn: &Dsn, role: &str) -> Result<Session, Error> {
         let target = dsn.redacted();
         let app = format!("{APPLICATION_NAME_PREFIX} {role}");
-        let config = dsn.config(&app)?;
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| Error::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection closed");
-            }
+        let mut config = dsn.config(&app)?;
+        let tls = dsn.tls()?;
+        let connector = tls::connector(&tls).map_err(|reason| Error::Tls {
+            target: target.clone(),
+            reason,
+            source: None,
+        })?;
+        // libpq ignores sslmode on Unix sockets (the server never offers TLS there).
+        let tcp = config.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+        config.ssl_mode(match tls.mode {
+            _ if !tcp => TlsMode::Disable,
+            SslMode::Disable | SslMode::Allow => TlsMode::Disable,
+            SslMode::Prefer => TlsMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => TlsMode::Require,
         });
+        let mut opened = open(&config, connector.clone()).await;
+        if tls.mode == SslMode::Allow && tcp {
+            // allow: plain first, then TLS if the server refused the plain connection.
+            if let Err(e) = &opened {
+                if e.as_db_error().is_some() {
+                    config.ssl_mode(TlsMode::Require);
+                    opened = open(&config, connector).await;
+                }
+            }
+        }
+        let client =
+            opened.map_err(
+                |source| match tls::explain_failure(&source, &tls, &dsn.host()) {
+                    Some(reason) => Error::Tls {
+                        target: target.clone(),
+                        reason,
+                        source: Some(source),
+                    },
+                    None => Error::Connect {
+                        target: target.clone(),
+                        source,
+                    },
+                },
+            )?;
         let mut s = Session {
             client,
             server_version: 0,
@@ -72,6 +105,19 @@ impl Session {
             });
         }
         Ok(s)
+    }
+
+    /// Whether this session's connection is encrypted, as the server sees it (`pg_stat_ssl`).
+    pub async fn is_encrypted(&self) -> Result<bool, Error> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT ssl FROM pg_catalog.pg_stat_ssl WHERE pid = pg_catalog.pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| self.err("reading pg_stat_ssl", e))?;
+        Ok(row.get(0))
     }
 
     /// Wraps a driver error with what was being done and where.
@@ -136,4 +182,15 @@ impl Session {
         })?;
         Ok(tx)
     }
+}
+
+/// Opens a connection and drives it on its own task.
+async fn open(config: &Config, tls: MakeRustlsConnect) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
 }
