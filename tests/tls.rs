@@ -348,6 +348,42 @@ fn verify_modes_find_the_root_certificate_where_libpq_looks() {
 }
 
 #[test]
+fn sslrootcert_system_trusts_the_system_roots_and_means_verify_full() {
+    let db = tls_db("tls_system");
+    let ca = pki().ca();
+    let ca = ca.to_str().unwrap();
+    let dry = |dsn: &str, ssl_cert_file: &str| {
+        let args = ["install", "--source", dsn, "--dry-run"];
+        pgferry_env(
+            &args,
+            &pki().empty_home(),
+            &[("SSL_CERT_FILE", ssl_cert_file)],
+        )
+    };
+    // SSL_CERT_FILE stands for the system's store, as with OpenSSL.
+    dry(&dsn(&db, "sslrootcert=system"), ca).expect(0);
+    let wrong = db
+        .dsn()
+        .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1");
+    refused(
+        dry(&format!("{wrong} sslrootcert=system"), ca),
+        "server certificate does not match host localhost (sslmode=verify-full)",
+    );
+    let other = pki().other_ca();
+    refused(
+        dry(&dsn(&db, "sslrootcert=system"), other.to_str().unwrap()),
+        "not signed by a CA in the system's trusted roots",
+    );
+    let run = dry(&dsn(&db, "sslmode=require sslrootcert=system"), ca).expect(1);
+    assert!(
+        run.stderr
+            .contains("weak sslmode=require may not be used with sslrootcert=system"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn require_prefer_and_allow_take_the_self_signed_server_without_a_root_certificate() {
     let db = tls_db("tls_require");
     for mode in ["require", "prefer", "allow"] {
