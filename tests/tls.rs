@@ -145,32 +145,67 @@ fn pki() -> &'static Pki {
     })
 }
 
-/// The cluster with `ssl = on` that accepts TLS connections only.
+/// A cluster with `ssl = on` and the certificate `NAME.crt` (key `NAME.key`) of the PKI
+/// directory, that accepts TLS connections only.
+fn start_tls_cluster(name: &str) -> Cluster {
+    let read = |file: String| std::fs::read(pki().dir.path().join(file)).unwrap();
+    Cluster::start_setup(
+        &PgBin::system(),
+        &ClusterSetup {
+            conf: vec![
+                "ssl = on".into(),
+                "ssl_cert_file = 'server.crt'".into(),
+                "ssl_key_file = 'server.key'".into(),
+            ],
+            hba: Some(
+                "hostssl all postgres 127.0.0.1/32 trust\n\
+                 hostssl all all 127.0.0.1/32 md5\n"
+                    .into(),
+            ),
+            files: vec![
+                ("server.crt".into(), read(format!("{name}.crt"))),
+                ("server.key".into(), read(format!("{name}.key"))),
+            ],
+        },
+    )
+    .expect("start a cluster with ssl = on")
+}
+
+/// The cluster whose certificate the test CA signed.
 fn tls_cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| start_tls_cluster("server"))
+}
+
+/// The name in the self-signed certificate's common name.
+const SELF_SIGNED_CN: &str = "pgferry-cn.invalid";
+
+/// The cluster whose certificate is made with the one-liner of PostgreSQL's documentation
+/// (with the system's openssl.cnf): self-signed, a CA certificate itself, its host only in the
+/// common name, and the `-text` dump before the PEM block.
+fn self_signed_cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let pki = pki();
-        let read = |name: &str| std::fs::read(pki.dir.path().join(name)).unwrap();
-        Cluster::start_setup(
-            &PgBin::system(),
-            &ClusterSetup {
-                conf: vec![
-                    "ssl = on".into(),
-                    "ssl_cert_file = 'server.crt'".into(),
-                    "ssl_key_file = 'server.key'".into(),
-                ],
-                hba: Some(
-                    "hostssl all postgres 127.0.0.1/32 trust\n\
-                     hostssl all all 127.0.0.1/32 md5\n"
-                        .into(),
-                ),
-                files: vec![
-                    ("server.crt".into(), read("server.crt")),
-                    ("server.key".into(), read("server.key")),
-                ],
-            },
-        )
-        .expect("start a cluster with ssl = on")
+        let subj = format!("/CN={SELF_SIGNED_CN}");
+        openssl(
+            pki().dir.path(),
+            &[
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "365",
+                "-nodes",
+                "-text",
+                "-out",
+                "selfsigned.crt",
+                "-keyout",
+                "selfsigned.key",
+                "-subj",
+                &subj,
+            ],
+        );
+        start_tls_cluster("selfsigned")
     })
 }
 
@@ -380,6 +415,36 @@ fn sslrootcert_system_trusts_the_system_roots_and_means_verify_full() {
             .contains("weak sslmode=require may not be used with sslrootcert=system"),
         "{}",
         run.stderr
+    );
+}
+
+#[test]
+fn a_self_signed_certificate_listed_in_the_root_file_is_trusted_under_its_common_name() {
+    let db = self_signed_cluster().create_database("tls_self_signed");
+    db.psql("CREATE TABLE items (id int PRIMARY KEY, v text)");
+    let crt = pki().dir.path().join("selfsigned.crt");
+    let root = format!("sslrootcert={}", crt.display());
+    let named = db.dsn().replace(
+        "host=127.0.0.1",
+        &format!("host={SELF_SIGNED_CN} hostaddr=127.0.0.1"),
+    );
+    probe(&format!("{named} sslmode=verify-full {root}")).expect(0);
+    probe(&dsn(&db, &format!("sslmode=verify-ca {root}"))).expect(0);
+    probe(&dsn(&db, &format!("sslmode=require {root}"))).expect(0);
+    refused(
+        probe(&dsn(&db, &format!("sslmode=verify-full {root}"))),
+        "server certificate does not match host 127.0.0.1 (sslmode=verify-full)",
+    );
+    let ca = pki().ca();
+    refused(
+        probe(&dsn(
+            &db,
+            &format!("sslmode=verify-ca sslrootcert={}", ca.display()),
+        )),
+        &format!(
+            "server certificate is a CA certificate not found in sslrootcert {} (sslmode=verify-ca)",
+            ca.display()
+        ),
     );
 }
 

@@ -15,8 +15,14 @@
 //!
 //! The chain and the name are checked with rustls' own webpki functions (the two halves of its
 //! `WebPkiServerVerifier`), so verify-ca is verify-full without the name check rather than a
-//! reimplementation. Handshake signatures are always verified, so a server must hold the key of
-//! the certificate it shows, whatever the mode. Only the `ring` provider is used.
+//! reimplementation. Where webpki is stricter than libpq (OpenSSL), two libpq behaviours are
+//! kept, because the certificate recipe in PostgreSQL's documentation depends on both: a server
+//! certificate found as it is in the root file is trusted (webpki refuses a self-signed CA
+//! certificate presented by a server), within its validity period; and the subject's common
+//! name stands for the host name when the certificate has no subjectAltName entry of the host's
+//! kind (DNS name or IP address), with libpq's one-label wildcard. Handshake signatures are
+//! always verified, so a server must hold the key of the certificate it shows, whatever the
+//! mode. Only the `ring` provider is used.
 
 use std::io;
 use std::path::Path;
@@ -32,6 +38,12 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
+use x509_cert::der::oid::db::rfc4519::COMMON_NAME;
+use x509_cert::der::oid::AssociatedOid;
+use x509_cert::der::Decode;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::Certificate;
 
 use crate::dsn::{RootCert, SslMode, TlsSettings};
 
@@ -71,7 +83,7 @@ pub(crate) fn connector(settings: &TlsSettings) -> Result<MakeRustlsConnect, Str
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let algorithms = provider.signature_verification_algorithms;
     let verifier = Verifier {
-        roots: roots.map(Arc::new),
+        roots,
         check_name: settings.mode == SslMode::VerifyFull,
         algorithms,
     };
@@ -84,8 +96,16 @@ pub(crate) fn connector(settings: &TlsSettings) -> Result<MakeRustlsConnect, Str
     Ok(MakeRustlsConnect::new(config))
 }
 
+/// Trusted certificates: webpki's trust anchors, and the certificates as given (for a server
+/// certificate listed in the root file itself).
+#[derive(Debug)]
+struct Roots {
+    store: RootCertStore,
+    certs: Vec<CertificateDer<'static>>,
+}
+
 /// Reads the PEM certificates of a root certificate file.
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+fn load_roots(path: &Path) -> Result<Roots, String> {
     let shown = path.display();
     let pem = std::fs::read(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!(
@@ -94,31 +114,33 @@ fn load_roots(path: &Path) -> Result<RootCertStore, String> {
         io::ErrorKind::PermissionDenied => format!("sslrootcert {shown}: permission denied"),
         _ => format!("sslrootcert {shown}: cannot read it: {e}"),
     })?;
-    let mut roots = RootCertStore::empty();
+    let mut store = RootCertStore::empty();
+    let mut certs = Vec::new();
     for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
         let cert = cert.map_err(|e| format!("sslrootcert {shown}: not valid PEM: {e}"))?;
-        roots.add(cert).map_err(|e| {
+        store.add(cert.clone()).map_err(|e| {
             format!(
                 "sslrootcert {shown}: certificate {} is not a usable CA certificate: {e}",
                 i + 1
             )
         })?;
+        certs.push(cert);
     }
-    if roots.is_empty() {
+    if store.is_empty() {
         return Err(format!(
             "sslrootcert {shown}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)"
         ));
     }
-    Ok(roots)
+    Ok(Roots { store, certs })
 }
 
 /// The operating system's trusted roots, for `sslrootcert=system` (`SSL_CERT_FILE` and
 /// `SSL_CERT_DIR` override where they are looked for, as with OpenSSL).
-fn system_roots() -> Result<RootCertStore, String> {
+fn system_roots() -> Result<Roots, String> {
     let found = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(found.certs);
-    if roots.is_empty() {
+    let mut store = RootCertStore::empty();
+    store.add_parsable_certificates(found.certs);
+    if store.is_empty() {
         let why = found
             .errors
             .first()
@@ -128,14 +150,18 @@ fn system_roots() -> Result<RootCertStore, String> {
             "sslrootcert=system: no trusted root certificates found on this system{why}; install the ca-certificates package or give sslrootcert=FILE"
         ));
     }
-    Ok(roots)
+    // Public CAs sign servers; a server certificate is not expected among them.
+    Ok(Roots {
+        store,
+        certs: Vec::new(),
+    })
 }
 
 /// The certificate verifier for every mode: no roots accepts any certificate; roots verify the
 /// chain; `check_name` also checks that the certificate names the host.
 #[derive(Debug)]
 struct Verifier {
-    roots: Option<Arc<RootCertStore>>,
+    roots: Option<Roots>,
     check_name: bool,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -153,15 +179,30 @@ impl ServerCertVerifier for Verifier {
             return Ok(ServerCertVerified::assertion());
         };
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
+        let chain = verify_server_cert_signed_by_trust_anchor(
             &cert,
-            roots,
+            &roots.store,
             intermediates,
             now,
             self.algorithms.all,
-        )?;
+        );
+        if let Err(e) = chain {
+            // libpq trusts a certificate listed as it is in the root file.
+            if !roots
+                .certs
+                .iter()
+                .any(|c| c.as_ref() == end_entity.as_ref())
+            {
+                return Err(e);
+            }
+            check_validity(end_entity, now)?;
+        }
         if self.check_name {
-            verify_server_name(&cert, server_name)?;
+            if let Err(e) = verify_server_name(&cert, server_name) {
+                if !common_name_matches(end_entity, server_name) {
+                    return Err(e);
+                }
+            }
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -187,6 +228,82 @@ impl ServerCertVerifier for Verifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// Whether `now` is within the certificate's validity period.
+fn check_validity(der: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    let cert = Certificate::from_der(der.as_ref())
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let validity = &cert.tbs_certificate.validity;
+    let now = now.as_secs();
+    if now < validity.not_before.to_unix_duration().as_secs() {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ));
+    }
+    if now > validity.not_after.to_unix_duration().as_secs() {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+    }
+    Ok(())
+}
+
+/// libpq's fallback to the common name: when the certificate has no subjectAltName entry of
+/// the host's kind (a DNS name for a name, an IP address for an address), its subject's first
+/// common name is compared with the host.
+fn common_name_matches(der: &CertificateDer<'_>, server_name: &ServerName<'_>) -> bool {
+    let Ok(cert) = Certificate::from_der(der.as_ref()) else {
+        return false;
+    };
+    let (host, ip) = match server_name {
+        ServerName::DnsName(name) => (name.as_ref().to_owned(), false),
+        ServerName::IpAddress(addr) => (std::net::IpAddr::from(*addr).to_string(), true),
+        _ => return false,
+    };
+    let tbs = &cert.tbs_certificate;
+    for ext in tbs.extensions.iter().flatten() {
+        if ext.extn_id != SubjectAltName::OID {
+            continue;
+        }
+        let Ok(san) = SubjectAltName::from_der(ext.extn_value.as_bytes()) else {
+            return false;
+        };
+        let of_host_kind = |n: &GeneralName| match n {
+            GeneralName::DnsName(_) => !ip,
+            GeneralName::IpAddress(_) => ip,
+            _ => false,
+        };
+        if san.0.iter().any(of_host_kind) {
+            return false;
+        }
+    }
+    let first_cn = tbs
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|atv| atv.oid == COMMON_NAME);
+    first_cn.is_some_and(|atv| {
+        std::str::from_utf8(atv.value.value()).is_ok_and(|cn| name_matches(cn, &host))
+    })
+}
+
+/// libpq's comparison of a certificate name with the host: case-insensitive, and a leading
+/// `*.` matches exactly one label. A name with a NUL byte never matches.
+fn name_matches(name: &str, host: &str) -> bool {
+    if name.contains('\0') {
+        return false;
+    }
+    if name.eq_ignore_ascii_case(host) {
+        return true;
+    }
+    let Some(suffix) = name.strip_prefix('*') else {
+        return false;
+    };
+    if !suffix.starts_with('.') || suffix.len() < 2 || host.len() <= suffix.len() {
+        return false;
+    }
+    let (label, rest) = host.split_at(host.len() - suffix.len());
+    rest.eq_ignore_ascii_case(suffix) && !label.contains('.')
 }
 
 /// If a connection failed because of TLS, what went wrong and how to fix it, as a sentence
@@ -249,6 +366,12 @@ fn explain_rustls(e: &rustls::Error, settings: &TlsSettings, host: &str) -> Stri
         | CertificateError::NotValidYetContext { .. } => format!(
             "server certificate is expired or not yet valid (sslmode={mode}); renew it on the server, or check this machine's clock"
         ),
+        // webpki's error for a CA certificate presented by the server (not in the root file).
+        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            format!(
+                "server certificate is a CA certificate not found in {roots} (sslmode={mode}); put the server's certificate itself in the root file, or issue it from a CA"
+            )
+        }
         _ => format!("server certificate refused (sslmode={mode})"),
     }
 }
@@ -286,8 +409,8 @@ mod tests {
 
     #[test]
     fn a_named_root_file_must_exist_and_hold_certificates() {
-        let dir = std::env::temp_dir().join(format!("pgferry-tls-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let e = refusal(SslMode::Require, RootCert::File("/x/y.pem".into()));
         assert!(e.starts_with("sslrootcert /x/y.pem: no such file"), "{e}");
         let e = refusal(SslMode::VerifyFull, RootCert::File("/x/y.pem".into()));
@@ -310,7 +433,74 @@ mod tests {
         // A root file that exists makes require verify the chain (libpq): a broken one refuses.
         let e = refusal(SslMode::Require, RootCert::Default(broken));
         assert!(e.contains("not a usable CA certificate"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A self-signed certificate for `cn`, made with the openssl command.
+    fn self_signed(cn: &str) -> CertificateDer<'static> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args([
+                "-keyout",
+                "k.pem",
+                "-out",
+                "c.pem",
+                "-subj",
+                &format!("/CN={cn}"),
+            ])
+            .current_dir(dir.path())
+            .output()
+            .expect("the openssl command makes the test certificate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CertificateDer::from_pem_file(dir.path().join("c.pem")).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_trusted_as_it_is_must_be_within_its_validity_period() {
+        let cert = self_signed("pgferry-validity.invalid");
+        let at = |secs| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        let now = UnixTime::now().as_secs();
+        assert!(check_validity(&cert, at(now)).is_ok());
+        assert_eq!(
+            check_validity(&cert, at(now - 3600)),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet
+            ))
+        );
+        assert_eq!(
+            check_validity(&cert, at(now + 3 * 86400)),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
+        );
+    }
+
+    #[test]
+    fn the_common_name_stands_for_the_host_only_without_a_matching_kind_of_alt_name() {
+        let cert = self_signed("db1.example.com");
+        let dns = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
+        assert!(common_name_matches(&cert, &dns("db1.example.com")));
+        assert!(!common_name_matches(&cert, &dns("db2.example.com")));
+        assert!(!common_name_matches(&cert, &dns("127.0.0.1")));
+        let ip = self_signed("127.0.0.1");
+        assert!(common_name_matches(&ip, &dns("127.0.0.1")));
+    }
+
+    #[test]
+    fn certificate_names_match_as_in_libpq() {
+        assert!(name_matches("db1.example.com", "DB1.Example.com"));
+        assert!(name_matches("*.example.com", "db1.example.com"));
+        assert!(!name_matches("*.example.com", "a.db1.example.com"));
+        assert!(!name_matches("*.example.com", "example.com"));
+        assert!(!name_matches("*.example.com", ".example.com"));
+        assert!(!name_matches("*example.com", "db1example.com"));
+        assert!(!name_matches("*.", "a."));
+        assert!(!name_matches("db1.example.com\0.evil", "db1.example.com"));
+        assert!(name_matches("127.0.0.1", "127.0.0.1"));
+        assert!(!name_matches("127.0.0.1", "127.0.0.2"));
     }
 
     #[test]
