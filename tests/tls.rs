@@ -489,6 +489,15 @@ fn tls_errors_never_show_the_password() {
     let stderr = refused(probe(&with_password), "not signed by a CA");
     assert!(!stderr.contains("hunter2"), "{stderr}");
     assert!(stderr.contains("tls_user@127.0.0.1"), "{stderr}");
+    // With the right CA the role logs in with its SCRAM password over TLS (where the server
+    // offers SCRAM-SHA-256-PLUS, with channel binding).
+    let ca = pki().ca();
+    let right = format!(
+        "{} sslmode=verify-full sslrootcert={}",
+        db.dsn_as("tls_user", "hunter2-secret"),
+        ca.display()
+    );
+    assert!(encrypted(&right).unwrap());
 }
 
 /// Whether a session opened through pgferry_core with `dsn` is encrypted, per `pg_stat_ssl`.
