@@ -284,6 +284,38 @@ fn applied_changes_are_purged_only_below_every_registered_target() {
 }
 
 #[test]
+fn a_target_restored_to_an_older_state_than_it_acknowledged_is_refused() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("back_src");
+    let target = cluster.create_database("back_dst");
+    source.psql("CREATE TABLE t (id int PRIMARY KEY, v int)");
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    source.psql("INSERT INTO t SELECT g, g FROM generate_series(1, 10) g");
+    sync_json(&source, &target);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("older.dump");
+    dump(&target, &file);
+    source.psql("UPDATE t SET v = -v");
+    sync_json(&source, &target);
+    // The older copy carries the target's identity and a progress older than its ack, and the
+    // changes in between were purged: applying would silently miss them.
+    let older = cluster.create_database("back_old");
+    restore(&file, &older);
+    let run = sync_run(&source, &older, &[]).expect(1);
+    assert!(
+        run.stderr.contains("older state than it acknowledged"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        older.scalar("SELECT sum(v) FROM t"),
+        "55",
+        "nothing applied"
+    );
+}
+
+#[test]
 fn a_table_captured_after_the_target_registered_is_refused_until_accepted() {
     let cluster = Cluster::shared();
     let source = cluster.create_database("later_src");

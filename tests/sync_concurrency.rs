@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{contents, pgferry, user_tables, Run};
+use common::{contents, digest, pgferry, wait_for, Conn, Run};
 use pgferry_testkit::{Cluster, TestDb};
 
 /// The exit code of a transient failure, which is what losing the race for a target is.
@@ -32,70 +32,6 @@ const ANOTHER_APPLIER: &str = "another pgferry is applying";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A plain client session for the test's own SQL (writers, readers, pollers, open
-/// transactions), with a single-threaded runtime of its own so that it can live in a thread.
-struct Conn {
-    client: tokio_postgres::Client,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Conn {
-    fn open(dsn: &str) -> Conn {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let client = rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
-            client
-        });
-        Conn { client, rt }
-    }
-
-    fn try_batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.rt.block_on(self.client.batch_execute(sql))
-    }
-
-    #[track_caller]
-    fn batch(&self, sql: &str) {
-        if let Err(e) = self.try_batch(sql) {
-            panic!("{sql}\nfailed: {e:?}");
-        }
-    }
-
-    /// The columns of the first row of `sql`'s last result, as text.
-    #[track_caller]
-    fn row(&self, sql: &str) -> Vec<Option<String>> {
-        let msgs = match self.rt.block_on(self.client.simple_query(sql)) {
-            Ok(m) => m,
-            Err(e) => panic!("{sql}\nfailed: {e:?}"),
-        };
-        msgs.iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).map(str::to_owned))
-                        .collect::<Vec<_>>(),
-                ),
-                _ => None,
-            })
-            .unwrap_or_default()
-    }
-
-    /// The first column of the first row of `sql` (empty for NULL or no row).
-    #[track_caller]
-    fn text(&self, sql: &str) -> String {
-        self.row(sql)
-            .into_iter()
-            .next()
-            .flatten()
-            .unwrap_or_default()
-    }
-}
 
 fn sync_args<'a>(source: &'a str, target: &'a str) -> [&'a str; 7] {
     [
@@ -212,20 +148,6 @@ fn finish_within(
     }
 }
 
-/// Every user table's row count and an md5 of its sorted rows (for large tables).
-fn digest(db: &TestDb<'_>) -> String {
-    user_tables(db)
-        .iter()
-        .map(|t| {
-            db.scalar(&format!(
-                "SELECT '{t} ' || count(*) || ' ' || md5(coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), ''))
-                   FROM {t} AS r"
-            ))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The target's progress row: the source snapshot it holds and its round count.
 fn progress(target: &TestDb<'_>) -> String {
     target.scalar("SELECT snapshot || ' / ' || rounds FROM pgferry.applied")
@@ -244,14 +166,6 @@ fn on_both(source: &TestDb<'_>, target: &TestDb<'_>, sql: &str) {
 
 /// Polls `cond` every few milliseconds until it holds; panics with `what` after `limit`.
 #[track_caller]
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
 fn is_sqlstate(e: &tokio_postgres::Error, codes: &[&str]) -> bool {
     e.code().is_some_and(|c| codes.contains(&c.code()))
 }

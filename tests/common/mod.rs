@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use pgferry_testkit::{client_tool, TestDb};
 
@@ -171,4 +173,91 @@ pub fn restore(file: &Path, db: &TestDb<'_>) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A plain client session for the test's own SQL (writers, readers, pollers, open
+/// transactions), with a single-threaded runtime of its own so that it can live in a thread.
+pub struct Conn {
+    pub client: tokio_postgres::Client,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Conn {
+    pub fn open(dsn: &str) -> Conn {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            client
+        });
+        Conn { client, rt }
+    }
+
+    pub fn try_batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+
+    #[track_caller]
+    pub fn batch(&self, sql: &str) {
+        if let Err(e) = self.try_batch(sql) {
+            panic!("{sql}\nfailed: {e:?}");
+        }
+    }
+
+    /// The columns of the first row of `sql`'s last result, as text.
+    #[track_caller]
+    pub fn row(&self, sql: &str) -> Vec<Option<String>> {
+        let msgs = match self.rt.block_on(self.client.simple_query(sql)) {
+            Ok(m) => m,
+            Err(e) => panic!("{sql}\nfailed: {e:?}"),
+        };
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).map(str::to_owned))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// The first column of the first row of `sql` (empty for NULL or no row).
+    #[track_caller]
+    pub fn text(&self, sql: &str) -> String {
+        self.row(sql)
+            .into_iter()
+            .next()
+            .flatten()
+            .unwrap_or_default()
+    }
+}
+
+/// Every user table's row count and an md5 of its sorted rows (for large tables).
+pub fn digest(db: &TestDb<'_>) -> String {
+    user_tables(db)
+        .iter()
+        .map(|t| {
+            db.scalar(&format!(
+                "SELECT '{t} ' || count(*) || ' ' || md5(coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), ''))
+                   FROM {t} AS r"
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Polls `cond` until it holds; panics after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
 }

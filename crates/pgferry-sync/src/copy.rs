@@ -25,3 +25,68 @@ pub async fn pass_through(
     }
     sink.as_mut().finish().await
 }
+
+/// What the source may produce ahead of the target, in bytes, while the target is still busy
+/// with the work before its COPY (deleting the pending keys). Bounds pgferry's memory.
+const PREFETCH_BYTES: usize = 16 << 20;
+
+/// Why [`pass_through_after`] failed.
+#[derive(Debug)]
+pub enum PassError<E> {
+    /// The target's work before the rows failed.
+    First(E),
+    /// The COPY itself failed, on either side.
+    Copy(tokio_postgres::Error),
+}
+
+impl<E> From<tokio_postgres::Error> for PassError<E> {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PassError::Copy(e)
+    }
+}
+
+/// Like [`pass_through`], but the source starts `copy_out` while `first` (the target's work
+/// that must precede the rows) runs, holding at most [`PREFETCH_BYTES`] meanwhile; so the
+/// source's query start-up and first rows overlap the target's work instead of following it.
+pub async fn pass_through_after<E>(
+    from: &Transaction<'_>,
+    copy_out: &str,
+    to: &Transaction<'_>,
+    copy_in: &str,
+    first: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<u64, PassError<E>> {
+    let stream = from.copy_out(copy_out);
+    pin_mut!(first);
+    pin_mut!(stream);
+    // Both start at once; the source's CopyOutResponse comes before its first row.
+    let (first_done, stream) = tokio::select! {
+        r = &mut first => { r.map_err(PassError::First)?; (true, stream.await?) }
+        s = &mut stream => (false, s?),
+    };
+    pin_mut!(stream);
+    let mut held: Vec<bytes::Bytes> = Vec::new();
+    let mut size = 0;
+    let mut ended = false;
+    if !first_done {
+        loop {
+            tokio::select! {
+                r = &mut first => { r.map_err(PassError::First)?; break; }
+                chunk = stream.next(), if !ended && size < PREFETCH_BYTES => match chunk {
+                    Some(c) => { let c = c?; size += c.len(); held.push(c); }
+                    None => ended = true,
+                },
+            }
+        }
+    }
+    let sink = to.copy_in::<_, bytes::Bytes>(copy_in).await?;
+    pin_mut!(sink);
+    for c in held {
+        sink.feed(c).await?;
+    }
+    if !ended {
+        while let Some(chunk) = stream.next().await {
+            sink.feed(chunk?).await?;
+        }
+    }
+    Ok(sink.as_mut().finish().await?)
+}

@@ -43,6 +43,10 @@ pub enum SyncError {
              fix: give it a fresh copy (dump and restore, then `pgferry clean`), registering it before the dump with `pgferry target add`; nothing was applied")]
     BehindPurge { target: String },
 
+    #[error("target {target} holds an older state than it acknowledged to the source (restored from an older backup or snapshot, or its server lost commits in a crash), and capture rows it would need again were already purged\n\
+             fix: give it a fresh copy (dump and restore, then `pgferry clean`), reserving it before the dump with `pgferry target add`; nothing was applied")]
+    WentBack { target: String },
+
     #[error("table(s) {} were added to the capture after target {target} registered: their existing rows never reached it\n\
              fix: load their current rows into the target (e.g. pg_dump --data-only --table …), then re-run with --accept-new-tables; nothing was applied",
             tables.join(", "))]
@@ -50,6 +54,9 @@ pub enum SyncError {
 
     #[error("captured tables on {source_db} stayed locked exclusively (TRUNCATEs or other DDL in progress) for every attempt of the round for about 30 s; nothing was applied\nfix: retry when the long transaction holding them has ended")]
     TablesBusy { source_db: String },
+
+    #[error("the capture on {source_db} changed while syncing (tables added by a new `pgferry install`); nothing was applied, the sync starts over with the new tables")]
+    CaptureChanged { source_db: String },
 
     #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
     AnotherApplier { target: String },
@@ -65,9 +72,9 @@ impl SyncError {
         match self {
             SyncError::Core(e) => e.class(),
             SyncError::Install(e) => e.class(),
-            SyncError::AnotherApplier { .. } | SyncError::TablesBusy { .. } => {
-                ErrorClass::Transient
-            }
+            SyncError::AnotherApplier { .. }
+            | SyncError::TablesBusy { .. }
+            | SyncError::CaptureChanged { .. } => ErrorClass::Transient,
             _ => ErrorClass::Definite,
         }
     }

@@ -12,7 +12,9 @@
 //! The library entry point for one-shot catch-up is [`sync_once`]; it returns the same
 //! [`SyncReport`] the CLI prints.
 
+mod check;
 mod copy;
+pub mod daemon;
 mod error;
 mod purge;
 mod registry;
@@ -22,6 +24,7 @@ mod sequence;
 pub mod status;
 mod target;
 
+pub use check::check_target;
 pub use error::SyncError;
 pub use round::{RoundOutcome, TableApplied};
 pub use target::{default_name, drop_target, reserve};
@@ -81,9 +84,190 @@ pub struct SyncReport {
     pub purged: u64,
 }
 
+/// What a round needs to know about the source, read once per connection.
+pub(crate) struct SourceInfo {
+    pub node_id: String,
+    pub dialect: Dialect,
+    /// The captured tables this sync replicates, by table id.
+    pub tables: BTreeMap<i32, registry::CapturedTable>,
+    /// Captured tables this sync leaves out (table patterns), by table id.
+    pub skipped: std::collections::BTreeSet<i32>,
+    pub sequences: Vec<registry::CapturedSequence>,
+}
+
+/// Reads the source's identity, captured tables (those matching `patterns`, all when empty)
+/// and sequences; refuses a source without capture.
+pub(crate) async fn source_info(
+    src: &Session,
+    patterns: &[pgferry_core::TablePattern],
+) -> Result<SourceInfo, SyncError> {
+    let label = &src.target;
+    if !catalog::schema_exists(&src.client, SCHEMA, label).await? {
+        return Err(SyncError::NotInstalled {
+            source_db: label.clone(),
+        });
+    }
+    let node_id: String = src
+        .client
+        .query_one("SELECT node_id FROM pgferry.installation", &[])
+        .await
+        .map_err(|e| src.err("reading the source's identity", e))?
+        .get(0);
+    let mut tables = BTreeMap::new();
+    let mut skipped = std::collections::BTreeSet::new();
+    for t in registry::captured_tables(&src.client, label).await? {
+        let wanted = patterns.is_empty()
+            || patterns
+                .iter()
+                .any(|p| p.matches(t.name.schema.as_str(), t.name.name.as_str()));
+        if wanted {
+            tables.insert(t.table_id, t);
+        } else {
+            skipped.insert(t.table_id);
+        }
+    }
+    let sequences = registry::captured_sequences(&src.client, label)
+        .await?
+        .into_iter()
+        .filter(|s| tables.contains_key(&s.table_id))
+        .collect();
+    Ok(SourceInfo {
+        node_id,
+        dialect: Dialect::new(src.server_version),
+        tables,
+        skipped,
+        sequences,
+    })
+}
+
+/// A target registered with a source and checked, ready for rounds.
+pub(crate) struct PreparedTarget {
+    pub session: Session,
+    pub registered: target::Registered,
+    pub entry: target::Entry,
+}
+
+/// Connects to a target, registers it on first use (target side and the source's registry)
+/// and checks it can take this source's rounds: no tables captured after it registered, and
+/// the replica role where the tables need it.
+pub(crate) async fn prepare_target(
+    src: &Session,
+    info: &SourceInfo,
+    dsn: &Dsn,
+    opts: &SyncOptions,
+) -> Result<PreparedTarget, SyncError> {
+    let mut dst = Session::connect(dsn, "sync").await?;
+    let reg = target::register(&mut dst, &info.node_id, &src.target).await?;
+    let entry = match target::registry_entry(
+        src,
+        &reg.node_id,
+        &target::default_name(dsn),
+        reg.applied.as_deref(),
+        opts.accept_new_tables,
+    )
+    .await
+    {
+        // The target's progress read at registration may be stale: another applier that
+        // committed a round since also acknowledged it. That is not a target gone back.
+        Err(SyncError::WentBack { target: name }) => {
+            let now: Option<String> = dst
+                .client
+                .query_one(
+                    "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1",
+                    &[&info.node_id],
+                )
+                .await
+                .map_err(dst.on_err("reading the target's progress"))?
+                .get(0);
+            return Err(if now != reg.applied {
+                SyncError::AnotherApplier {
+                    target: dst.target.clone(),
+                }
+            } else {
+                SyncError::WentBack { target: name }
+            });
+        }
+        other => other?,
+    };
+    let added_later: Vec<String> = info
+        .tables
+        .values()
+        .filter(|t| !entry.table_ids.contains(&t.table_id))
+        .map(|t| t.name.human())
+        .collect();
+    if !added_later.is_empty() {
+        return Err(SyncError::TablesAddedLater {
+            target: entry.name,
+            tables: added_later,
+        });
+    }
+    if !reg.replica_role {
+        let names: Vec<String> = info.tables.values().map(|t| t.name.to_string()).collect();
+        let blocked = target::needs_replica_role(&dst, &names).await?;
+        if !blocked.is_empty() {
+            let human = |quoted: &String| {
+                info.tables
+                    .values()
+                    .find(|t| t.name.to_string() == *quoted)
+                    .map_or_else(|| quoted.clone(), |t| t.name.human())
+            };
+            return Err(SyncError::NeedsReplicaRole {
+                target: dst.target.clone(),
+                tables: blocked.iter().map(human).collect(),
+            });
+        }
+    }
+    Ok(PreparedTarget {
+        session: dst,
+        registered: reg,
+        entry,
+    })
+}
+
 /// How many times a round may start over because of a TRUNCATE (one that slipped under its
 /// snapshot, or one holding a table): with the growing pauses, about 30 s in all.
 const MAX_ROUND_RETRIES: u32 = 20;
+
+/// Runs one round, starting over (with growing pauses) while a TRUNCATE is in the way.
+pub(crate) async fn round_with_retries(
+    src: &mut Session,
+    probe: &Session,
+    dst: &mut Session,
+    ctx: &round::RoundContext<'_>,
+) -> Result<RoundOutcome, SyncError> {
+    let mut tries = 0;
+    loop {
+        match round::run(src, probe, dst, ctx).await? {
+            round::RoundResult::Applied(o) => return Ok(o),
+            round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => {
+                tries += 1;
+                let pause = std::time::Duration::from_millis(20u64 << tries.min(7));
+                tokio::time::sleep(pause).await;
+            }
+            round::RoundResult::Retry => {
+                return Err(SyncError::TablesBusy {
+                    source_db: src.target.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// Sequences belonging to the tables a round touched.
+pub(crate) fn sequences_of<'a>(
+    info: &'a SourceInfo,
+    outcome: &RoundOutcome,
+) -> Vec<&'a registry::CapturedSequence> {
+    info.sequences
+        .iter()
+        .filter(|s| {
+            info.tables.get(&s.table_id).is_some_and(|t| {
+                let human = t.name.human();
+                outcome.tables.iter().any(|a| a.table == human)
+            })
+        })
+        .collect()
+}
 
 /// Applies to each target every change captured on the source that committed before the call,
 /// and moves the registered sequences forward. Targets are registered on first use.
@@ -96,26 +280,8 @@ pub async fn sync_once(
     let mut src = Session::connect(source, "sync").await?;
     let probe = Session::connect(source, "sync probe").await?;
     let source_label = src.target.clone();
-    if !catalog::schema_exists(&src.client, SCHEMA, &source_label).await? {
-        return Err(SyncError::NotInstalled {
-            source_db: source_label,
-        });
-    }
-    let source_node: String = src
-        .client
-        .query_one("SELECT node_id FROM pgferry.installation", &[])
-        .await
-        .map_err(|e| src.err("reading the source's identity", e))?
-        .get(0);
-    let tables: BTreeMap<i32, registry::CapturedTable> =
-        registry::captured_tables(&src.client, &source_label)
-            .await?
-            .into_iter()
-            .map(|t| (t.table_id, t))
-            .collect();
-    let sequences = registry::captured_sequences(&src.client, &source_label).await?;
+    let info = source_info(&src, &[]).await?;
     let _ticker = purge::ticker(source).await?;
-    let dialect = Dialect::new(src.server_version);
 
     let mut report = SyncReport {
         source: source_label.clone(),
@@ -128,70 +294,25 @@ pub async fn sync_once(
     };
     for dsn in targets {
         let t_started = Instant::now();
-        let mut dst = Session::connect(dsn, "sync").await?;
-        let reg = target::register(&mut dst, &source_node, &source_label).await?;
-        let entry = target::registry_entry(
-            &src,
-            &reg.node_id,
-            &target::default_name(dsn),
-            reg.applied.as_deref(),
-            opts.accept_new_tables,
-        )
-        .await?;
-        let added_later: Vec<String> = tables
-            .values()
-            .filter(|t| !entry.table_ids.contains(&t.table_id))
-            .map(|t| t.name.human())
-            .collect();
-        if !added_later.is_empty() {
-            return Err(SyncError::TablesAddedLater {
-                target: entry.name,
-                tables: added_later,
-            });
-        }
-        if !reg.replica_role {
-            let names: Vec<String> = tables.values().map(|t| t.name.to_string()).collect();
-            let blocked = target::needs_replica_role(&dst, &names).await?;
-            if !blocked.is_empty() {
-                let human = |quoted: &String| {
-                    tables
-                        .values()
-                        .find(|t| t.name.to_string() == *quoted)
-                        .map_or_else(|| quoted.clone(), |t| t.name.human())
-                };
-                return Err(SyncError::NeedsReplicaRole {
-                    target: dst.target.clone(),
-                    tables: blocked.iter().map(human).collect(),
-                });
-            }
-        }
+        let PreparedTarget {
+            session: mut dst,
+            registered: reg,
+            entry,
+        } = prepare_target(&src, &info, dsn, opts).await?;
         let ctx = round::RoundContext {
-            dialect,
-            source_node: &source_node,
+            dialect: info.dialect,
+            source_node: &info.node_id,
             previous: reg.applied.as_deref(),
-            tables: &tables,
+            tables: &info.tables,
+            skipped: &info.skipped,
             replica_role: reg.replica_role,
             versions: (src.server_version, dst.server_version),
             split_above: opts.split_rounds_above,
         };
-        let mut tries = 0;
-        let outcome = loop {
-            match round::run(&mut src, &probe, &mut dst, &ctx).await? {
-                round::RoundResult::Applied(o) => break o,
-                round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => {
-                    tries += 1;
-                    let pause = std::time::Duration::from_millis(20u64 << tries.min(7));
-                    tokio::time::sleep(pause).await;
-                }
-                round::RoundResult::Retry => {
-                    return Err(SyncError::TablesBusy {
-                        source_db: source_label.clone(),
-                    })
-                }
-            }
-        };
+        let outcome = round_with_retries(&mut src, &probe, &mut dst, &ctx).await?;
         target::acknowledge(&src, &entry.name, &outcome.snapshot).await?;
-        let advanced = sequence::advance(&src, &dst, &sequences).await?;
+        let all: Vec<&registry::CapturedSequence> = info.sequences.iter().collect();
+        let advanced = sequence::advance(&src, &dst, &all).await?;
         let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
         report.rounds += 1;
         report.rows += rows;

@@ -7,8 +7,9 @@
 //! acknowledged nothing holds purge back entirely, and with no target registered nothing is
 //! purged (capture starts before any target exists). The horizon below which rows may be gone
 //! is recorded, so that a target registered later, whose copy may predate purged changes, is
-//! refused. Purge is a plain DELETE: it takes the same lock as the capture triggers' inserts, so
-//! it never blocks writers.
+//! refused. Purge is a plain DELETE, which takes the same lock as the capture triggers' inserts,
+//! so it never blocks writers; when every row may go (a drained, quiet source) it is a TRUNCATE
+//! under a lock taken without waiting (see [`purge_all`]).
 
 use pgferry_core::artifact::Dialect;
 use pgferry_core::Session;
@@ -29,22 +30,43 @@ pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
     let visible = dialect.visible_in_snapshot();
     // Below every snapshot's xmin a row is visible in all of them (the cheap test, true for
     // nearly every row); between that and the smallest xmax, each snapshot is asked.
-    let sql = format!(
-        "WITH horizon AS (
+    let horizon = format!(
+        "horizon AS (
              SELECT CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
                          THEN min({xmin}(acked_snapshot)) END AS lo,
                     CASE WHEN count(*) > 0 AND bool_and(acked_snapshot IS NOT NULL)
                          THEN min({xmax}(acked_snapshot)) END AS h
-               FROM pgferry.target),
-         gone AS (
-             DELETE FROM pgferry.delta d USING horizon
-              WHERE d.xid < horizon.lo
-                 OR (d.xid < horizon.h
-                     AND NOT EXISTS (SELECT 1 FROM pgferry.target t WHERE NOT {visible}(d.xid, t.acked_snapshot)))
-             RETURNING 1),
-         mark AS (
-             UPDATE pgferry.installation SET purged_below = horizon.h FROM horizon
-              WHERE horizon.h IS NOT NULL AND (purged_below IS NULL OR purged_below < horizon.h))
+               FROM pgferry.target)"
+    );
+    let purgeable = format!(
+        "(d.xid < horizon.lo
+          OR (d.xid < horizon.h
+              AND NOT EXISTS (SELECT 1 FROM pgferry.target t WHERE NOT {visible}(d.xid, t.acked_snapshot))))"
+    );
+    let mark = "UPDATE pgferry.installation SET purged_below = horizon.h FROM horizon
+                 WHERE horizon.h IS NOT NULL AND (purged_below IS NULL OR purged_below < horizon.h)";
+    // Nothing may go while a registered target has acknowledged nothing (or none is
+    // registered): skip the scans.
+    let open: bool = source
+        .client
+        .query_one(
+            &format!("WITH {horizon} SELECT h IS NOT NULL FROM horizon"),
+            &[],
+        )
+        .await
+        .map_err(|e| SyncError::Core(source.err("reading the purge horizon", e)))?
+        .get(0);
+    if !open {
+        purge_ticks(source).await?;
+        return Ok(0);
+    }
+    if let Some(n) = purge_all(source, &horizon, &purgeable, mark).await? {
+        return Ok(n);
+    }
+    let sql = format!(
+        "WITH {horizon},
+         gone AS (DELETE FROM pgferry.delta d USING horizon WHERE {purgeable} RETURNING 1),
+         mark AS ({mark})
          SELECT count(*) FROM gone"
     );
     let n: i64 = source
@@ -53,6 +75,85 @@ pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
         .await
         .map_err(|e| SyncError::Core(source.err("purging applied capture rows", e)))?
         .get(0);
+    purge_ticks(source).await?;
+    Ok(n as u64)
+}
+
+/// The fast path when every capture row may go (a catch-up that drained a quiet source, a
+/// cutover): TRUNCATE instead of DELETE, which leaves no dead rows behind. It never waits for
+/// a lock: the exclusive lock is taken with NOWAIT, so it fails at once while a writer's
+/// capture row or a round's read is in flight (and then the plain DELETE runs), and a writer
+/// arriving meanwhile waits only for the check of an all-purgeable table and the TRUNCATE.
+/// Returns `None` when the fast path does not apply.
+async fn purge_all(
+    source: &Session,
+    horizon: &str,
+    purgeable: &str,
+    mark: &str,
+) -> Result<Option<u64>, SyncError> {
+    let count = format!(
+        "WITH {horizon} SELECT count(*), count(*) FILTER (WHERE {purgeable} IS NOT TRUE)
+           FROM pgferry.delta d, horizon"
+    );
+    let all_purgeable = |row: &tokio_postgres::Row| {
+        let (n, kept): (i64, i64) = (row.get(0), row.get(1));
+        (n >= TRUNCATE_ABOVE && kept == 0).then_some(n as u64)
+    };
+    let row = source
+        .client
+        .query_one(&count, &[])
+        .await
+        .map_err(|e| SyncError::Core(source.err("counting purgeable capture rows", e)))?;
+    if all_purgeable(&row).is_none() {
+        return Ok(None);
+    }
+    // Same checks again under the lock: rows written since are not purgeable.
+    let attempt = "BEGIN; LOCK TABLE pgferry.delta IN ACCESS EXCLUSIVE MODE NOWAIT";
+    if let Err(e) = source.client.batch_execute(attempt).await {
+        let _ = source.client.batch_execute("ROLLBACK").await;
+        tracing::debug!(error = %e, "capture rows purged by DELETE: the table is in use");
+        return Ok(None);
+    }
+    let finish = async {
+        let row = source.client.query_one(&count, &[]).await?;
+        let Some(n) = all_purgeable(&row) else {
+            return Ok(None);
+        };
+        source
+            .client
+            .batch_execute(&format!(
+                "TRUNCATE pgferry.delta; WITH {horizon} {mark}; COMMIT"
+            ))
+            .await?;
+        Ok::<_, tokio_postgres::Error>(Some(n))
+    };
+    match finish.await {
+        Ok(Some(n)) => {
+            purge_ticks(source).await?;
+            Ok(Some(n))
+        }
+        Ok(None) => {
+            let _ = source.client.batch_execute("ROLLBACK").await;
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = source.client.batch_execute("ROLLBACK").await;
+            if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                tracing::debug!("capture rows purged by DELETE: no TRUNCATE privilege");
+                return Ok(None);
+            }
+            Err(SyncError::Core(
+                source.err("purging applied capture rows", e),
+            ))
+        }
+    }
+}
+
+/// Below this many capture rows a DELETE is as cheap as a TRUNCATE (which creates a new file
+/// and needs an exclusive lock).
+const TRUNCATE_ABOVE: i64 = 10_000;
+
+async fn purge_ticks(source: &Session) -> Result<(), SyncError> {
     source
         .client
         .execute(
@@ -61,7 +162,7 @@ pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
         )
         .await
         .map_err(|e| SyncError::Core(source.err("purging old ticks", e)))?;
-    Ok(n as u64)
+    Ok(())
 }
 
 /// Records a tick: the source's current snapshot and time, for lag in seconds.

@@ -68,14 +68,21 @@ pub async fn captured_tables(
         .collect())
 }
 
+/// A registered sequence and the captured table it belongs to.
+#[derive(Clone, Debug)]
+pub struct CapturedSequence {
+    pub name: QualifiedName,
+    pub table_id: i32,
+}
+
 /// Registered sequences.
 pub async fn captured_sequences(
     client: &impl GenericClient,
     target: &str,
-) -> Result<Vec<QualifiedName>, pgferry_core::Error> {
+) -> Result<Vec<CapturedSequence>, pgferry_core::Error> {
     let rows = client
         .query(
-            "SELECT schema_name, sequence_name FROM pgferry.captured_sequence ORDER BY 1, 2",
+            "SELECT schema_name, sequence_name, table_id FROM pgferry.captured_sequence ORDER BY 1, 2",
             &[],
         )
         .await
@@ -86,6 +93,9 @@ pub async fn captured_sequences(
         })?;
     Ok(rows
         .iter()
-        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|r| CapturedSequence {
+            name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            table_id: r.get(2),
+        })
         .collect())
 }

@@ -26,7 +26,7 @@ use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
 use tokio_postgres::{IsolationLevel, Transaction};
 
-use crate::copy::pass_through;
+use crate::copy::{pass_through, pass_through_after, PassError};
 use crate::registry::CapturedTable;
 use crate::SyncError;
 
@@ -37,7 +37,9 @@ pub struct TableApplied {
     pub table: String,
     /// Capture rows (changes) the round covered.
     pub changes: u64,
-    /// Distinct keys whose state was applied (old keys of key changes included).
+    /// Key images staged and deleted on the target: the key of every change plus the old key
+    /// of every key change (not deduplicated: a key changed twice counts twice; deduplicating
+    /// on the source cost more than the rest of the staging).
     pub keys: u64,
     /// Rows copied in (keys that exist at the round's snapshot).
     pub rows: u64,
@@ -61,6 +63,8 @@ pub(crate) struct RoundContext<'a> {
     pub source_node: &'a str,
     pub previous: Option<&'a str>,
     pub tables: &'a BTreeMap<i32, CapturedTable>,
+    /// Captured tables this sync leaves out (table patterns): their changes are not applied.
+    pub skipped: &'a std::collections::BTreeSet<i32>,
     pub replica_role: bool,
     /// `server_version_num` of the source and of the target.
     pub versions: (u32, u32),
@@ -81,7 +85,10 @@ pub(crate) enum RoundResult {
 const ROUND_WORK_MEM: &str = "64MB";
 
 /// The SQL condition selecting the capture rows `d` that are pending after snapshot `previous`.
-fn pending_condition(dialect: Dialect, previous: Option<&str>) -> Result<String, SyncError> {
+pub(crate) fn pending_condition(
+    dialect: Dialect,
+    previous: Option<&str>,
+) -> Result<String, SyncError> {
     let Some(p) = previous else {
         return Ok("true".into());
     };
@@ -146,6 +153,7 @@ pub(crate) async fn run(
         .await
         .map_err(|e| sq("taking the round's snapshot", e))?
         .get(0);
+    tracing::debug!(snapshot = %snapshot, "round started");
     let rows = stx
         .query(
             &format!(
@@ -162,6 +170,12 @@ pub(crate) async fn run(
         let count: i64 = r.get(1);
         if let Some(t) = ctx.tables.get(&id) {
             work.push((t, count as u64, r.get(2)));
+        } else if !ctx.skipped.contains(&id) {
+            // Captured after this sync read the source's tables: its changes must not be
+            // acknowledged unapplied (purge would drop them). Start over with fresh tables.
+            return Err(SyncError::CaptureChanged {
+                source_db: source_label.clone(),
+            });
         }
     }
     if !work.is_empty() {
@@ -287,6 +301,7 @@ pub(crate) async fn run(
     stx.commit()
         .await
         .map_err(|e| sq("ending the round's source transaction", e))?;
+    tracing::debug!(snapshot = %snapshot, "round committed");
     Ok(RoundResult::Applied(RoundOutcome {
         snapshot,
         tables: applied,
@@ -318,14 +333,22 @@ async fn begin_target<'a>(
         .transaction()
         .await
         .map_err(tgt(label, "starting the round's target transaction"))?;
-    ttx.batch_execute(&format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'"))
-        .await
-        .map_err(tgt(label, "setting work_mem"))?;
-    if ctx.replica_role {
-        ttx.batch_execute("SET LOCAL session_replication_role = replica")
-            .await
-            .map_err(tgt(label, "setting session_replication_role"))?;
-    }
+    // The round is acknowledged to the source after it commits, and the source may then purge
+    // what it applied: the commit must be durable even where the target runs with
+    // synchronous_commit off, or a crash could lose a round the source no longer holds.
+    ttx.batch_execute(&format!(
+        "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on{}",
+        if ctx.replica_role {
+            "; SET LOCAL session_replication_role = replica"
+        } else {
+            ""
+        }
+    ))
+    .await
+    .map_err(tgt(
+        label,
+        "setting the round's work_mem, synchronous_commit and replica role",
+    ))?;
     let held: Option<String> = ttx
         .query_one(
             "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
@@ -430,7 +453,7 @@ async fn apply_table(
     };
     let keys_sql = format!(
             "COPY (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-                   UNION
+                   UNION ALL
                    SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL) TO STDOUT",
             new = t.restore("d.key"),
             old = t.restore("d.old_key"),
@@ -451,30 +474,21 @@ async fn apply_table(
     );
     // The target side before the rows: the pending keys into a temporary table, then every
     // target row with one of them deleted.
-    let prepare = async {
-        ttx.batch_execute(&format!(
-            "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
-            key_defs.join(", ")
-        ))
-        .await
-        .map_err(tq(format!("preparing the keys of {human}")))?;
-        let keys = pass_through(
-            stx,
-            &keys_sql,
-            ttx,
-            &format!("COPY pg_temp.{keys_table} FROM STDIN"),
-        )
-        .await
-        .map_err(tq(format!("moving the pending keys of {human}")))?;
-        ttx.batch_execute(&format!(
-                "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
-                join.join(" AND ")
-            ))
-            .await
-            .map_err(tq(format!("deleting the pending keys of {human}")))?;
-        Ok::<u64, SyncError>(keys)
-    };
-    let keys = prepare.await?;
+    ttx.batch_execute(&format!(
+        "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
+        key_defs.join(", ")
+    ))
+    .await
+    .map_err(tq(format!("preparing the keys of {human}")))?;
+    let keys = pass_through(
+        stx,
+        &keys_sql,
+        ttx,
+        &format!("COPY pg_temp.{keys_table} FROM STDIN"),
+    )
+    .await
+    .map_err(tq(format!("moving the pending keys of {human}")))?;
+    tracing::debug!(table = %human, keys, seconds = clock.elapsed().as_secs_f64(), "keys staged");
     // pgferry.delta has no index and its statistics lag behind: for a large set of keys the
     // planner would still pick a nested loop of index probes; a hash join is faster.
     stx.batch_execute(if changes > 10_000 {
@@ -484,9 +498,21 @@ async fn apply_table(
     })
     .await
     .map_err(|e| sq("choosing the join", e))?;
-    let rows = pass_through(stx, &rows_sql, ttx, &copy_in)
+    // The source starts on the rows while the target deletes.
+    let delete_sql = format!(
+        "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
+        join.join(" AND ")
+    );
+    let delete = ttx.batch_execute(&delete_sql);
+    let rows = pass_through_after(stx, &rows_sql, ttx, &copy_in, delete)
         .await
-        .map_err(tq(format!("copying the rows of {human}")))?;
+        .map_err(|e| match e {
+            PassError::First(e) => tgt(
+                target_label,
+                format!("deleting the pending keys of {human}"),
+            )(e),
+            PassError::Copy(e) => tgt(target_label, format!("copying the rows of {human}"))(e),
+        })?;
     tracing::debug!(
         table = %human,
         changes,

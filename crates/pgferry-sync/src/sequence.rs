@@ -4,7 +4,9 @@
 //! catch-up each registered sequence is set on the target to the source's position when that
 //! is ahead. A target sequence that is already further (used on the target) is left alone.
 
-use pgferry_core::{QualifiedName, Session};
+use pgferry_core::Session;
+
+use crate::registry::CapturedSequence;
 
 use crate::SyncError;
 
@@ -12,10 +14,10 @@ use crate::SyncError;
 pub(crate) async fn advance(
     source: &Session,
     target: &Session,
-    sequences: &[QualifiedName],
+    sequences: &[&CapturedSequence],
 ) -> Result<u64, SyncError> {
     let mut moved = 0;
-    for seq in sequences {
+    for seq in sequences.iter().map(|s| &s.name) {
         let read = format!("SELECT last_value, is_called FROM {seq}");
         let (value, called): (i64, bool) = match source.client.query_one(&read, &[]).await {
             Ok(r) => (r.get(0), r.get(1)),

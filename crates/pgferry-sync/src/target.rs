@@ -91,23 +91,29 @@ pub(crate) async fn register(
             source: e,
         })
     })?;
-    let replica_sql = if target.server_version >= 150000 {
-        "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege('session_replication_role', 'SET')
-           FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    } else {
-        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    };
-    let replica_role: bool = target
-        .client
-        .query_one(replica_sql, &[])
-        .await
-        .map_err(target.on_err("checking the replica role"))?
-        .get(0);
+    let replica_role = may_set_replica_role(target).await?;
     Ok(Registered {
         node_id,
         applied,
         replica_role,
     })
+}
+
+/// Whether the session's role may set `session_replication_role = replica` (a superuser, or
+/// on 15+ a role granted SET on the parameter).
+pub(crate) async fn may_set_replica_role(session: &Session) -> Result<bool, SyncError> {
+    let sql = if session.server_version >= 150000 {
+        "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege('session_replication_role', 'SET')
+           FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+    } else {
+        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+    };
+    Ok(session
+        .client
+        .query_one(sql, &[])
+        .await
+        .map_err(session.on_err("checking the replica role"))?
+        .get(0))
 }
 
 /// Tables (among `tables`) that cannot be applied without the replica role: carrying or
@@ -186,9 +192,9 @@ async fn registry_entry_locked(
     let c = &source.client;
     let row = c
         .query_opt(
-            "SELECT name, table_ids FROM pgferry.target WHERE node_id = $1
+            "SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id = $1
              UNION ALL
-             SELECT name, table_ids FROM pgferry.target WHERE node_id IS NULL AND name = $2
+             SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id IS NULL AND name = $2
              LIMIT 1",
             &[&node_id, &name],
         )
@@ -205,7 +211,29 @@ async fn registry_entry_locked(
         .map(|r| r.get(0))
         .collect();
     let (entry_name, ids) = match row {
-        Some(r) => (r.get::<_, String>(0), r.get::<_, Option<Vec<i32>>>(1)),
+        Some(r) => {
+            let acked: Option<String> = r.get(2);
+            if went_back(applied, acked.as_deref()) {
+                // The target holds an older state than it acknowledged: rows between the two
+                // may have been purged. Go on only if nothing at or above its xmin was.
+                let xid_type = Dialect::new(source.server_version).xid_type();
+                let xmin = applied.and_then(snapshot_xmin).unwrap_or(0);
+                let purged: bool = c
+                    .query_one(
+                        &format!("SELECT coalesce(purged_below > '{xmin}'::{xid_type}, false) FROM pgferry.installation"),
+                        &[],
+                    )
+                    .await
+                    .map_err(source.on_err("reading the purge horizon"))?
+                    .get(0);
+                if purged {
+                    return Err(SyncError::WentBack {
+                        target: name.to_owned(),
+                    });
+                }
+            }
+            (r.get::<_, String>(0), r.get::<_, Option<Vec<i32>>>(1))
+        }
         None => {
             // Not registered (never, or dropped since): capture rows may have been purged
             // without regard for this target.
@@ -265,6 +293,28 @@ async fn registry_entry_locked(
         name: entry_name,
         table_ids,
     })
+}
+
+fn snapshot_xmin(snapshot: &str) -> Option<u64> {
+    snapshot.split(':').next()?.parse().ok()
+}
+
+fn snapshot_xmax(snapshot: &str) -> Option<u64> {
+    snapshot.split(':').nth(1)?.parse().ok()
+}
+
+/// Whether a target's own progress (`applied`) is older than what it acknowledged to the
+/// source (`acked`): it lost rounds it had committed (restored from an older backup, or a
+/// crash that lost commits).
+fn went_back(applied: Option<&str>, acked: Option<&str>) -> bool {
+    match (applied, acked) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(p), Some(a)) => match (snapshot_xmax(p), snapshot_xmax(a)) {
+            (Some(p), Some(a)) => a > p,
+            _ => false,
+        },
+    }
 }
 
 /// Reserves a target on the source before its copy exists (before the dump is taken), so that

@@ -21,6 +21,7 @@ pub const EXIT_CODES_HELP: &str =
 pub enum Code {
     Ok = 0,
     Refused = 1,
+    Usage = 2,
     Connection = 3,
     Privilege = 4,
     Failure = 5,
@@ -39,6 +40,8 @@ pub struct Failure {
     pub class: ErrorClass,
     /// Recognised bad input (exit 1) rather than a failure while working (exit 5).
     pub refused: bool,
+    /// Bad command-line input or configuration (exit 2).
+    pub usage: bool,
 }
 
 impl Failure {
@@ -47,6 +50,17 @@ impl Failure {
             error: error.into(),
             class,
             refused: class == ErrorClass::Definite,
+            usage: false,
+        }
+    }
+
+    /// Bad command-line input or configuration: exit 2.
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            error: anyhow::Error::msg(message.into()),
+            class: ErrorClass::Definite,
+            refused: false,
+            usage: true,
         }
     }
 }
@@ -85,6 +99,7 @@ pub fn report(f: &Failure) -> Code {
     }
     eprintln!("{msg}");
     match f.class {
+        _ if f.usage => Code::Usage,
         ErrorClass::Connection | ErrorClass::Authentication => Code::Connection,
         ErrorClass::Privilege => Code::Privilege,
         ErrorClass::Definite if f.refused => Code::Refused,

@@ -3,8 +3,10 @@
 
 mod capture;
 mod cleanup;
+mod config;
 mod exit;
 mod output;
+mod run;
 mod sync;
 
 use std::time::Duration;
@@ -43,6 +45,12 @@ enum Command {
     /// Show where each target stands: pending changes per table, the age of the oldest,
     /// the last acknowledged snapshot.
     Status(sync::StatusArgs),
+    /// Replicate continuously (the daemon): rounds whenever changes are committed, reconnecting
+    /// after outages, one active daemon per sync (others stand by), metrics on --metrics.
+    Run(run::RunArgs),
+    /// Check a daemon configuration: the file, every node, every sync's capture and target
+    /// schemas; reports every problem at once (exit 0 ready, 1 problems, 2 bad file).
+    Check(run::CheckArgs),
     /// Manage the source's registry of targets.
     #[command(subcommand)]
     Target(sync::TargetCommand),
@@ -91,6 +99,8 @@ fn main() -> std::process::ExitCode {
             Command::Sync(a) => sync::sync(a).await,
             Command::Target(c) => sync::target(c).await,
             Command::Status(a) => sync::status(a).await,
+            Command::Run(a) => run::run(a).await,
+            Command::Check(a) => run::check(a).await,
         }
     });
     match result {

@@ -1,0 +1,285 @@
+//! The daemon's configuration file (TOML): named nodes and the syncs between them.
+//! `docs/daemon.md` documents it, with a commented example (`docs/pgferry.example.toml`).
+//!
+//! Loading reports every problem at once, each naming the node or sync and the field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgferry_core::{Dsn, TablePattern};
+use pgferry_sync::daemon::SyncSpec;
+use pgferry_sync::SyncOptions;
+use serde::Deserialize;
+
+/// Default longest wait between two polls of an idle source.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    nodes: BTreeMap<String, NodeFile>,
+    #[serde(default)]
+    syncs: BTreeMap<String, SyncFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    dsn: String,
+    /// Environment variable holding the password.
+    password_env: Option<String>,
+    /// File holding the password (first line; trailing newline ignored).
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncFile {
+    source: String,
+    targets: Vec<String>,
+    #[serde(default)]
+    tables: Vec<String>,
+    poll_interval: Option<String>,
+    split_rounds_above: Option<u64>,
+    #[serde(default)]
+    accept_new_tables: bool,
+}
+
+/// A loaded configuration: every node's DSN (password filled in) and the syncs.
+#[derive(Debug)]
+pub struct Config {
+    pub nodes: BTreeMap<String, Dsn>,
+    pub syncs: Vec<SyncSpec>,
+}
+
+/// Reads and checks `path`; on failure, every problem found.
+pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    parse(&text, &|var| std::env::var(var).ok()).map_err(|p| {
+        p.into_iter()
+            .map(|m| format!("{}: {m}", path.display()))
+            .collect()
+    })
+}
+
+/// Parses a configuration; `env` reads environment variables.
+pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
+    let file: File = toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_owned()])?;
+    let mut problems = Vec::new();
+    let mut nodes = BTreeMap::new();
+    for (name, node) in &file.nodes {
+        let mut dsn = match Dsn::parse(&node.dsn) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("node {name}: dsn: {e}"));
+                continue;
+            }
+        };
+        let password = match (&node.password_env, &node.password_file) {
+            (Some(_), Some(_)) => {
+                problems.push(format!(
+                    "node {name}: give password_env or password_file, not both"
+                ));
+                None
+            }
+            (Some(var), None) => match env(var) {
+                Some(p) => Some(p),
+                None => {
+                    problems.push(format!(
+                        "node {name}: password_env: environment variable {var} is not set"
+                    ));
+                    None
+                }
+            },
+            (None, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(p) => Some(p.lines().next().unwrap_or("").to_owned()),
+                Err(e) => {
+                    problems.push(format!(
+                        "node {name}: password_file: cannot read {}: {e}",
+                        file.display()
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if let Some(p) = password {
+            dsn = dsn.with("password", &p);
+        }
+        nodes.insert(name.clone(), dsn);
+    }
+    if file.syncs.is_empty() {
+        problems.push("no [syncs.NAME] section: nothing to replicate".into());
+    }
+    let mut syncs = Vec::new();
+    for (name, sync) in &file.syncs {
+        let node = |role: &str, n: &str, problems: &mut Vec<String>| -> Option<Dsn> {
+            match nodes.get(n) {
+                Some(d) => Some(d.clone()),
+                None if file.nodes.contains_key(n) => None, // its own problem is reported
+                None => {
+                    problems.push(format!(
+                        "sync {name}: {role} {n:?} is not a node (define [nodes.{n}])"
+                    ));
+                    None
+                }
+            }
+        };
+        let source = node("source", &sync.source, &mut problems);
+        if sync.targets.is_empty() {
+            problems.push(format!("sync {name}: targets: give at least one node"));
+        }
+        let mut targets = Vec::new();
+        for t in &sync.targets {
+            if *t == sync.source {
+                problems.push(format!(
+                    "sync {name}: node {t} is both the source and a target"
+                ));
+            }
+            if let Some(d) = node("target", t, &mut problems) {
+                targets.push(d);
+            }
+        }
+        let mut tables = Vec::new();
+        for p in &sync.tables {
+            match TablePattern::parse(p) {
+                Ok(p) => tables.push(p),
+                Err(e) => problems.push(format!("sync {name}: tables: {e}")),
+            }
+        }
+        let poll_interval = match sync.poll_interval.as_deref().map(parse_duration) {
+            None => DEFAULT_POLL_INTERVAL,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                problems.push(format!("sync {name}: poll_interval: {e}"));
+                DEFAULT_POLL_INTERVAL
+            }
+        };
+        if let Some(source) = source {
+            syncs.push(SyncSpec {
+                name: name.clone(),
+                source,
+                targets,
+                tables,
+                options: SyncOptions {
+                    accept_new_tables: sync.accept_new_tables,
+                    split_rounds_above: sync.split_rounds_above,
+                },
+                poll_interval,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(Config { nodes, syncs })
+    } else {
+        Err(problems)
+    }
+}
+
+/// `250ms`, `2s`, `1.5s`, `1m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (number, unit) = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((t, ""), |i| t.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 50ms, 2s, 1m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        _ => return Err(format!("{text:?} is not a duration (e.g. 50ms, 2s, 1m)")),
+    };
+    if !(0.001..=3600.0).contains(&seconds) {
+        return Err(format!("{text:?} is out of range (1ms to 1h)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(var: &str) -> Option<String> {
+        (var == "OLD_PW").then(|| "s3cret".to_owned())
+    }
+
+    #[test]
+    fn a_full_configuration_loads() {
+        let c = parse(
+            r#"
+            [nodes.old]
+            dsn = "host=old.example dbname=app user=pgferry"
+            password_env = "OLD_PW"
+            [nodes.new]
+            dsn = "postgresql://pgferry@new.example/app"
+            [syncs.main]
+            source = "old"
+            targets = ["new"]
+            tables = ["public.*"]
+            poll_interval = "20ms"
+            split_rounds_above = 1000000
+            "#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.syncs.len(), 1);
+        let s = &c.syncs[0];
+        assert_eq!(s.name, "main");
+        assert_eq!(s.poll_interval, Duration::from_millis(20));
+        assert_eq!(s.options.split_rounds_above, Some(1_000_000));
+        assert_eq!(c.nodes["old"].get("password"), Some("s3cret"));
+        assert!(!format!("{:?}", c.nodes["old"]).contains("s3cret"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = parse(
+            r#"
+            [nodes.old]
+            dsn = "host=old dbname=app"
+            password_env = "MISSING_PW"
+            [nodes.bad]
+            dsn = "host=x sslmode=bogus"
+            [syncs.main]
+            source = "old"
+            targets = ["nowhere", "old"]
+            tables = ["a.b.c"]
+            poll_interval = "soon"
+            "#,
+            &env,
+        )
+        .unwrap_err();
+        let all = problems.join("\n");
+        for needle in [
+            "MISSING_PW",
+            "node bad: dsn",
+            "\"nowhere\" is not a node",
+            "both the source and a target",
+            "tables:",
+            "poll_interval",
+        ] {
+            assert!(all.contains(needle), "{needle:?} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let problems =
+            parse("[nodes.a]\ndsn = \"host=a\"\npasword_env = \"X\"\n", &env).unwrap_err();
+        assert!(problems[0].contains("pasword_env"), "{problems:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("0ms").is_err());
+    }
+}

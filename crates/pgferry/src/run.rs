@@ -1,0 +1,359 @@
+//! `pgferry run` (the daemon) and `pgferry check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgferry_core::ErrorClass;
+use pgferry_sync::daemon::{self, Role, StateReceiver, SyncSpec};
+use pgferry_sync::SyncOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::parse_dsn;
+use crate::config;
+use crate::exit::{Code, Failure};
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file (TOML: nodes and syncs; see docs/daemon.md).
+    #[arg(long, value_name = "FILE", required_unless_present = "source", conflicts_with_all = ["source", "targets"])]
+    pub config: Option<PathBuf>,
+    /// Without --config: the captured source.
+    #[arg(long, value_name = "DSN", requires = "targets")]
+    pub source: Option<String>,
+    /// Without --config: a target. Repeatable.
+    #[arg(long = "target", value_name = "DSN")]
+    pub targets: Vec<String>,
+    /// Without --config: the sync's identity (default: its targets' names, sorted), which
+    /// keys the lock that keeps a second daemon for the same sync on standby.
+    #[arg(long, value_name = "NAME", conflicts_with = "config")]
+    pub name: Option<String>,
+    /// Without --config: replicate only the captured tables matching PATTERN (`schema.table`,
+    /// `*` and `?` allowed). Repeatable; default all.
+    #[arg(long = "table", value_name = "PATTERN", conflicts_with = "config")]
+    pub tables: Vec<String>,
+    /// Without --config: the longest wait between two polls of an idle source.
+    #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = config::parse_duration, conflicts_with = "config")]
+    pub poll_interval: Duration,
+    /// Without --config: commit rounds holding more than ROWS changes table by table (see
+    /// `pgferry sync --help`).
+    #[arg(long, value_name = "ROWS", conflicts_with = "config")]
+    pub split_rounds_above: Option<u64>,
+    /// Serve Prometheus metrics on ADDR (`/metrics`) and a health check (`/healthz`), e.g.
+    /// 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The configuration file to check.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print a JSON report on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Time allowed for a clean stop after SIGTERM/SIGINT, beyond which the daemon exits anyway.
+const STOP_DEADLINE: Duration = Duration::from_secs(9);
+
+fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
+    if let Some(path) = &args.config {
+        return config::load(path)
+            .map(|c| c.syncs)
+            .map_err(|problems| Failure::usage(problems.join("\n")));
+    }
+    let source = parse_dsn(args.source.as_deref().unwrap_or_default())?;
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| parse_dsn(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tables = args
+        .tables
+        .iter()
+        .map(|p| pgferry_core::TablePattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    Ok(vec![SyncSpec {
+        name: args
+            .name
+            .clone()
+            .unwrap_or_else(|| SyncSpec::default_name(&targets)),
+        source,
+        targets,
+        tables,
+        options: SyncOptions {
+            accept_new_tables: false,
+            split_rounds_above: args.split_rounds_above,
+        },
+        poll_interval: args.poll_interval,
+    }])
+}
+
+pub async fn run(args: RunArgs) -> Result<Code, Failure> {
+    let specs = specs(&args)?;
+    let root = CancellationToken::new();
+    let mut states: Vec<StateReceiver> = Vec::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ])
+                .map_err(|e| Failure::new(anyhow::anyhow!("metrics: {e}"), ErrorClass::Definite))?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|e| Failure::new(anyhow::anyhow!("metrics: {e}"), ErrorClass::Definite))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Failure::usage(format!("--metrics {addr}: cannot listen there: {e}"))
+            })?;
+            tracing::info!(%addr, "serving /metrics and /healthz");
+            Some((listener, handle))
+        }
+        None => None,
+    };
+    for spec in specs {
+        let (tx, rx) = tokio::sync::watch::channel(daemon::SyncState::default());
+        states.push(rx);
+        tracing::info!(sync = %spec.name, source = %spec.source.redacted(), targets = spec.targets.len(), "starting sync");
+        tracker.spawn(daemon::run(spec, root.child_token(), tx));
+    }
+    tracker.close();
+    if let Some((listener, handle)) = metrics {
+        let (states, stop) = (states.clone(), root.clone());
+        tokio::spawn(serve(listener, handle, states, stop));
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping: finishing or rolling back the rounds in flight");
+            root.cancel();
+        }
+        _ = tracker.wait() => {}
+    }
+    if tokio::time::timeout(STOP_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("stopped before every task finished (their transactions roll back)");
+    } else {
+        tracing::info!("stopped");
+    }
+    Ok(Code::Ok)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A minimal HTTP/1.1 server: `GET /metrics` (Prometheus text) and `GET /healthz`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    states: Vec<StateReceiver>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            continue;
+        };
+        let (handle, states) = (handle.clone(), states.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            let read = async {
+                while len < buf.len() {
+                    let n = stream.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(5), read).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, kind, body) = match path {
+                "/metrics" => {
+                    refresh_gauges(&states);
+                    ("200 OK", "text/plain; version=0.0.4", handle.render())
+                }
+                "/healthz" => {
+                    let (healthy, body) = health(&states);
+                    (
+                        if healthy {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        },
+                        "application/json",
+                        body,
+                    )
+                }
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Gauges that depend on the time of the scrape.
+fn refresh_gauges(states: &[StateReceiver]) {
+    for s in daemon::summary(states).values() {
+        for t in &s.targets {
+            if let Some(lag) = t.lag_seconds() {
+                metrics::gauge!("pgferry_lag_seconds", "sync" => s.name.clone(), "target" => t.target.clone())
+                    .set(lag);
+            }
+        }
+    }
+}
+
+/// Healthy: every sync is active with every target connected, or on standby.
+fn health(states: &[StateReceiver]) -> (bool, String) {
+    let summary = daemon::summary(states);
+    let healthy = summary.values().all(|s| match s.role {
+        Role::Standby => true,
+        Role::Active => s.targets.iter().all(|t| t.up),
+        Role::Starting | Role::Stopped => false,
+    });
+    let body = serde_json::json!({
+        "healthy": healthy,
+        "syncs": summary.values().map(|s| serde_json::json!({
+            "name": s.name,
+            "source": s.source,
+            "role": s.role,
+            "capture_rows": s.capture_rows,
+            "targets": s.targets.iter().map(|t| serde_json::json!({
+                "target": t.target,
+                "up": t.up,
+                "error": t.error,
+                "snapshot": t.snapshot,
+                "lag_seconds": t.lag_seconds(),
+                "pending": t.pending,
+                "rounds": t.rounds,
+                "rows": t.rows,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    (healthy, format!("{body}\n"))
+}
+
+/// `pgferry check --config FILE`: the file, every node, every sync's capture and targets;
+/// every problem at once.
+pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(problems) => {
+            if args.json {
+                output::json(&serde_json::json!({"ok": false, "problems": problems}));
+            } else {
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+            }
+            return Ok(Code::Usage);
+        }
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let mut checked = Vec::new();
+    for (name, dsn) in &config.nodes {
+        match pgferry_core::Session::connect(dsn, "check").await {
+            Ok(_) => checked.push(format!("node {name}: connected ({})", dsn.redacted())),
+            Err(e) => problems.push(format!("node {name}: {}", chain(&e))),
+        }
+    }
+    for sync in &config.syncs {
+        for t in &sync.targets {
+            let found = pgferry_sync::check_target(&sync.source, t, &sync.tables).await;
+            if found.is_empty() {
+                checked.push(format!("sync {}: target {} ready", sync.name, t.redacted()));
+            }
+            for e in found {
+                problems.push(format!(
+                    "sync {} → {}: {}",
+                    sync.name,
+                    t.redacted(),
+                    chain(&e)
+                ));
+            }
+        }
+    }
+    problems.dedup();
+    if args.json {
+        output::json(&serde_json::json!({
+            "ok": problems.is_empty(),
+            "checked": checked,
+            "problems": problems,
+        }));
+    } else {
+        for c in &checked {
+            println!("ok: {c}");
+        }
+        for p in &problems {
+            println!("problem: {p}");
+        }
+    }
+    Ok(if problems.is_empty() {
+        Code::Ok
+    } else {
+        Code::Refused
+    })
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text.replace('\n', " ")
+}
