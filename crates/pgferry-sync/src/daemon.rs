@@ -36,6 +36,12 @@ use crate::{purge, round, sequence, target, SourceInfo, SyncError, SyncOptions};
 
 /// An idle target gets a round at least this often.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The poll interval while the source is busy, and how long after its last change it counts
+/// as busy. A poll is one count over the (purged, small) capture table.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+const BUSY_SPELL: Duration = Duration::from_secs(2);
+/// How often a target's progress is acknowledged to the source while rounds run.
+const ACK_EVERY: Duration = Duration::from_millis(500);
 /// How long a round in flight may go on after shutdown was asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Reconnection backoff: first pause and cap.
@@ -332,7 +338,20 @@ async fn follow(
         .set(1.0);
     let mut wait = Duration::ZERO;
     let mut last_round = Instant::now() - HEARTBEAT;
+    let mut last_change = Instant::now() - BUSY_SPELL;
+    // Acknowledgements (which let the source purge) are written at most every ACK_EVERY:
+    // the target's own progress row is the truth, and an acknowledgement is a write
+    // transaction on the source.
+    let mut unacked: Option<String> = None;
+    let mut last_ack = Instant::now();
     loop {
+        if let Some(snapshot) = &unacked {
+            if last_ack.elapsed() >= ACK_EVERY || cancel.is_cancelled() {
+                target::acknowledge(&src, &name, snapshot).await?;
+                unacked = None;
+                last_ack = Instant::now();
+            }
+        }
         if cancel.is_cancelled() {
             return Ok(());
         }
@@ -348,10 +367,14 @@ async fn follow(
             }
         });
         if pending == 0 && last_round.elapsed() < HEARTBEAT {
-            wait = (wait * 2).clamp(Duration::from_millis(1), spec.poll_interval);
-            if sleep_or_cancel(wait, cancel).await {
-                return Ok(());
-            }
+            // Busy sources get polled every millisecond; idle ones less and less often.
+            wait = if last_change.elapsed() < BUSY_SPELL {
+                BUSY_POLL
+            } else {
+                (wait * 2).clamp(BUSY_POLL, spec.poll_interval)
+            };
+            // Cancelled or not, the top of the loop acknowledges and decides.
+            sleep_or_cancel(wait, cancel).await;
             continue;
         }
         wait = Duration::ZERO;
@@ -382,7 +405,7 @@ async fn follow(
                 }
             }
         };
-        target::acknowledge(&src, &name, &outcome.snapshot).await?;
+        unacked = Some(outcome.snapshot.clone());
         let touched = crate::sequences_of(&info, &outcome);
         if !touched.is_empty() {
             sequence::advance(&src, &dst, &touched).await?;
@@ -404,6 +427,7 @@ async fn follow(
             metrics::counter!("pgferry_changes_applied_total", &labels).increment(t.changes);
         }
         if changes > 0 {
+            last_change = Instant::now();
             tracing::debug!(sync = %spec.name, target = %label, changes, rows, seconds, snapshot = %outcome.snapshot, "round applied");
         }
         state.send_modify(|s| {

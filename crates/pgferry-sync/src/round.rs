@@ -80,6 +80,11 @@ pub(crate) enum RoundResult {
     Retry,
 }
 
+/// Up to this many changes, a table's pending keys go to the target as query parameters
+/// (held in pgferry's memory: a few hundred KiB at most) instead of through a temporary table,
+/// whose creation, COPY and ANALYZE cost more than the whole small round otherwise.
+const SMALL_TABLE_CHANGES: u64 = 1_000;
+
 /// `work_mem` of a round's sessions: enough for the hash joins and aggregates over a large
 /// round's keys to stay in memory (on the servers; pgferry's own memory does not grow with it).
 const ROUND_WORK_MEM: &str = "64MB";
@@ -141,29 +146,33 @@ pub(crate) async fn run(
             source: e,
         })
     };
-    stx.batch_execute(&format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'"))
-        .await
-        .map_err(|e| sq("setting work_mem", e))?;
-    // The first query fixes S.
-    let snapshot: String = stx
-        .query_one(
-            &format!("SELECT {}::text", ctx.dialect.current_snapshot()),
-            &[],
-        )
-        .await
-        .map_err(|e| sq("taking the round's snapshot", e))?
-        .get(0);
+    // Sent together (tokio-postgres pipelines them), executed in order: the snapshot query is
+    // the transaction's first, so it fixes S, and the pending changes are read at S.
+    let set_work_mem = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
+    let snapshot_sql = format!("SELECT {}::text", ctx.dialect.current_snapshot());
+    let pending_sql = format!(
+        "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
+          WHERE {pending} GROUP BY 1 ORDER BY 1"
+    );
+    let (_, snapshot, rows) = tokio::try_join!(
+        async {
+            stx.batch_execute(&set_work_mem)
+                .await
+                .map_err(|e| sq("setting work_mem", e))
+        },
+        async {
+            stx.query_one(&snapshot_sql, &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+                .map_err(|e| sq("taking the round's snapshot", e))
+        },
+        async {
+            stx.query(&pending_sql, &[])
+                .await
+                .map_err(|e| sq("finding pending changes", e))
+        }
+    )?;
     tracing::debug!(snapshot = %snapshot, "round started");
-    let rows = stx
-        .query(
-            &format!(
-                "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
-                  WHERE {pending} GROUP BY 1 ORDER BY 1"
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| sq("finding pending changes", e))?;
     let mut work: Vec<(&CapturedTable, u64, bool)> = Vec::new();
     for r in &rows {
         let id: i32 = r.get(0);
@@ -222,21 +231,6 @@ pub(crate) async fn run(
 
     let target_label = target.target.clone();
     let labels = (source_label.as_str(), target_label.as_str());
-    // Tables a split round already moved past P keep their own progress (see below).
-    let ahead: BTreeMap<i32, String> = target
-        .client
-        .query(
-            "SELECT table_id, snapshot FROM pgferry.applied_table WHERE source_node_id = $1",
-            &[&ctx.source_node],
-        )
-        .await
-        .map_err(tgt(
-            &target_label,
-            "reading the target's per-table progress",
-        ))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     let total: u64 = work.iter().map(|(_, c, _)| c).sum();
     let split = match ctx.split_above {
         Some(n) if total > n && ctx.replica_role => true,
@@ -259,7 +253,7 @@ pub(crate) async fn run(
     }
 
     let mut applied = Vec::new();
-    let mut ttx = begin_target(target, ctx, &target_label).await?;
+    let (mut ttx, ahead) = begin_target(target, ctx, &target_label).await?;
     for (t, changes, has_truncate) in work {
         let pending = pending_condition(
             ctx.dialect,
@@ -279,28 +273,27 @@ pub(crate) async fn run(
             ttx.commit()
                 .await
                 .map_err(tgt(&target_label, "committing a table of a split round"))?;
-            ttx = begin_target(target, ctx, &target_label).await?;
+            ttx = begin_target(target, ctx, &target_label).await?.0;
         }
     }
-    ttx.execute(
-        "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
-          WHERE source_node_id = $1",
-        &[&ctx.source_node, &snapshot],
+    let progress: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ctx.source_node, &snapshot];
+    tokio::try_join!(
+        ttx.execute(
+            "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
+              WHERE source_node_id = $1",
+            &progress,
+        ),
+        ttx.execute(
+            "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
+            &progress[..1],
+        )
     )
-    .await
     .map_err(tgt(&target_label, "recording the target's progress"))?;
-    ttx.execute(
-        "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
-        &[&ctx.source_node],
-    )
-    .await
-    .map_err(tgt(&target_label, "recording the target's progress"))?;
-    ttx.commit()
-        .await
-        .map_err(tgt(&target_label, "committing the round"))?;
-    stx.commit()
-        .await
-        .map_err(|e| sq("ending the round's source transaction", e))?;
+    // Ending the read-only source transaction alongside the target's commit changes nothing
+    // the round guarantees.
+    let (committed, ended) = tokio::join!(ttx.commit(), stx.commit());
+    committed.map_err(tgt(&target_label, "committing the round"))?;
+    ended.map_err(|e| sq("ending the round's source transaction", e))?;
     tracing::debug!(snapshot = %snapshot, "round committed");
     Ok(RoundResult::Applied(RoundOutcome {
         snapshot,
@@ -327,7 +320,7 @@ async fn begin_target<'a>(
     target: &'a mut Session,
     ctx: &RoundContext<'_>,
     label: &str,
-) -> Result<Transaction<'a>, SyncError> {
+) -> Result<(Transaction<'a>, BTreeMap<i32, String>), SyncError> {
     let ttx = target
         .client
         .transaction()
@@ -336,33 +329,48 @@ async fn begin_target<'a>(
     // The round is acknowledged to the source after it commits, and the source may then purge
     // what it applied: the commit must be durable even where the target runs with
     // synchronous_commit off, or a crash could lose a round the source no longer holds.
-    ttx.batch_execute(&format!(
+    let settings = format!(
         "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on{}",
         if ctx.replica_role {
             "; SET LOCAL session_replication_role = replica"
         } else {
             ""
         }
-    ))
-    .await
-    .map_err(tgt(
-        label,
-        "setting the round's work_mem, synchronous_commit and replica role",
-    ))?;
-    let held: Option<String> = ttx
-        .query_one(
-            "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
-            &[&ctx.source_node],
-        )
-        .await
-        .map_err(tgt(label, "locking the target's progress"))?
-        .get(0);
+    );
+    // Pipelined: settings, the progress row locked, and (under that lock) the tables a split
+    // round already moved past P, which keep their own progress.
+    let (_, held, ahead) = tokio::try_join!(
+        async {
+            ttx.batch_execute(&settings).await.map_err(tgt(
+                label,
+                "setting the round's work_mem, synchronous_commit and replica role",
+            ))
+        },
+        async {
+            ttx.query_one(
+                "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
+                &[&ctx.source_node],
+            )
+            .await
+            .map(|r| r.get::<_, Option<String>>(0))
+            .map_err(tgt(label, "locking the target's progress"))
+        },
+        async {
+            ttx.query(
+                "SELECT table_id, snapshot FROM pgferry.applied_table WHERE source_node_id = $1",
+                &[&ctx.source_node],
+            )
+            .await
+            .map_err(tgt(label, "reading the target's per-table progress"))
+        }
+    )?;
     if held.as_deref() != ctx.previous {
         return Err(SyncError::AnotherApplier {
             target: label.to_owned(),
         });
     }
-    Ok(ttx)
+    let ahead = ahead.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok((ttx, ahead))
 }
 
 /// Applies one table's pending changes at the round's snapshot, inside `ttx`.
@@ -472,38 +480,92 @@ async fn apply_table(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    // The target side before the rows: the pending keys into a temporary table, then every
-    // target row with one of them deleted.
-    ttx.batch_execute(&format!(
-        "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
-        key_defs.join(", ")
-    ))
-    .await
-    .map_err(tq(format!("preparing the keys of {human}")))?;
-    let keys = pass_through(
-        stx,
-        &keys_sql,
-        ttx,
-        &format!("COPY pg_temp.{keys_table} FROM STDIN"),
-    )
-    .await
-    .map_err(tq(format!("moving the pending keys of {human}")))?;
-    tracing::debug!(table = %human, keys, seconds = clock.elapsed().as_secs_f64(), "keys staged");
+    // The target side before the rows: every target row with a pending key (old keys of key
+    // changes included) is deleted. A small round passes its keys as parameters; a large one
+    // streams them into a temporary table (never collected in pgferry's memory).
+    let small = changes <= SMALL_TABLE_CHANGES;
+    let (keys, delete_sql, key_values) = if small {
+        let rows = stx
+            .query(
+                &format!(
+                    "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+                     UNION ALL
+                     SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| sq("reading the pending keys", e))?;
+        let mut values: Vec<Vec<Option<String>>> =
+            vec![Vec::with_capacity(rows.len()); t.key.len()];
+        for r in &rows {
+            let key: Vec<Option<String>> = r.get(0);
+            for (i, column) in values.iter_mut().enumerate() {
+                column.push(key.get(i).cloned().flatten());
+            }
+        }
+        let restored: Vec<String> = t
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, (c, ty, form))| {
+                format!("{} AS {c}", form.restore_expr(&format!("u.k{i}"), ty))
+            })
+            .collect();
+        let params: Vec<String> = (1..=t.key.len())
+            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
+            .collect();
+        let names: Vec<String> = (0..t.key.len()).map(|i| format!("k{i}")).collect();
+        let sql = format!(
+            "DELETE FROM {name} AS t USING (SELECT {} FROM ROWS FROM ({}) AS u({})) AS k WHERE {}",
+            restored.join(", "),
+            params.join(", "),
+            names.join(", "),
+            join.join(" AND ")
+        );
+        (rows.len() as u64, sql, values)
+    } else {
+        ttx.batch_execute(&format!(
+            "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
+            key_defs.join(", ")
+        ))
+        .await
+        .map_err(tq(format!("preparing the keys of {human}")))?;
+        let keys = pass_through(
+            stx,
+            &keys_sql,
+            ttx,
+            &format!("COPY pg_temp.{keys_table} FROM STDIN"),
+        )
+        .await
+        .map_err(tq(format!("moving the pending keys of {human}")))?;
+        tracing::debug!(table = %human, keys, seconds = clock.elapsed().as_secs_f64(), "keys staged");
+        let sql = format!(
+            "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
+            join.join(" AND ")
+        );
+        (keys, sql, Vec::new())
+    };
     // pgferry.delta has no index and its statistics lag behind: for a large set of keys the
     // planner would still pick a nested loop of index probes; a hash join is faster.
-    stx.batch_execute(if changes > 10_000 {
-        "SET LOCAL enable_nestloop = off"
-    } else {
-        "SET LOCAL enable_nestloop = on"
-    })
-    .await
-    .map_err(|e| sq("choosing the join", e))?;
+    let large = changes > 10_000;
+    if large {
+        stx.batch_execute("SET LOCAL enable_nestloop = off")
+            .await
+            .map_err(|e| sq("choosing the join", e))?;
+    }
     // The source starts on the rows while the target deletes.
-    let delete_sql = format!(
-        "ANALYZE pg_temp.{keys_table}; DELETE FROM {name} AS t USING pg_temp.{keys_table} AS k WHERE {}",
-        join.join(" AND ")
-    );
-    let delete = ttx.batch_execute(&delete_sql);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key_values
+        .iter()
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let delete = async {
+        if small {
+            ttx.execute(&delete_sql, &params).await.map(|_| ())
+        } else {
+            ttx.batch_execute(&delete_sql).await
+        }
+    };
     let rows = pass_through_after(stx, &rows_sql, ttx, &copy_in, delete)
         .await
         .map_err(|e| match e {
@@ -513,6 +575,11 @@ async fn apply_table(
             )(e),
             PassError::Copy(e) => tgt(target_label, format!("copying the rows of {human}"))(e),
         })?;
+    if large {
+        stx.batch_execute("SET LOCAL enable_nestloop = on")
+            .await
+            .map_err(|e| sq("choosing the join", e))?;
+    }
     tracing::debug!(
         table = %human,
         changes,

@@ -8,7 +8,11 @@ use crate::SyncError;
 
 struct Column {
     name: String,
+    /// For messages only (its text depends on the session's search_path).
     sql_type: String,
+    /// What is compared: the type's schema and name and the modifier, the same on every
+    /// server whatever its search_path.
+    identity: (String, String, i32),
     generated: bool,
 }
 
@@ -23,12 +27,14 @@ async fn columns(
     } else {
         "false"
     };
-    let path = pgferry_core::catalog::set_search_path(tx, "pg_catalog", label).await?;
     let rows = tx
         .query(
             &format!(
-                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), {generated}
+                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                        n.nspname::text, ty.typname::text, a.atttypmod, {generated}
                    FROM pg_catalog.pg_attribute a
+                   JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace
                   WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
                   ORDER BY a.attnum"
             ),
@@ -36,20 +42,19 @@ async fn columns(
         )
         .await
         .map_err(|e| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: format!("reading the columns of {table}"),
-            target: label.to_owned(),
-            source: e,
-        })
-    })?;
-    // On an error the transaction is aborted anyway: nothing to restore.
-    pgferry_core::catalog::set_search_path(tx, &path, label).await?;
+            SyncError::Core(pgferry_core::Error::Query {
+                context: format!("reading the columns of {table}"),
+                target: label.to_owned(),
+                source: e,
+            })
+        })?;
     Ok(rows
         .iter()
         .map(|r| Column {
             name: r.get(0),
             sql_type: r.get(1),
-            generated: r.get(2),
+            identity: (r.get(2), r.get(3), r.get(4)),
+            generated: r.get(5),
         })
         .collect())
 }
@@ -65,8 +70,10 @@ pub(crate) async fn columns_to_copy(
     labels: (&str, &str),
 ) -> Result<Vec<Ident>, SyncError> {
     let name = table.name.to_string();
-    let src = columns(source, &name, versions.0, labels.0).await?;
-    let dst = columns(target, &name, versions.1, labels.1).await?;
+    let (src, dst) = tokio::try_join!(
+        columns(source, &name, versions.0, labels.0),
+        columns(target, &name, versions.1, labels.1)
+    )?;
     if dst.is_empty() {
         return Err(SyncError::MissingTable {
             table: table.name.human(),
@@ -82,7 +89,7 @@ pub(crate) async fn columns_to_copy(
                 target: labels.1.to_owned(),
             });
         };
-        if d.sql_type != c.sql_type {
+        if d.identity != c.identity {
             return Err(SyncError::TypeMismatch {
                 table: table.name.human(),
                 column: Ident::new(c.name.clone()).human(),

@@ -11,52 +11,98 @@ use crate::registry::CapturedSequence;
 use crate::SyncError;
 
 /// Moves each sequence forward on `target` to where it is on `source`; returns how many moved.
+/// One query per side reads every sequence (a sequence missing on the target is skipped with a
+/// warning), and one statement sets those that moved.
 pub(crate) async fn advance(
     source: &Session,
     target: &Session,
     sequences: &[&CapturedSequence],
 ) -> Result<u64, SyncError> {
-    let mut moved = 0;
-    for seq in sequences.iter().map(|s| &s.name) {
-        let read = format!("SELECT last_value, is_called FROM {seq}");
-        let (value, called): (i64, bool) = match source.client.query_one(&read, &[]).await {
-            Ok(r) => (r.get(0), r.get(1)),
-            Err(e) => {
-                return Err(SyncError::Core(
-                    source.err(format!("reading sequence {}", seq.human()), e),
-                ))
-            }
-        };
-        let theirs = match target.client.query_opt(&read, &[]).await {
-            Ok(r) => r.map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1))),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-                tracing::warn!(sequence = %seq.human(), target = %target.target, "sequence missing on the target: not carried");
-                continue;
-            }
-            Err(e) => {
-                return Err(SyncError::Core(
-                    target.err(format!("reading sequence {}", seq.human()), e),
-                ))
-            }
-        };
-        // Position as "the next value handed out would be greater than": value, or value - 1.
-        let pos = |v: i64, c: bool| if c { v } else { v.saturating_sub(1) };
-        if let Some((tv, tc)) = theirs {
-            if pos(tv, tc) >= pos(value, called) {
-                continue;
-            }
+    if sequences.is_empty() {
+        return Ok(0);
+    }
+    let read = |names: &[String]| {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("SELECT {i}, last_value, is_called FROM {n}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let all: Vec<String> = sequences.iter().map(|s| s.name.to_string()).collect();
+    let (ours, theirs_exist) = tokio::try_join!(
+        async {
+            source
+                .client
+                .query(&read(&all), &[])
+                .await
+                .map_err(|e| SyncError::Core(source.err("reading sequences", e)))
+        },
+        async {
+            target
+                .client
+                .query(
+                    "SELECT pg_catalog.to_regclass(n) IS NOT NULL
+                       FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
+                    &[&all],
+                )
+                .await
+                .map_err(|e| SyncError::Core(target.err("looking for sequences", e)))
         }
+    )?;
+    let mut present = Vec::new();
+    for ((n, row), s) in all.iter().zip(&theirs_exist).zip(sequences) {
+        if row.get::<_, bool>(0) {
+            present.push(n.clone());
+        } else {
+            tracing::warn!(sequence = %s.name.human(), target = %target.target, "sequence missing on the target: not carried");
+        }
+    }
+    if present.is_empty() {
+        return Ok(0);
+    }
+    let theirs = target
+        .client
+        .query(&read(&present), &[])
+        .await
+        .map_err(|e| SyncError::Core(target.err("reading sequences", e)))?;
+    let ours: std::collections::HashMap<&str, (i64, bool)> = ours
+        .iter()
+        .map(|r| {
+            (
+                all[r.get::<_, i32>(0) as usize].as_str(),
+                (r.get(1), r.get(2)),
+            )
+        })
+        .collect();
+    // Position as "the next value handed out would be greater than": value, or value - 1.
+    let pos = |v: i64, c: bool| if c { v } else { v.saturating_sub(1) };
+    let mut names = Vec::new();
+    let mut values = Vec::new();
+    let mut called = Vec::new();
+    for t in &theirs {
+        let name = &present[t.get::<_, i32>(0) as usize];
+        let (tv, tc): (i64, bool) = (t.get(1), t.get(2));
+        let Some(&(v, c)) = ours.get(name.as_str()) else {
+            continue;
+        };
+        if pos(tv, tc) < pos(v, c) {
+            names.push(name.clone());
+            values.push(v);
+            called.push(c);
+        }
+    }
+    if !names.is_empty() {
         target
             .client
             .execute(
-                "SELECT pg_catalog.setval($1::text::regclass, $2, $3)",
-                &[&seq.to_string(), &value, &called],
+                "SELECT pg_catalog.setval(n::regclass, v, c)
+                   FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::int8[]),
+                                   pg_catalog.unnest($3::bool[])) AS u(n, v, c)",
+                &[&names, &values, &called],
             )
             .await
-            .map_err(|e| {
-                SyncError::Core(target.err(format!("setting sequence {}", seq.human()), e))
-            })?;
-        moved += 1;
+            .map_err(|e| SyncError::Core(target.err("setting sequences", e)))?;
     }
-    Ok(moved)
+    Ok(names.len() as u64)
 }
