@@ -306,6 +306,57 @@ fn sync_with_verify_full_on_both_ends_moves_the_rows() {
 }
 
 #[test]
+fn the_daemon_replicates_under_verify_full() {
+    let ca = pki().ca();
+    let ca = ca.to_str().unwrap();
+    let source = tls_db("tlsd_src");
+    let target = tls_db("tlsd_dst");
+    let tls = format!("sslmode=verify-full sslrootcert={ca}");
+    let (s, t) = (dsn(&source, &tls), dsn(&target, &tls));
+    pgferry(&["install", "--source", &s]).expect(0);
+    let daemon = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args(["run", "--source", &s, "--target", &t])
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .env_remove("PGSSLROOTCERT")
+        .env("HOME", pki().empty_home())
+        .env("PGFERRY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pgferry run");
+    source.psql("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g");
+    common::wait_for(std::time::Duration::from_secs(30), "rows over TLS", || {
+        target.scalar("SELECT count(*) FROM items") == "100"
+    });
+    // Every session the daemon holds on either server is encrypted.
+    for db in [&source, &target] {
+        assert_eq!(
+            db.scalar(
+                "SELECT count(*) FILTER (WHERE NOT s.ssl) || '/' || count(*) FROM pg_stat_ssl s
+                   JOIN pg_stat_activity a USING (pid) WHERE a.application_name LIKE 'pgferry%'"
+            )
+            .split('/')
+            .next(),
+            Some("0")
+        );
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let out = daemon.wait_with_output().expect("daemon exit");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn verify_full_checks_the_host_name_against_the_certificate() {
     let db = tls_db("tls_name");
     let ca = pki().ca();

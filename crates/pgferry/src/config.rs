@@ -275,6 +275,21 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_loads() {
+        let example = include_str!("../../../docs/pgferry.example.toml");
+        let env = |var: &str| (var == "PGFERRY_OLD_PASSWORD").then(|| "pw".to_owned());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "new-password\n").unwrap();
+        let example = example.replace(
+            "/etc/pgferry/new.password",
+            &file.path().display().to_string(),
+        );
+        let c = parse(&example, &env).unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(c.syncs[0].targets.len(), 2);
+        assert_eq!(c.nodes["new"].get("password"), Some("new-password"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
