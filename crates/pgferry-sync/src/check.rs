@@ -1,7 +1,6 @@
 //! Checking, without changing anything, that a target can take a source's rounds.
 
-use pgferry_core::artifact::SCHEMA;
-use pgferry_core::{catalog, Dsn, Session, TablePattern};
+use pgferry_core::{Dsn, Session, TablePattern};
 
 use crate::{schema, source_info, target, SyncError};
 
@@ -25,52 +24,14 @@ async fn check(
     let info = source_info(&src, tables).await?;
     let mut dst = Session::connect(target, "check").await?;
     let mut problems = Vec::new();
-    if catalog::schema_exists(&dst.client, SCHEMA, &dst.target).await? {
-        let node: Option<String> = dst
-            .client
-            .query_opt(
-                "SELECT node_id FROM pgferry.installation WHERE pg_catalog.to_regclass('pgferry.installation') IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(dst.on_err("reading the target's identity"))?
-            .map(|r| r.get(0));
-        if node.as_deref() == Some(info.node_id.as_str()) {
-            problems.push(SyncError::UncleanedCopy {
-                target: dst.target.clone(),
-                node: info.node_id.clone(),
-            });
-            return Ok(problems);
-        }
+    if let Err(e) = target::refuse_uncleaned_copy(&dst, &info.node_id).await {
+        problems.push(e);
+        return Ok(problems);
     }
     let versions = (src.server_version, dst.server_version);
     let labels = (src.target.clone(), dst.target.clone());
-    let mut stx = src
-        .client
-        .build_transaction()
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: "starting a read-only transaction".into(),
-                target: labels.0.clone(),
-                source: e,
-            })
-        })?;
-    let mut ttx = dst
-        .client
-        .build_transaction()
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: "starting a read-only transaction".into(),
-                target: labels.1.clone(),
-                source: e,
-            })
-        })?;
+    let mut stx = read_only(&mut src).await?;
+    let mut ttx = read_only(&mut dst).await?;
     for t in info.tables.values() {
         // An error aborts the transactions: check each table in a savepoint.
         let (ssp, tsp) = (stx.savepoint("t").await, ttx.savepoint("t").await);
@@ -98,4 +59,21 @@ async fn check(
         }
     }
     Ok(problems)
+}
+
+async fn read_only(session: &mut Session) -> Result<tokio_postgres::Transaction<'_>, SyncError> {
+    let label = session.target.clone();
+    session
+        .client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: "starting a read-only transaction".into(),
+                target: label,
+                source: e,
+            })
+        })
 }

@@ -27,23 +27,7 @@ pub(crate) async fn register(
     source_label: &str,
 ) -> Result<Registered, SyncError> {
     let label = target.target.clone();
-    if catalog::schema_exists(&target.client, SCHEMA, &label).await? {
-        let node: Option<String> = target
-            .client
-            .query_opt(
-                "SELECT node_id FROM pgferry.installation WHERE pg_catalog.to_regclass('pgferry.installation') IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(target.on_err("reading the target's identity"))?
-            .map(|r| r.get(0));
-        if node.as_deref() == Some(source_node) {
-            return Err(SyncError::UncleanedCopy {
-                target: label,
-                node: source_node.to_owned(),
-            });
-        }
-    }
+    refuse_uncleaned_copy(target, source_node).await?;
     let dialect = Dialect::new(target.server_version);
     let tx = target.begin_locked(Duration::from_secs(10)).await?;
     if !catalog::schema_exists(&tx, SCHEMA, &label).await? {
@@ -97,6 +81,33 @@ pub(crate) async fn register(
         applied,
         replica_role,
     })
+}
+
+/// Refuses a database that carries the source's own node identity: an uncleaned restored copy
+/// of it (a two-way peer has an identity of its own).
+pub(crate) async fn refuse_uncleaned_copy(
+    target: &Session,
+    source_node: &str,
+) -> Result<(), SyncError> {
+    if !catalog::schema_exists(&target.client, SCHEMA, &target.target).await? {
+        return Ok(());
+    }
+    let node: Option<String> = target
+        .client
+        .query_opt(
+            "SELECT node_id FROM pgferry.installation WHERE pg_catalog.to_regclass('pgferry.installation') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(target.on_err("reading the target's identity"))?
+        .map(|r| r.get(0));
+    if node.as_deref() == Some(source_node) {
+        return Err(SyncError::UncleanedCopy {
+            target: target.target.clone(),
+            node: source_node.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether the session's role may set `session_replication_role = replica` (a superuser, or
