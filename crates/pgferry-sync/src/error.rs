@@ -58,6 +58,9 @@ pub enum SyncError {
     #[error("the capture on {source_db} changed while syncing (tables added by a new `pgferry install`); nothing was applied, the sync starts over with the new tables")]
     CaptureChanged { source_db: String },
 
+    #[error("table {table} has {pending} keys with pending changes: too many to leave out of a live comparison\nfix: verify when the target has caught up (the daemon running, or after `pgferry sync --once`)")]
+    TooBusyToVerify { table: String, pending: u64 },
+
     #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
     AnotherApplier { target: String },
 

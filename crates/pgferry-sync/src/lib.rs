@@ -23,6 +23,7 @@ mod schema;
 mod sequence;
 pub mod status;
 mod target;
+pub mod verify;
 
 pub use check::check_target;
 pub use error::SyncError;

@@ -69,6 +69,29 @@ pub(crate) async fn columns_to_copy(
     versions: (u32, u32),
     labels: (&str, &str),
 ) -> Result<Vec<Ident>, SyncError> {
+    Ok(checked_columns(source, target, table, versions, labels)
+        .await?
+        .into_iter()
+        .map(|c| c.name)
+        .collect())
+}
+
+/// A column both sides have with the same type.
+pub(crate) struct SharedColumn {
+    pub name: Ident,
+    /// The type's schema and name (`pg_catalog`, `float8`).
+    pub type_schema: String,
+    pub type_name: String,
+}
+
+/// [`columns_to_copy`], with each column's type.
+pub(crate) async fn checked_columns(
+    source: &Transaction<'_>,
+    target: &Transaction<'_>,
+    table: &CapturedTable,
+    versions: (u32, u32),
+    labels: (&str, &str),
+) -> Result<Vec<SharedColumn>, SyncError> {
     let name = table.name.to_string();
     let (src, dst) = tokio::try_join!(
         columns(source, &name, versions.0, labels.0),
@@ -99,7 +122,11 @@ pub(crate) async fn columns_to_copy(
             });
         }
         if !d.generated {
-            out.push(Ident::new(c.name.clone()));
+            out.push(SharedColumn {
+                name: Ident::new(c.name.clone()),
+                type_schema: c.identity.0.clone(),
+                type_name: c.identity.1.clone(),
+            });
         }
     }
     Ok(out)

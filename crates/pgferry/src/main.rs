@@ -8,6 +8,7 @@ mod exit;
 mod output;
 mod run;
 mod sync;
+mod verify;
 
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ enum Command {
     /// Check a daemon configuration: the file, every node, every sync's capture and target
     /// schemas; reports every problem at once (exit 0 ready, 1 problems, 2 bad file).
     Check(run::CheckArgs),
+    /// Compare a target with its source: per table, row counts and checksums, narrowed to the
+    /// differing keys (exit 0 equal, 1 different, 2 or more could not compare). On a live
+    /// source, keys with pending changes are left out and counted.
+    Verify(verify::VerifyArgs),
     /// Manage the source's registry of targets.
     #[command(subcommand)]
     Target(sync::TargetCommand),
@@ -101,6 +106,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(a) => sync::status(a).await,
             Command::Run(a) => run::run(a).await,
             Command::Check(a) => run::check(a).await,
+            Command::Verify(a) => verify::verify(a).await,
         }
     });
     match result {

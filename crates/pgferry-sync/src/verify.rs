@@ -1,0 +1,638 @@
+//! Verifying a target against its source: per table, a row count and an order-independent
+//! checksum of normalised rows on both sides, narrowed to the key ranges that differ and, in
+//! the end, to the differing keys.
+//!
+//! What makes the comparison fair:
+//! - **One snapshot per side.** The source is read in one `REPEATABLE READ` transaction, the
+//!   target in another; parallel jobs import those transactions' exported snapshots, so every
+//!   table is compared at the same two moments.
+//! - **Live sources.** The target holds the source's state at its applied snapshot P (read in
+//!   the target's transaction). Keys with changes pending between P and the source's snapshot —
+//!   the round rule — are left out on both sides and counted, not reported as differences. A
+//!   table with a TRUNCATE pending is skipped whole.
+//! - **Stable forms.** Rows are hashed from text forms fixed by the session settings on both
+//!   sides, except floats, hashed from their binary send form (their text differs between
+//!   PostgreSQL 11 and 12 even with the same `extra_float_digits`). Key ranges are cut and
+//!   compared in `COLLATE "C"` order, so differing collations do not move boundaries.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use pgferry_core::ident::literal;
+use pgferry_core::{Dsn, Session, TablePattern};
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Transaction};
+
+use crate::registry::CapturedTable;
+use crate::schema::{checked_columns, SharedColumn};
+use crate::{round, source_info, SyncError};
+
+/// Ranges with at most this many rows on either side are compared key by key.
+const LIST_BELOW: i64 = 500;
+/// Ranges a differing range is cut into.
+const FANOUT: i64 = 16;
+/// Differing keys reported per table (the rest are counted).
+const REPORTED_KEYS: usize = 20;
+/// Pending keys a table may have for the live comparison (they are held in memory).
+const MAX_PENDING_KEYS: usize = 200_000;
+
+/// What to verify.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// Captured tables to compare; empty means all.
+    pub tables: Vec<TablePattern>,
+    /// Tables compared at once.
+    pub jobs: usize,
+}
+
+/// One difference found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Difference {
+    /// `missing on target`, `extra on target` or `different`.
+    pub kind: &'static str,
+    /// The key, as text: `42`, or `(42, eu)` for a composite key.
+    pub key: String,
+}
+
+/// The verdict for one table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableVerdict {
+    pub table: String,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    /// Keys left out because changes to them are pending (a live source).
+    pub skipped_pending: u64,
+    /// The whole table was skipped: a TRUNCATE of it is pending.
+    pub skipped_truncate: bool,
+    pub equal: bool,
+    /// Differing keys, at most 20.
+    pub differences: Vec<Difference>,
+    /// Differences beyond those listed.
+    pub more_differences: u64,
+    pub seconds: f64,
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub source: String,
+    pub target: String,
+    /// The source snapshot the target held while compared (None: it applied nothing yet).
+    pub applied_snapshot: Option<String>,
+    pub equal: bool,
+    pub tables: Vec<TableVerdict>,
+    pub seconds: f64,
+}
+
+/// Compares every captured table (or those matching `opts.tables`) of `source` and `target`.
+pub async fn verify(
+    source: &Dsn,
+    target: &Dsn,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, SyncError> {
+    let started = Instant::now();
+    let mut src = Session::connect(source, "verify").await?;
+    let info = source_info(&src, &opts.tables).await?;
+    let mut dst = Session::connect(target, "verify").await?;
+    let (slabel, tlabel) = (src.target.clone(), dst.target.clone());
+    // The target's transaction first: the applied snapshot read in it matches the rows it sees.
+    let ttx = begin(&mut dst).await?;
+    let registered: bool = ttx
+        .query_one(
+            "SELECT pg_catalog.to_regclass('pgferry.applied') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(q(&tlabel, "looking for the target's progress"))?
+        .get(0);
+    let applied: Option<String> = if registered {
+        ttx.query_opt(
+            "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1",
+            &[&info.node_id],
+        )
+        .await
+        .map_err(q(&tlabel, "reading the target's progress"))?
+        .and_then(|r| r.get(0))
+    } else {
+        None
+    };
+    let tsnap: String = ttx
+        .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
+        .await
+        .map_err(q(&tlabel, "exporting the target's snapshot"))?
+        .get(0);
+    let stx = begin(&mut src).await?;
+    let ssnap: String = stx
+        .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
+        .await
+        .map_err(q(&slabel, "exporting the source's snapshot"))?
+        .get(0);
+
+    let tables: Vec<&CapturedTable> = info.tables.values().collect();
+    let queue = std::sync::Mutex::new(tables.into_iter());
+    let jobs = opts.jobs.max(1);
+    let ctx = Ctx {
+        pending: applied
+            .as_deref()
+            .map(|p| round::pending_condition(info.dialect, Some(p)))
+            .transpose()?
+            .unwrap_or_else(|| "true".to_owned()),
+        labels: (slabel.clone(), tlabel.clone()),
+    };
+    let workers = (0..jobs).map(|_| async {
+        let mut s = Session::connect(source, "verify").await?;
+        let mut t = Session::connect(target, "verify").await?;
+        let versions = (s.server_version, t.server_version);
+        let sw = import(&mut s, &ssnap).await?;
+        let tw = import(&mut t, &tsnap).await?;
+        let mut verdicts = Vec::new();
+        loop {
+            let next = queue.lock().map(|mut q| q.next()).unwrap_or(None);
+            let Some(table) = next else { break };
+            verdicts.push(compare(&ctx, &sw, &tw, table, versions).await?);
+        }
+        Ok::<_, SyncError>(verdicts)
+    });
+    let mut verdicts: Vec<TableVerdict> = futures_util::future::try_join_all(workers)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    verdicts.sort_by(|a, b| a.table.cmp(&b.table));
+    drop((stx, ttx));
+    Ok(VerifyReport {
+        source: slabel,
+        target: tlabel,
+        applied_snapshot: applied,
+        equal: verdicts.iter().all(|v| v.equal),
+        tables: verdicts,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+struct Ctx {
+    /// The SQL condition on capture rows `d` pending for the target.
+    pending: String,
+    labels: (String, String),
+}
+
+fn q(label: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    let (label, what) = (label.to_owned(), what.to_owned());
+    move |e| {
+        SyncError::Core(pgferry_core::Error::Query {
+            context: what,
+            target: label,
+            source: e,
+        })
+    }
+}
+
+async fn begin(s: &mut Session) -> Result<Transaction<'_>, SyncError> {
+    let label = s.target.clone();
+    s.client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(q(&label, "starting a repeatable read transaction"))
+}
+
+async fn import<'a>(s: &'a mut Session, snapshot: &str) -> Result<Transaction<'a>, SyncError> {
+    let label = s.target.clone();
+    let tx = begin(s).await?;
+    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", literal(snapshot)))
+        .await
+        .map_err(q(&label, "importing the verification's snapshot"))?;
+    Ok(tx)
+}
+
+/// A key range: above `lo` (exclusive) and up to `hi` (inclusive); None is unbounded.
+#[derive(Clone, Debug, Default)]
+struct Range {
+    lo: Option<Vec<String>>,
+    hi: Option<Vec<String>>,
+}
+
+/// SQL pieces for one table.
+struct Shape {
+    name: String,
+    /// `t.a COLLATE "C", t.b`: the key in comparison order.
+    order: String,
+    /// Key columns' SQL types and whether they collate.
+    key: Vec<(String, String, bool)>,
+    /// The key as text columns.
+    key_text: String,
+    row_hash: String,
+}
+
+impl Shape {
+    fn bound(&self, values: &[String]) -> String {
+        let parts: Vec<String> = self
+            .key
+            .iter()
+            .zip(values)
+            .map(|((_, ty, collates), v)| {
+                let c = if *collates { " COLLATE \"C\"" } else { "" };
+                format!("{}::{ty}{c}", literal(v))
+            })
+            .collect();
+        format!("ROW({})", parts.join(", "))
+    }
+
+    fn range(&self, r: &Range) -> String {
+        let me = format!("ROW({})", self.order);
+        let mut parts = vec!["true".to_owned()];
+        if let Some(lo) = &r.lo {
+            parts.push(format!("{me} > {}", self.bound(lo)));
+        }
+        if let Some(hi) = &r.hi {
+            parts.push(format!("{me} <= {}", self.bound(hi)));
+        }
+        parts.join(" AND ")
+    }
+}
+
+/// Normalised text of a column for hashing.
+fn normalised(c: &SharedColumn) -> String {
+    let col = format!("t.{}", c.name);
+    match (c.type_schema.as_str(), c.type_name.as_str()) {
+        ("pg_catalog", "float4" | "float8") => {
+            format!("pg_catalog.float8send({col}::float8)")
+        }
+        ("pg_catalog", "_float4" | "_float8") => format!(
+            "pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.encode(pg_catalog.float8send(x::float8), 'hex')
+                FROM pg_catalog.unnest({col}) AS x), ',', 'N')"
+        ),
+        ("pg_catalog", "money") => format!("{col}::numeric::text"),
+        _ => format!("{col}::text"),
+    }
+}
+
+async fn compare(
+    ctx: &Ctx,
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    table: &CapturedTable,
+    versions: (u32, u32),
+) -> Result<TableVerdict, SyncError> {
+    let started = Instant::now();
+    let (sl, tl) = (&ctx.labels.0, &ctx.labels.1);
+    let human = table.name.human();
+    let columns = checked_columns(stx, ttx, table, versions, (sl, tl)).await?;
+    let key_names: Vec<String> = table
+        .key
+        .iter()
+        .map(|(c, _, _)| c.as_str().to_owned())
+        .collect();
+    let collates: BTreeMap<String, bool> = stx
+        .query(
+            "SELECT a.attname::text, ty.typcollation <> 0 FROM pg_catalog.pg_attribute a
+               JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+              WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attname = ANY($2)",
+            &[&table.name.to_string(), &key_names],
+        )
+        .await
+        .map_err(q(sl, "reading the key's collations"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let key: Vec<(String, String, bool)> = table
+        .key
+        .iter()
+        .map(|(c, ty, _)| {
+            (
+                format!("t.{c}"),
+                ty.clone(),
+                collates.get(c.as_str()).copied().unwrap_or(false),
+            )
+        })
+        .collect();
+    let shape = Shape {
+        name: table.name.to_string(),
+        order: key
+            .iter()
+            .map(|(c, _, coll)| {
+                if *coll {
+                    format!("{c} COLLATE \"C\"")
+                } else {
+                    c.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        key_text: key
+            .iter()
+            .map(|(c, _, _)| format!("{c}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        row_hash: format!(
+            "pg_catalog.md5(ROW({})::text)",
+            columns
+                .iter()
+                .map(normalised)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        key,
+    };
+
+    // Keys pending for the target are left out on both sides.
+    let id = table.table_id;
+    let pending = &ctx.pending;
+    let truncate: bool = stx
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op = 'T')"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q(sl, "looking for pending TRUNCATEs"))?
+        .get(0);
+    if truncate {
+        return Ok(TableVerdict {
+            table: human,
+            source_rows: 0,
+            target_rows: 0,
+            skipped_pending: 0,
+            skipped_truncate: true,
+            equal: true,
+            differences: Vec::new(),
+            more_differences: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let pending_sql = format!(
+        "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+         UNION ALL
+         SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
+    );
+    let rows = stx
+        .query(&pending_sql, &[])
+        .await
+        .map_err(q(sl, "reading the pending keys"))?;
+    if rows.len() > MAX_PENDING_KEYS {
+        return Err(SyncError::TooBusyToVerify {
+            table: human,
+            pending: rows.len() as u64,
+        });
+    }
+    let mut values: Vec<Vec<Option<String>>> =
+        vec![Vec::with_capacity(rows.len()); table.key.len()];
+    for r in &rows {
+        let k: Vec<Option<String>> = r.get(0);
+        for (i, column) in values.iter_mut().enumerate() {
+            column.push(k.get(i).cloned().flatten());
+        }
+    }
+    let skipped = rows.len() as u64;
+    let tuple = format!(
+        "({})",
+        shape
+            .key
+            .iter()
+            .map(|k| k.0.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (s_excl, t_excl) = if skipped == 0 {
+        ("true".to_owned(), "true".to_owned())
+    } else {
+        let restored_src: Vec<String> = table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty, form))| form.restore_expr(&format!("p.k[{}]", i + 1), ty))
+            .collect();
+        let restored_dst: Vec<String> = table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty, form))| form.restore_expr(&format!("u.k{i}"), ty))
+            .collect();
+        let unnests: Vec<String> = (1..=table.key.len())
+            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
+            .collect();
+        let names: Vec<String> = (0..table.key.len()).map(|i| format!("k{i}")).collect();
+        (
+            format!(
+                "{tuple} NOT IN (SELECT {} FROM ({pending_sql}) AS p(k))",
+                restored_src.join(", ")
+            ),
+            format!(
+                "{tuple} NOT IN (SELECT {} FROM ROWS FROM ({}) AS u({}))",
+                restored_dst.join(", "),
+                unnests.join(", "),
+                names.join(", ")
+            ),
+        )
+    };
+    let params: Vec<&(dyn ToSql + Sync)> = if skipped == 0 {
+        Vec::new()
+    } else {
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+    };
+    let sides = Sides {
+        stx,
+        ttx,
+        shape: &shape,
+        s_excl: &s_excl,
+        t_excl: &t_excl,
+        params: &params,
+        labels: (sl, tl),
+    };
+    let whole = Range::default();
+    let (s_sum, t_sum) = sides.sums(&whole).await?;
+    let mut differences = Vec::new();
+    let mut more = 0;
+    if s_sum != t_sum {
+        sides
+            .narrow(&whole, (s_sum.0, t_sum.0), 0, &mut differences, &mut more)
+            .await?;
+    }
+    Ok(TableVerdict {
+        table: human,
+        source_rows: s_sum.0 as u64,
+        target_rows: t_sum.0 as u64,
+        skipped_pending: skipped,
+        skipped_truncate: false,
+        equal: s_sum == t_sum,
+        differences,
+        more_differences: more,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Both sides of one table's comparison.
+struct Sides<'a> {
+    stx: &'a Transaction<'a>,
+    ttx: &'a Transaction<'a>,
+    shape: &'a Shape,
+    s_excl: &'a str,
+    t_excl: &'a str,
+    params: &'a [&'a (dyn ToSql + Sync)],
+    labels: (&'a str, &'a str),
+}
+
+impl Sides<'_> {
+    /// (rows, checksum) of a range on each side.
+    async fn sums(&self, r: &Range) -> Result<((i64, String), (i64, String)), SyncError> {
+        let sql = |excl: &str| {
+            format!(
+                "SELECT count(*), coalesce(sum(('x' || pg_catalog.substr(h, 1, 15))::bit(60)::bigint), 0)::text
+                   FROM (SELECT {} AS h FROM {} AS t WHERE {} AND {excl}) AS s",
+                self.shape.row_hash,
+                self.shape.name,
+                self.shape.range(r)
+            )
+        };
+        let (ssql, tsql) = (sql(self.s_excl), sql(self.t_excl));
+        let (s, t) = tokio::try_join!(
+            async {
+                self.stx
+                    .query_one(&ssql, &[])
+                    .await
+                    .map_err(q(self.labels.0, "checksumming rows"))
+            },
+            async {
+                self.ttx
+                    .query_one(&tsql, self.params)
+                    .await
+                    .map_err(q(self.labels.1, "checksumming rows"))
+            }
+        )?;
+        Ok(((s.get(0), s.get(1)), (t.get(0), t.get(1))))
+    }
+
+    /// Cuts a differing range into smaller ones until they are small enough to list.
+    async fn narrow(
+        &self,
+        r: &Range,
+        counts: (i64, i64),
+        depth: u32,
+        out: &mut Vec<Difference>,
+        more: &mut u64,
+    ) -> Result<(), SyncError> {
+        if counts.0.max(counts.1) <= LIST_BELOW || depth >= 4 {
+            return self.list(r, out, more).await;
+        }
+        // Boundaries from the side with more rows in the range.
+        let (tx, excl, params, label, n) = if counts.0 >= counts.1 {
+            (self.stx, self.s_excl, &[][..], self.labels.0, counts.0)
+        } else {
+            (self.ttx, self.t_excl, self.params, self.labels.1, counts.1)
+        };
+        let step = (n + FANOUT - 1) / FANOUT;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {} FROM (SELECT t.*, row_number() OVER (ORDER BY {}) AS pgferry_rn FROM {} AS t WHERE {} AND {excl}) AS t
+                      WHERE pgferry_rn % {step} = 0 ORDER BY pgferry_rn",
+                    self.shape.key_text,
+                    self.shape.order,
+                    self.shape.name,
+                    self.shape.range(r)
+                ),
+                params,
+            )
+            .await
+            .map_err(q(label, "cutting key ranges"))?;
+        let mut bounds: Vec<Vec<String>> = rows
+            .iter()
+            .map(|row| (0..row.len()).map(|i| row.get::<_, String>(i)).collect())
+            .collect();
+        bounds.dedup();
+        let mut lo = r.lo.clone();
+        let mut pieces = Vec::new();
+        for b in bounds {
+            pieces.push(Range {
+                lo: lo.clone(),
+                hi: Some(b.clone()),
+            });
+            lo = Some(b);
+        }
+        pieces.push(Range {
+            lo,
+            hi: r.hi.clone(),
+        });
+        for piece in pieces {
+            let (s, t) = self.sums(&piece).await?;
+            if s != t {
+                Box::pin(self.narrow(&piece, (s.0, t.0), depth + 1, out, more)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares a small range key by key.
+    async fn list(
+        &self,
+        r: &Range,
+        out: &mut Vec<Difference>,
+        more: &mut u64,
+    ) -> Result<(), SyncError> {
+        let sql = |excl: &str| {
+            format!(
+                "SELECT ROW({})::text, {} FROM {} AS t WHERE {} AND {excl}",
+                self.shape.key_text,
+                self.shape.row_hash,
+                self.shape.name,
+                self.shape.range(r)
+            )
+        };
+        let (ssql, tsql) = (sql(self.s_excl), sql(self.t_excl));
+        let (s, t) = tokio::try_join!(
+            async {
+                self.stx
+                    .query(&ssql, &[])
+                    .await
+                    .map_err(q(self.labels.0, "listing rows"))
+            },
+            async {
+                self.ttx
+                    .query(&tsql, self.params)
+                    .await
+                    .map_err(q(self.labels.1, "listing rows"))
+            }
+        )?;
+        let ours: BTreeMap<String, String> = s.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let theirs: BTreeMap<String, String> = t.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut found = Vec::new();
+        for (k, h) in &ours {
+            match theirs.get(k) {
+                None => found.push(("missing on target", k)),
+                Some(th) if th != h => found.push(("different", k)),
+                _ => {}
+            }
+        }
+        for k in theirs.keys().filter(|k| !ours.contains_key(*k)) {
+            found.push(("extra on target", k));
+        }
+        for (kind, key) in found {
+            if out.len() < REPORTED_KEYS {
+                out.push(Difference {
+                    kind,
+                    key: display_key(key),
+                });
+            } else {
+                *more += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `(42)` → `42`; composite keys keep their parentheses.
+fn display_key(row_text: &str) -> String {
+    let inner = row_text
+        .strip_prefix('(')
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or(row_text);
+    if inner.contains(',') {
+        row_text.to_owned()
+    } else {
+        inner.trim_matches('"').to_owned()
+    }
+}
