@@ -285,13 +285,7 @@ fn a_zoo_of_column_and_key_types_round_trips_exactly() {
     assert_eq!(source.scalar(next), target.scalar(next));
     // verify agrees, on every type of the zoo (the row inserted just above is pending on the
     // source and left out).
-    let verdict = pgferry(&[
-        "verify",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-    ]);
+    let verdict = common::verify_run(&source, &target);
     assert_eq!(verdict.code, 0, "{}{}", verdict.stdout, verdict.stderr);
 }
 
@@ -521,14 +515,7 @@ fn catch_up_across_versions(source_major: &str, target_major: Option<&str>) {
     );
     // verify compares normalised forms: float text differs between these versions, the
     // checksums do not.
-    let verdict = pgferry(&[
-        "verify",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--json",
-    ]);
+    let verdict = common::verify_run(&source, &target);
     assert_eq!(verdict.code, 0, "{}{}", verdict.stdout, verdict.stderr);
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pgferry, sync_json, Run};
+use common::{pgferry, sync_json, verify_run};
 use pgferry_testkit::{Cluster, TestDb};
 
 const SCHEMA: &str = r#"
@@ -24,17 +24,6 @@ fn pair(prefix: &str) -> (TestDb<'static>, TestDb<'static>) {
     (source, target)
 }
 
-fn verify(source: &TestDb<'_>, target: &TestDb<'_>) -> Run {
-    pgferry(&[
-        "verify",
-        "--source",
-        &source.dsn(),
-        "--target",
-        &target.dsn(),
-        "--json",
-    ])
-}
-
 #[test]
 fn equal_databases_verify_equal() {
     let (source, target) = pair("vf_eq");
@@ -42,7 +31,7 @@ fn equal_databases_verify_equal() {
         "UPDATE item SET price = price + 1 WHERE id % 7 = 0; DELETE FROM item WHERE id > 4990",
     );
     sync_json(&source, &target);
-    let report = verify(&source, &target).expect(0).json();
+    let report = verify_run(&source, &target).expect(0).json();
     assert_eq!(report["equal"], true, "{report}");
     assert_eq!(report["tables"][0]["source_rows"], 1200, "{report}");
     assert_eq!(report["tables"][1]["source_rows"], 4990, "{report}");
@@ -58,7 +47,7 @@ fn differences_are_narrowed_to_their_keys() {
            UPDATE item SET ratio = ratio * (1 + 1e-15) WHERE id = 77;
            UPDATE "Odd ""Keys""" SET v = '{"g": 0}' WHERE region = 'Ärger' AND n = 12;"#,
     );
-    let run = verify(&source, &target).expect(1);
+    let run = verify_run(&source, &target).expect(1);
     let report = run.json();
     assert_eq!(report["equal"], false);
     let text = report.to_string();
@@ -100,14 +89,14 @@ fn pending_changes_on_a_live_source_are_left_out_and_counted() {
     let (source, target) = pair("vf_live");
     sync_json(&source, &target);
     source.psql("UPDATE item SET name = 'later' WHERE id <= 10; DELETE FROM item WHERE id = 11");
-    let report = verify(&source, &target).expect(0).json();
+    let report = verify_run(&source, &target).expect(0).json();
     let item = &report["tables"][1];
     assert_eq!(item["table"], "public.item", "{report}");
     assert_eq!(item["skipped_pending"], 11, "{report}");
     assert_eq!(item["equal"], true, "{report}");
     // A difference outside the pending keys is still found.
     target.psql("UPDATE item SET name = 'drift' WHERE id = 500");
-    verify(&source, &target).expect(1);
+    verify_run(&source, &target).expect(1);
 }
 
 #[test]
@@ -116,7 +105,7 @@ fn errors_never_exit_1() {
     let plain = cluster.create_database("vf_plain");
     let other = cluster.create_database("vf_other");
     // Not a captured source: an error (5), not "different" (1).
-    let run = verify(&plain, &other);
+    let run = verify_run(&plain, &other);
     assert!(run.code >= 2, "{run:?}");
     let run = pgferry(&[
         "verify",

@@ -61,6 +61,18 @@ pub fn sync_run(source: &TestDb<'_>, target: &TestDb<'_>, extra: &[&str]) -> Run
     pgferry(&args)
 }
 
+/// `pgferry verify --source SOURCE --target TARGET --json`.
+pub fn verify_run(source: &TestDb<'_>, target: &TestDb<'_>) -> Run {
+    pgferry(&[
+        "verify",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--json",
+    ])
+}
+
 /// `pgferry sync … --once --json`, which must exit 0; its report.
 pub fn sync_json(source: &TestDb<'_>, target: &TestDb<'_>) -> serde_json::Value {
     sync_run(source, target, &["--json"]).expect(0).json()

@@ -477,33 +477,48 @@ struct Sides<'a> {
 }
 
 impl Sides<'_> {
-    /// (rows, checksum) of a range on each side.
-    async fn sums(&self, r: &Range) -> Result<((i64, String), (i64, String)), SyncError> {
-        let sql = |excl: &str| {
-            format!(
-                "SELECT count(*), coalesce(sum(('x' || pg_catalog.substr(h, 1, 15))::bit(60)::bigint), 0)::text
-                   FROM (SELECT {} AS h FROM {} AS t WHERE {} AND {excl}) AS s",
-                self.shape.row_hash,
-                self.shape.name,
-                self.shape.range(r)
-            )
-        };
+    /// Runs the query `sql(exclusion)` on both sides at once (the target's with the pending
+    /// keys as parameters).
+    async fn on_both(
+        &self,
+        sql: impl Fn(&str) -> String,
+        what: &str,
+    ) -> Result<(Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>), SyncError> {
         let (ssql, tsql) = (sql(self.s_excl), sql(self.t_excl));
-        let (s, t) = tokio::try_join!(
+        tokio::try_join!(
             async {
                 self.stx
-                    .query_one(&ssql, &[])
+                    .query(&ssql, &[])
                     .await
-                    .map_err(q(self.labels.0, "checksumming rows"))
+                    .map_err(q(self.labels.0, what))
             },
             async {
                 self.ttx
-                    .query_one(&tsql, self.params)
+                    .query(&tsql, self.params)
                     .await
-                    .map_err(q(self.labels.1, "checksumming rows"))
+                    .map_err(q(self.labels.1, what))
             }
-        )?;
-        Ok(((s.get(0), s.get(1)), (t.get(0), t.get(1))))
+        )
+    }
+
+    /// (rows, checksum) of a range on each side.
+    async fn sums(&self, r: &Range) -> Result<((i64, String), (i64, String)), SyncError> {
+        let (s, t) = self
+            .on_both(
+                |excl| {
+                    format!(
+                        "SELECT count(*), coalesce(sum(('x' || pg_catalog.substr(h, 1, 15))::bit(60)::bigint), 0)::text
+                           FROM (SELECT {} AS h FROM {} AS t WHERE {} AND {excl}) AS s",
+                        self.shape.row_hash,
+                        self.shape.name,
+                        self.shape.range(r)
+                    )
+                },
+                "checksumming rows",
+            )
+            .await?;
+        let first = |rows: &[tokio_postgres::Row]| (rows[0].get(0), rows[0].get(1));
+        Ok((first(&s), first(&t)))
     }
 
     /// Cuts a differing range into smaller ones until they are small enough to list.
@@ -573,30 +588,20 @@ impl Sides<'_> {
         out: &mut Vec<Difference>,
         more: &mut u64,
     ) -> Result<(), SyncError> {
-        let sql = |excl: &str| {
-            format!(
-                "SELECT ROW({})::text, {} FROM {} AS t WHERE {} AND {excl}",
-                self.shape.key_text,
-                self.shape.row_hash,
-                self.shape.name,
-                self.shape.range(r)
+        let (s, t) = self
+            .on_both(
+                |excl| {
+                    format!(
+                        "SELECT ROW({})::text, {} FROM {} AS t WHERE {} AND {excl}",
+                        self.shape.key_text,
+                        self.shape.row_hash,
+                        self.shape.name,
+                        self.shape.range(r)
+                    )
+                },
+                "listing rows",
             )
-        };
-        let (ssql, tsql) = (sql(self.s_excl), sql(self.t_excl));
-        let (s, t) = tokio::try_join!(
-            async {
-                self.stx
-                    .query(&ssql, &[])
-                    .await
-                    .map_err(q(self.labels.0, "listing rows"))
-            },
-            async {
-                self.ttx
-                    .query(&tsql, self.params)
-                    .await
-                    .map_err(q(self.labels.1, "listing rows"))
-            }
-        )?;
+            .await?;
         let ours: BTreeMap<String, String> = s.iter().map(|r| (r.get(0), r.get(1))).collect();
         let theirs: BTreeMap<String, String> = t.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut found = Vec::new();
