@@ -14,7 +14,8 @@
 # subscription created before the backlog, subscription disabled while it is made, then
 # enabled; done when a marker committed after the backlog arrives), and the ratio; pgferry's
 # peak RSS at 1x and (RSS10X=1, default) 10x the backlog. Checksums of the whole table are
-# compared on all three sides; a difference fails the run (exit 1).
+# compared on all three sides; a difference fails the run (exit 1). Then `pgferry verify` of the
+# events table, timed against a plain count(*) on both sides at once.
 #
 # Usage: bench/catchup.sh [--json]     Env: ROWS, RSS10X=0|1, PGFERRY_BIN, PG_BIN, JSON=1
 set -euo pipefail
@@ -106,6 +107,15 @@ ok_p=equal; [ "$cs" = "$ct" ] || ok_p=DIFFERENT
 ok_l=equal; [ "$cls" = "$cl" ] || ok_l=DIFFERENT
 [ "$cs" = "$cls" ] || { log "the two sources differ: the workload is not deterministic"; exit 1; }
 
+log "pgferry verify against count(*) on both sides"
+t0=$(now)
+"$PGFERRY_BIN" verify --source "$S" --target "$T" --table public.events --json > "$_PG_BASE/verify.json" \
+    || { log "pgferry verify did not find the tables equal"; ok_p=DIFFERENT; }
+t1=$(now); verify_s=$(elapsed "$t0" "$t1")
+t0=$(now)
+psql -X -q -At "$S" -c "SELECT count(*) FROM events" >/dev/null & psql -X -q -At "$T" -c "SELECT count(*) FROM events" >/dev/null; wait
+t1=$(now); count_s=$(elapsed "$t0" "$t1")
+
 rss10=""
 if [ "$RSS10X" = 1 ]; then
     log "10x backlog for peak memory"
@@ -119,8 +129,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 rps=$(awk -v r="$moved" -v s="$pgferry_s" 'BEGIN { printf "%.0f", r / s }')
 ver=$(psql -X -At "$S" -c "SHOW server_version")
 if [ "$JSON" = 1 ]; then
-    printf '{"server_version":"%s","rows":%s,"backlog":{"updates":%s,"inserts":%s,"deletes":%s},"pgferry_seconds":%s,"rows_moved":%s,"rows_per_second":%s,"raw_copy_seconds":%s,"ratio_to_raw_copy":%s,"logical_replication_seconds":%s,"ratio_to_logical_replication":%s,"peak_rss_kib_1x":%s,"peak_rss_kib_10x":%s,"checksums":{"pgferry":"%s","logical_replication":"%s"}}\n' \
-        "$ver" "$ROWS" "$UPD" "$INS" "$DEL" "$pgferry_s" "$moved" "$rps" "$copy_s" "$(ratio "$pgferry_s" "$copy_s")" "$lr_s" "$(ratio "$pgferry_s" "$lr_s")" "$rss1" "${rss10:-null}" "$ok_p" "$ok_l"
+    printf '{"server_version":"%s","rows":%s,"backlog":{"updates":%s,"inserts":%s,"deletes":%s},"pgferry_seconds":%s,"rows_moved":%s,"rows_per_second":%s,"raw_copy_seconds":%s,"ratio_to_raw_copy":%s,"logical_replication_seconds":%s,"ratio_to_logical_replication":%s,"peak_rss_kib_1x":%s,"peak_rss_kib_10x":%s,"checksums":{"pgferry":"%s","logical_replication":"%s"},"verify_seconds":%s,"count_seconds":%s}\n' \
+        "$ver" "$ROWS" "$UPD" "$INS" "$DEL" "$pgferry_s" "$moved" "$rps" "$copy_s" "$(ratio "$pgferry_s" "$copy_s")" "$lr_s" "$(ratio "$pgferry_s" "$lr_s")" "$rss1" "${rss10:-null}" "$ok_p" "$ok_l" "$verify_s" "$count_s"
 else
     echo "catch-up benchmark, PostgreSQL $ver, events $ROWS rows, backlog $UPD updates + $INS inserts + $DEL deletes"
     printf '%-34s %9s %10s %10s\n' "" seconds rows/s "pgferry/this"
@@ -129,5 +139,6 @@ else
     printf '%-34s %9s %10s %10s\n' "native logical replication" "$lr_s" "" "$(ratio "$pgferry_s" "$lr_s")"
     echo "pgferry peak RSS: 1x $((rss1 / 1024)) MiB${rss10:+, 10x $((rss10 / 1024)) MiB}"
     echo "checksums: pgferry $ok_p, logical replication $ok_l"
+    echo "pgferry verify of events: $verify_s s; count(*) on both sides at once: $count_s s (ratio $(ratio "$verify_s" "$count_s"))"
 fi
 [ "$ok_p" = equal ] && [ "$ok_l" = equal ] || { log "checksums differ"; exit 1; }
