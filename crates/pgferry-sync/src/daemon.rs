@@ -245,7 +245,7 @@ async fn source_task(
             let session = Session::connect(&spec.source, "ticker").await?;
             loop {
                 purge::tick(&session).await?;
-                let purged = purge::purge(&session).await?;
+                let purged = purge::purge(&session, false).await?;
                 if purged > 0 {
                     metrics::counter!("pgferry_purged_rows_total", "sync" => spec.name.clone())
                         .increment(purged);
@@ -339,6 +339,7 @@ async fn follow(
     let mut wait = Duration::ZERO;
     let mut last_round = Instant::now() - HEARTBEAT;
     let mut last_change = Instant::now() - BUSY_SPELL;
+    let mut chained = false;
     // Acknowledgements (which let the source purge) are written at most every ACK_EVERY:
     // the target's own progress row is the truth, and an acknowledgement is a write
     // transaction on the source.
@@ -355,27 +356,34 @@ async fn follow(
         if cancel.is_cancelled() {
             return Ok(());
         }
-        let polled_at = Instant::now();
-        let pending = pending_count(&src, &info, &ids, previous.as_deref()).await?;
-        metrics::gauge!("pgferry_pending_changes", "sync" => spec.name.clone(), "target" => label.clone())
-            .set(pending as f64);
-        state.send_modify(|s| {
-            let t = &mut s.targets[index];
-            t.pending = pending;
-            if pending == 0 {
-                t.fresh_at = Some(polled_at);
+        // While rounds bring changes, the next round starts at once: its own reading of the
+        // pending changes is the poll (a poll scans the capture table as a round does, so
+        // polling between back-to-back rounds would double the source's cost).
+        if chained {
+            chained = false;
+        } else {
+            let polled_at = Instant::now();
+            let pending = pending_count(&src, &info, &ids, previous.as_deref()).await?;
+            metrics::gauge!("pgferry_pending_changes", "sync" => spec.name.clone(), "target" => label.clone())
+                .set(pending as f64);
+            state.send_modify(|s| {
+                let t = &mut s.targets[index];
+                t.pending = pending;
+                if pending == 0 {
+                    t.fresh_at = Some(polled_at);
+                }
+            });
+            if pending == 0 && last_round.elapsed() < HEARTBEAT {
+                // Busy sources get polled every millisecond; idle ones less and less often.
+                wait = if last_change.elapsed() < BUSY_SPELL {
+                    BUSY_POLL
+                } else {
+                    (wait * 2).clamp(BUSY_POLL, spec.poll_interval)
+                };
+                // Cancelled or not, the top of the loop acknowledges and decides.
+                sleep_or_cancel(wait, cancel).await;
+                continue;
             }
-        });
-        if pending == 0 && last_round.elapsed() < HEARTBEAT {
-            // Busy sources get polled every millisecond; idle ones less and less often.
-            wait = if last_change.elapsed() < BUSY_SPELL {
-                BUSY_POLL
-            } else {
-                (wait * 2).clamp(BUSY_POLL, spec.poll_interval)
-            };
-            // Cancelled or not, the top of the loop acknowledges and decides.
-            sleep_or_cancel(wait, cancel).await;
-            continue;
         }
         wait = Duration::ZERO;
         let started = Instant::now();
@@ -428,6 +436,7 @@ async fn follow(
         }
         if changes > 0 {
             last_change = Instant::now();
+            chained = true;
             tracing::debug!(sync = %spec.name, target = %label, changes, rows, seconds, snapshot = %outcome.snapshot, "round applied");
         }
         state.send_modify(|s| {

@@ -330,7 +330,7 @@ pub async fn sync_once(
             seconds: t_started.elapsed().as_secs_f64(),
         });
     }
-    report.purged = purge::purge(&src).await?;
+    report.purged = purge::purge(&src, true).await?;
     report.seconds = started.elapsed().as_secs_f64();
     report.rows_per_second = if report.seconds > 0.0 {
         report.rows as f64 / report.seconds

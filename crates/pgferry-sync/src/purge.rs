@@ -16,8 +16,10 @@ use pgferry_core::Session;
 
 use crate::SyncError;
 
-/// Purges what every target has; returns the number of capture rows deleted.
-pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
+/// Purges what every target has; returns the number of capture rows deleted. `truncate`
+/// allows the TRUNCATE fast path (a catch-up's final purge); the daemon, purging every second
+/// while writers run, never tries it: its check scans the whole capture table.
+pub(crate) async fn purge(source: &Session, truncate: bool) -> Result<u64, SyncError> {
     let dialect = Dialect::new(source.server_version);
     let (xmin, xmax) = if dialect.major >= 13 {
         ("pg_catalog.pg_snapshot_xmin", "pg_catalog.pg_snapshot_xmax")
@@ -60,8 +62,10 @@ pub(crate) async fn purge(source: &Session) -> Result<u64, SyncError> {
         purge_ticks(source).await?;
         return Ok(0);
     }
-    if let Some(n) = purge_all(source, &horizon, &purgeable, mark).await? {
-        return Ok(n);
+    if truncate {
+        if let Some(n) = purge_all(source, &horizon, &purgeable, mark).await? {
+            return Ok(n);
+        }
     }
     let sql = format!(
         "WITH {horizon},
