@@ -64,8 +64,9 @@ echo "equal"
 
 step "done"
 cat <<'TXT'
-The new database caught up with the old one exactly. A real migration then stops the old
-application's writers, runs `pgferry sync --once` a last time (seconds), and starts the new
-application; the daemon and a one-command cutover arrive next. See docs/capture.md and
-docs/sync.md. The clusters are being removed now.
+The new database caught up with the old one exactly. A real migration keeps it in step with
+`pgferry run` (the daemon, docs/daemon.md) until the cutover, then stops the old application's
+writers, runs `pgferry sync --once` a last time (seconds), checks with `pgferry verify`, and
+starts the new application; a one-command cutover arrives next. See docs/capture.md,
+docs/sync.md and docs/daemon.md. The clusters are being removed now.
 TXT
