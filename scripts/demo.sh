@@ -61,6 +61,7 @@ a=$(digest "$old"); b=$(digest "$new")
 echo "old: $a"; echo "new: $b"
 [ "$a" = "$b" ] || { echo "DIFFERENT" >&2; exit 1; }
 echo "equal"
+"$pgferry" verify --source "$old" --target "$new"
 
 step "done"
 cat <<'TXT'
