@@ -254,12 +254,24 @@ pub(crate) async fn run(
 
     let mut applied = Vec::new();
     let (mut ttx, ahead) = begin_target(target, ctx, &target_label).await?;
-    for (t, changes, has_truncate) in work {
-        let pending = pending_condition(
+    // What every table needs before its rows move — the column check on both sides, and a
+    // small table's pending keys — is read for all tables at once: tokio-postgres pipelines the
+    // queries, so a round with several tables pays one round trip for them, not one per table.
+    let mut pendings = Vec::with_capacity(work.len());
+    for (t, _, _) in &work {
+        pendings.push(pending_condition(
             ctx.dialect,
             ahead.get(&t.table_id).map(String::as_str).or(ctx.previous),
-        )?;
-        let one = apply_table(&stx, &ttx, t, changes, has_truncate, &pending, ctx, labels).await?;
+        )?);
+    }
+    let prepared = futures_util::future::try_join_all(work.iter().zip(&pendings).map(
+        |((t, changes, _), pending)| prepare_table(&stx, &ttx, t, *changes, pending, ctx, labels),
+    ))
+    .await?;
+    for (((t, changes, has_truncate), pending), prep) in
+        work.into_iter().zip(&pendings).zip(prepared)
+    {
+        let one = apply_table(&stx, &ttx, t, changes, has_truncate, pending, prep, labels).await?;
         applied.push(one);
         if split {
             // This table is at S: record it, commit, and go on in a new transaction.
@@ -373,6 +385,56 @@ async fn begin_target<'a>(
     Ok((ttx, ahead))
 }
 
+/// What a table needs before its rows move, read before any table is applied.
+struct Prepared {
+    /// The columns to copy (checked on both sides).
+    columns: Vec<pgferry_core::Ident>,
+    /// A small table's pending keys (None: a large one streams them).
+    small_keys: Option<Vec<tokio_postgres::Row>>,
+}
+
+async fn prepare_table(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    t: &CapturedTable,
+    changes: u64,
+    pending: &str,
+    ctx: &RoundContext<'_>,
+    labels: (&str, &str),
+) -> Result<Prepared, SyncError> {
+    let id = t.table_id;
+    let keys = async {
+        if changes > SMALL_TABLE_CHANGES {
+            return Ok(None);
+        }
+        stx.query(
+            &format!(
+                "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+                 UNION ALL
+                 SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
+            ),
+            &[],
+        )
+        .await
+        .map(Some)
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: "reading the pending keys".into(),
+                target: labels.0.to_owned(),
+                source: e,
+            })
+        })
+    };
+    let (columns, small_keys) = tokio::try_join!(
+        crate::schema::columns_to_copy(stx, ttx, t, ctx.versions, labels),
+        keys
+    )?;
+    Ok(Prepared {
+        columns,
+        small_keys,
+    })
+}
+
 /// Applies one table's pending changes at the round's snapshot, inside `ttx`.
 #[allow(clippy::too_many_arguments)]
 async fn apply_table(
@@ -382,7 +444,7 @@ async fn apply_table(
     changes: u64,
     has_truncate: bool,
     pending: &str,
-    ctx: &RoundContext<'_>,
+    prep: Prepared,
     labels: (&str, &str),
 ) -> Result<TableApplied, SyncError> {
     let (source_label, target_label) = labels;
@@ -396,9 +458,10 @@ async fn apply_table(
     let tq = |c: String| tgt(target_label, c);
     let name = &t.name;
     let human = name.human();
-    let columns =
-        crate::schema::columns_to_copy(stx, ttx, t, ctx.versions, (source_label, target_label))
-            .await?;
+    let Prepared {
+        columns,
+        small_keys,
+    } = prep;
     let mut truncated = false;
     if has_truncate {
         let rows = stx
@@ -483,19 +546,8 @@ async fn apply_table(
     // The target side before the rows: every target row with a pending key (old keys of key
     // changes included) is deleted. A small round passes its keys as parameters; a large one
     // streams them into a temporary table (never collected in pgferry's memory).
-    let small = changes <= SMALL_TABLE_CHANGES;
-    let (keys, delete_sql, key_values) = if small {
-        let rows = stx
-            .query(
-                &format!(
-                    "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-                     UNION ALL
-                     SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| sq("reading the pending keys", e))?;
+    let small = small_keys.is_some();
+    let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
         let mut values: Vec<Vec<Option<String>>> =
             vec![Vec::with_capacity(rows.len()); t.key.len()];
         for r in &rows {
