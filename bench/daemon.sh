@@ -30,7 +30,8 @@
 # 3. Correctness: at the end, with the target drained, ordered checksums of every table on
 #    both sides (lat without `arrived`); any difference fails the run (exit 1).
 # For every measured run, CPU busy in cores (from /proc): the machine, the loaded server, the
-# target server, the daemon process and the daemon's sessions on the source.
+# target server, the daemon process, the daemon's sessions on the source, pgbench, and "other"
+# (everything else on the machine: a run with other above ~0.1 core measured the machine).
 #
 # Usage: bench/daemon.sh [--json]
 # Environment:
@@ -49,7 +50,8 @@
 #   PGFERRY_BIN=       use this pgferry binary instead of `cargo build --release -p pgferry`
 #   PG_BIN=/usr/lib/postgresql/15/bin   server and client binaries
 # Progress goes to stderr, the result to stdout. Everything shares this machine's CPUs:
-# pgbench, three servers and the daemon. Needs bash, awk, curl, python3, runuser (as root).
+# pgbench, three servers and the daemon. Needs bash, awk, curl, python3, /usr/bin/time and
+# runuser (as root).
 set -euo pipefail
 export LC_ALL=C
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -376,6 +378,9 @@ full_phase() { # PHASE ROUND
                 start_daemon
                 CATCHUPS+=("$backlog $(drain)")
                 log "    daemon restarted: backlog of $backlog capture rows caught up in ${CATCHUPS[-1]#* } s"
+                # Let a purge pass (once a second) remove the backlog before the VACUUM below, so
+                # that every daemon phase starts without the backlog's dead capture rows.
+                sleep 2
             fi
             ;;
     esac
