@@ -339,6 +339,13 @@ fn the_daemon_replicates_continuously_serves_metrics_and_stops_on_sigterm() {
     wait_for(Duration::from_secs(10), "purge", || {
         source.scalar("SELECT count(*) FROM pgferry.delta") == "0"
     });
+    // The gauge of kept capture rows follows (a statistics estimate would lag behind).
+    wait_for(Duration::from_secs(5), "pgferry_capture_rows at 0", || {
+        http_get(port, "/metrics").is_some_and(|(_, body)| {
+            body.lines()
+                .any(|l| l.starts_with("pgferry_capture_rows{") && l.ends_with(" 0"))
+        })
+    });
     let (code, took) = daemon.term(Duration::from_secs(10));
     assert_eq!(code, 0, "log:\n{}", daemon.log());
     assert!(took < Duration::from_secs(10));

@@ -131,7 +131,8 @@ pub struct SyncState {
     pub source: String,
     pub role: Role,
     pub targets: Vec<TargetState>,
-    /// Capture rows kept on the source (an estimate from the statistics).
+    /// Capture rows kept on the source: counted up to 100,000, above that the statistics'
+    /// estimate.
     pub capture_rows: Option<u64>,
 }
 
@@ -250,20 +251,10 @@ async fn source_task(
                     metrics::counter!("pgferry_purged_rows_total", "sync" => spec.name.clone())
                         .increment(purged);
                 }
-                let kept: Option<f64> = session
-                    .client
-                    .query_opt(
-                        "SELECT greatest(n_live_tup, 0)::float8 FROM pg_catalog.pg_stat_user_tables
-                          WHERE schemaname = 'pgferry' AND relname = 'delta'",
-                        &[],
-                    )
-                    .await
-                    .map_err(session.on_err("reading the capture table's size"))?
-                    .map(|r| r.get(0));
-                if let Some(kept) = kept {
-                    metrics::gauge!("pgferry_capture_rows", "sync" => spec.name.clone()).set(kept);
-                    state.send_modify(|s| s.capture_rows = Some(kept as u64));
-                }
+                let kept = capture_rows(&session).await?;
+                metrics::gauge!("pgferry_capture_rows", "sync" => spec.name.clone())
+                    .set(kept as f64);
+                state.send_modify(|s| s.capture_rows = Some(kept));
                 backoff.recovered(&spec.name, "source (ticks and purge)");
                 if sleep_or_cancel(Duration::from_secs(1), &cancel).await {
                     return Ok::<(), SyncError>(());
@@ -278,6 +269,32 @@ async fn source_task(
     }
 }
 
+/// Up to this many capture rows, [`capture_rows`] counts them (a scan that stops there: a few
+/// milliseconds); beyond, it reads the statistics' estimate.
+const CAPTURE_ROWS_COUNTED: i64 = 100_000;
+
+/// Capture rows kept on the source: exact up to [`CAPTURE_ROWS_COUNTED`], which is where a
+/// healthy daemon keeps it (purge runs every second); above, when a target is down or far
+/// behind, the statistics' live-row estimate (at least the counted bound), which is cheap
+/// whatever the backlog but lags by up to a statistics interval.
+async fn capture_rows(session: &Session) -> Result<u64, SyncError> {
+    let n: i64 = session
+        .client
+        .query_one(
+            "WITH c AS (SELECT count(*) AS n FROM (SELECT FROM pgferry.delta LIMIT $1) s)
+             SELECT CASE WHEN c.n < $1 THEN c.n
+                         ELSE greatest(c.n, (SELECT s.n_live_tup FROM pg_catalog.pg_stat_user_tables s
+                                              WHERE s.schemaname = 'pgferry' AND s.relname = 'delta'))
+                    END
+               FROM c",
+            &[&CAPTURE_ROWS_COUNTED],
+        )
+        .await
+        .map_err(session.on_err("counting the capture rows kept"))?
+        .get(0);
+    Ok(n.max(0) as u64)
+}
+
 /// Replicates to one target until cancelled, reconnecting after any error.
 async fn target_task(
     spec: Arc<SyncSpec>,
@@ -288,8 +305,19 @@ async fn target_task(
 ) {
     let label = dsn.redacted();
     let mut backoff = Backoff::default();
+    // Sequences reported missing on this target: reported once while the daemon runs.
+    let mut missing_sequences = std::collections::BTreeSet::new();
     while !cancel.is_cancelled() {
-        let result = follow(&spec, index, &dsn, &cancel, &state, &mut backoff).await;
+        let result = follow(
+            &spec,
+            index,
+            &dsn,
+            &cancel,
+            &state,
+            &mut backoff,
+            &mut missing_sequences,
+        )
+        .await;
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -316,6 +344,7 @@ async fn follow(
     cancel: &CancellationToken,
     state: &watch::Sender<SyncState>,
     backoff: &mut Backoff,
+    missing_sequences: &mut std::collections::BTreeSet<String>,
 ) -> Result<(), SyncError> {
     let label = dsn.redacted();
     let mut src = Session::connect(&spec.source, "run").await?;
@@ -416,7 +445,7 @@ async fn follow(
         unacked = Some(outcome.snapshot.clone());
         let touched = crate::sequences_of(&info, &outcome);
         if !touched.is_empty() {
-            sequence::advance(&src, &dst, &touched).await?;
+            sequence::advance(&src, &dst, &touched, missing_sequences).await?;
         }
         last_round = Instant::now();
         let seconds = started.elapsed().as_secs_f64();

@@ -313,7 +313,7 @@ pub async fn sync_once(
         let outcome = round_with_retries(&mut src, &probe, &mut dst, &ctx).await?;
         target::acknowledge(&src, &entry.name, &outcome.snapshot).await?;
         let all: Vec<&registry::CapturedSequence> = info.sequences.iter().collect();
-        let advanced = sequence::advance(&src, &dst, &all).await?;
+        let advanced = sequence::advance(&src, &dst, &all, &mut Default::default()).await?;
         let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
         report.rounds += 1;
         report.rows += rows;

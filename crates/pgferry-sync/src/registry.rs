@@ -14,19 +14,73 @@ pub struct CapturedTable {
 }
 
 impl CapturedTable {
-    /// The recorded `column` (`key` or `old_key`) turned back into typed key values.
+    /// The recorded `column` (`key` or `old_key`, a `text[]`) turned back into typed key
+    /// values, one output column per key column, named as the key column.
     pub fn restore(&self, column: &str) -> String {
+        self.restore_each(|i| format!("{column}[{}]", i + 1))
+    }
+
+    /// Typed key values from one text expression per key column (`text(i)` for the i-th,
+    /// counted from 0), each named as its key column.
+    fn restore_each(&self, text: impl Fn(usize) -> String) -> String {
         self.key
             .iter()
             .enumerate()
-            .map(|(i, (c, ty, form))| {
-                format!(
-                    "{} AS {c}",
-                    form.restore_expr(&format!("{column}[{}]", i + 1), ty)
-                )
-            })
+            .map(|(i, (c, ty, form))| format!("{} AS {c}", form.restore_expr(&text(i), ty)))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// The query listing this table's pending key images among the capture rows `d` that
+    /// match `pending` (`round::pending_condition`): the key of every change but
+    /// TRUNCATEs, and the old key of every key change. Not deduplicated (a key changed twice
+    /// comes twice: deduplicating on the source costs more than the duplicates do). `typed`:
+    /// the key columns restored to their types; otherwise the recorded `text[]`, one column.
+    pub fn pending_keys(&self, pending: &str, typed: bool) -> String {
+        let (new, old) = if typed {
+            (self.restore("d.key"), self.restore("d.old_key"))
+        } else {
+            ("d.key".to_owned(), "d.old_key".to_owned())
+        };
+        let id = self.table_id;
+        format!(
+            "SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
+             UNION ALL
+             SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
+        )
+    }
+
+    /// Recorded keys (rows whose first column is a key's `text[]`, as [`Self::pending_keys`]
+    /// returns untyped) split into one list per key column: the parameters of
+    /// [`Self::keys_from_params`].
+    pub fn key_params(&self, rows: &[tokio_postgres::Row]) -> Vec<Vec<Option<String>>> {
+        let mut values: Vec<Vec<Option<String>>> =
+            vec![Vec::with_capacity(rows.len()); self.key.len()];
+        for r in rows {
+            let key: Vec<Option<String>> = r.get(0);
+            for (i, column) in values.iter_mut().enumerate() {
+                column.push(key.get(i).cloned().flatten());
+            }
+        }
+        values
+    }
+
+    /// A query of typed keys from [`Self::key_params`] bound as `$1`, `$2`, … (one `text[]`
+    /// per key column), each output column named as its key column.
+    pub fn keys_from_params(&self) -> String {
+        let n = self.key.len();
+        // Schema-qualified, a multi-argument unnest must be spelled as ROWS FROM of one-argument
+        // unnests (`pg_catalog.unnest(a, b)` exists only as the FROM-clause special form).
+        let unnests: Vec<String> = (1..=n)
+            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
+            .collect();
+        let names: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+        format!(
+            "SELECT {} FROM ROWS FROM ({}) AS u({})",
+            self.restore_each(|i| format!("u.k{i}")),
+            unnests.join(", "),
+            names.join(", ")
+        )
     }
 }
 

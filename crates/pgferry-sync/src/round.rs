@@ -402,28 +402,20 @@ async fn prepare_table(
     ctx: &RoundContext<'_>,
     labels: (&str, &str),
 ) -> Result<Prepared, SyncError> {
-    let id = t.table_id;
     let keys = async {
         if changes > SMALL_TABLE_CHANGES {
             return Ok(None);
         }
-        stx.query(
-            &format!(
-                "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-                 UNION ALL
-                 SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
-            ),
-            &[],
-        )
-        .await
-        .map(Some)
-        .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: "reading the pending keys".into(),
-                target: labels.0.to_owned(),
-                source: e,
+        stx.query(&t.pending_keys(pending, false), &[])
+            .await
+            .map(Some)
+            .map_err(|e| {
+                SyncError::Core(pgferry_core::Error::Query {
+                    context: "reading the pending keys".into(),
+                    target: labels.0.to_owned(),
+                    source: e,
+                })
             })
-        })
     };
     let (columns, small_keys) = tokio::try_join!(
         crate::schema::columns_to_copy(stx, ttx, t, ctx.versions, labels),
@@ -522,13 +514,7 @@ async fn apply_table(
                 .join(", ")
         )
     };
-    let keys_sql = format!(
-            "COPY (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-                   UNION ALL
-                   SELECT {old} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL) TO STDOUT",
-            new = t.restore("d.key"),
-            old = t.restore("d.old_key"),
-        );
+    let keys_sql = format!("COPY ({}) TO STDOUT", t.pending_keys(pending, true));
     let rows_sql = format!(
             "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
                    (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T')) TO STDOUT",
@@ -548,34 +534,12 @@ async fn apply_table(
     // streams them into a temporary table (never collected in pgferry's memory).
     let small = small_keys.is_some();
     let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
-        let mut values: Vec<Vec<Option<String>>> =
-            vec![Vec::with_capacity(rows.len()); t.key.len()];
-        for r in &rows {
-            let key: Vec<Option<String>> = r.get(0);
-            for (i, column) in values.iter_mut().enumerate() {
-                column.push(key.get(i).cloned().flatten());
-            }
-        }
-        let restored: Vec<String> = t
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, (c, ty, form))| {
-                format!("{} AS {c}", form.restore_expr(&format!("u.k{i}"), ty))
-            })
-            .collect();
-        let params: Vec<String> = (1..=t.key.len())
-            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
-            .collect();
-        let names: Vec<String> = (0..t.key.len()).map(|i| format!("k{i}")).collect();
         let sql = format!(
-            "DELETE FROM {name} AS t USING (SELECT {} FROM ROWS FROM ({}) AS u({})) AS k WHERE {}",
-            restored.join(", "),
-            params.join(", "),
-            names.join(", "),
+            "DELETE FROM {name} AS t USING ({}) AS k WHERE {}",
+            t.keys_from_params(),
             join.join(" AND ")
         );
-        (rows.len() as u64, sql, values)
+        (rows.len() as u64, sql, t.key_params(&rows))
     } else {
         ttx.batch_execute(&format!(
             "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",

@@ -4,19 +4,23 @@
 //! catch-up each registered sequence is set on the target to the source's position when that
 //! is ahead. A target sequence that is already further (used on the target) is left alone.
 
+use std::collections::BTreeSet;
+
 use pgferry_core::Session;
 
 use crate::registry::CapturedSequence;
-
 use crate::SyncError;
 
 /// Moves each sequence forward on `target` to where it is on `source`; returns how many moved.
-/// One query per side reads every sequence (a sequence missing on the target is skipped with a
-/// warning), and one statement sets those that moved.
+/// One query per side reads every sequence, and one statement sets those that moved. A sequence
+/// missing on the target is skipped, with a warning the first time it is found missing:
+/// `missing` holds the sequences already reported for this target (the daemon keeps it for as
+/// long as it runs, so a missing sequence is reported once, not on every round).
 pub(crate) async fn advance(
     source: &Session,
     target: &Session,
     sequences: &[&CapturedSequence],
+    missing: &mut BTreeSet<String>,
 ) -> Result<u64, SyncError> {
     if sequences.is_empty() {
         return Ok(0);
@@ -53,9 +57,12 @@ pub(crate) async fn advance(
     let mut present = Vec::new();
     for ((n, row), s) in all.iter().zip(&theirs_exist).zip(sequences) {
         if row.get::<_, bool>(0) {
+            if missing.remove(n) {
+                tracing::info!(sequence = %s.name.human(), target = %target.target, "sequence found on the target: carried again");
+            }
             present.push(n.clone());
-        } else {
-            tracing::warn!(sequence = %s.name.human(), target = %target.target, "sequence missing on the target: not carried");
+        } else if missing.insert(n.clone()) {
+            tracing::warn!(sequence = %s.name.human(), target = %target.target, "sequence missing on the target: not carried (reported once)");
         }
     }
     if present.is_empty() {

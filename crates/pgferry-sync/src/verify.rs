@@ -364,11 +364,7 @@ async fn compare(
             seconds: started.elapsed().as_secs_f64(),
         });
     }
-    let pending_sql = format!(
-        "SELECT d.key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'
-         UNION ALL
-         SELECT d.old_key FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.old_key IS NOT NULL"
-    );
+    let pending_sql = table.pending_keys(pending, false);
     let rows = stx
         .query(&pending_sql, &[])
         .await
@@ -379,14 +375,7 @@ async fn compare(
             pending: rows.len() as u64,
         });
     }
-    let mut values: Vec<Vec<Option<String>>> =
-        vec![Vec::with_capacity(rows.len()); table.key.len()];
-    for r in &rows {
-        let k: Vec<Option<String>> = r.get(0);
-        for (i, column) in values.iter_mut().enumerate() {
-            column.push(k.get(i).cloned().flatten());
-        }
-    }
+    let values = table.key_params(&rows);
     let skipped = rows.len() as u64;
     let tuple = format!(
         "({})",
@@ -400,33 +389,12 @@ async fn compare(
     let (s_excl, t_excl) = if skipped == 0 {
         ("true".to_owned(), "true".to_owned())
     } else {
-        let restored_src: Vec<String> = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, (_, ty, form))| form.restore_expr(&format!("p.k[{}]", i + 1), ty))
-            .collect();
-        let restored_dst: Vec<String> = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, (_, ty, form))| form.restore_expr(&format!("u.k{i}"), ty))
-            .collect();
-        let unnests: Vec<String> = (1..=table.key.len())
-            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
-            .collect();
-        let names: Vec<String> = (0..table.key.len()).map(|i| format!("k{i}")).collect();
         (
             format!(
                 "{tuple} NOT IN (SELECT {} FROM ({pending_sql}) AS p(k))",
-                restored_src.join(", ")
+                table.restore("p.k")
             ),
-            format!(
-                "{tuple} NOT IN (SELECT {} FROM ROWS FROM ({}) AS u({}))",
-                restored_dst.join(", "),
-                unnests.join(", "),
-                names.join(", ")
-            ),
+            format!("{tuple} NOT IN ({})", table.keys_from_params()),
         )
     };
     let params: Vec<&(dyn ToSql + Sync)> = if skipped == 0 {
