@@ -61,6 +61,36 @@ pub enum SyncError {
     #[error("table {table} has {pending} keys with pending changes: too many to leave out of a live comparison\nfix: verify when the target has caught up (the daemon running, or after `pgferry sync --once`)")]
     TooBusyToVerify { table: String, pending: u64 },
 
+    #[error("{source_db} was cut over at {at}: it is the old system, frozen, and no longer replicates\nfix: nothing to do if the migration is over; `pgferry unfreeze --source …` makes it writable (and replicable) again")]
+    CutOver { source_db: String, at: String },
+
+    #[error("could not freeze writes on {source_db} within {seconds} s: {} hold locks on captured tables (a transaction that wrote to them and has not ended); nothing was changed\n\
+             fix: let them finish, or end them (SELECT pg_catalog.pg_terminate_backend(pid)), or stop the application's writers, then retry; or give --lock-timeout more seconds",
+            if blockers.is_empty() { "other sessions".to_owned() } else { blockers.join(", ") })]
+    FreezeTimedOut {
+        source_db: String,
+        seconds: f64,
+        blockers: Vec<String>,
+    },
+
+    #[error("target {target} is {lag:.1} s behind (more than --max-lag {max:.1} s): the final round inside the freeze would be long; nothing was changed\nfix: catch it up first (`pgferry run`, or `pgferry sync --once`), or raise --max-lag")]
+    LagTooHigh { target: String, lag: f64, max: f64 },
+
+    #[error("the check inside the freeze found differences: {}\nthe source was unfrozen; run `pgferry verify --source … --target …` to see the differing keys", tables.join(", "))]
+    CutoverMismatch { tables: Vec<String> },
+
+    #[error("fault injected at {step} (PGFERRY_FAILPOINT)")]
+    Injected { step: &'static str },
+
+    #[error("target {target} has never caught up with this source: cutover drains targets that are already following it; nothing was changed\nfix: catch it up first (`pgferry sync --once`, or the daemon), then cut over")]
+    NeverSynced { target: String },
+
+    #[error("another cutover of {source_db} is running; nothing was changed")]
+    CutoverRunning { source_db: String },
+
+    #[error("a pgferry daemon replicates from {source_db} ({holder}) and cutover may not end its session to take the sync over; nothing was changed\nfix: stop the daemon, or run cutover as a role that may signal it (a superuser, or a member of pg_signal_backend for a non-superuser daemon)")]
+    DaemonRunning { source_db: String, holder: String },
+
     #[error("another pgferry is applying to {target} (its progress moved from the snapshot this round started at); this round was rolled back")]
     AnotherApplier { target: String },
 

@@ -14,8 +14,10 @@
 
 mod check;
 mod copy;
+pub mod cutover;
 pub mod daemon;
 mod error;
+pub mod freeze;
 mod purge;
 mod registry;
 pub mod round;
@@ -157,6 +159,7 @@ pub(crate) async fn prepare_target(
     dsn: &Dsn,
     opts: &SyncOptions,
 ) -> Result<PreparedTarget, SyncError> {
+    freeze::refuse_cut_over(src).await?;
     let mut dst = Session::connect(dsn, "sync").await?;
     let reg = target::register(&mut dst, &info.node_id, &src.target).await?;
     let entry = match target::registry_entry(

@@ -270,16 +270,15 @@ fn normalised(c: &SharedColumn) -> String {
     }
 }
 
-async fn compare(
-    ctx: &Ctx,
+/// The SQL pieces of one table's comparison, after checking both sides have its columns.
+async fn shape(
     stx: &Transaction<'_>,
     ttx: &Transaction<'_>,
     table: &CapturedTable,
     versions: (u32, u32),
-) -> Result<TableVerdict, SyncError> {
-    let started = Instant::now();
-    let (sl, tl) = (&ctx.labels.0, &ctx.labels.1);
-    let human = table.name.human();
+    labels: (&str, &str),
+) -> Result<Shape, SyncError> {
+    let (sl, tl) = labels;
     let columns = checked_columns(stx, ttx, table, versions, (sl, tl)).await?;
     let key_names: Vec<String> = table
         .key
@@ -309,7 +308,7 @@ async fn compare(
             )
         })
         .collect();
-    let shape = Shape {
+    Ok(Shape {
         name: table.name.to_string(),
         order: key
             .iter()
@@ -336,7 +335,20 @@ async fn compare(
                 .join(", ")
         ),
         key,
-    };
+    })
+}
+
+async fn compare(
+    ctx: &Ctx,
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    table: &CapturedTable,
+    versions: (u32, u32),
+) -> Result<TableVerdict, SyncError> {
+    let started = Instant::now();
+    let (sl, tl) = (&ctx.labels.0, &ctx.labels.1);
+    let human = table.name.human();
+    let shape = shape(stx, ttx, table, versions, (sl, tl)).await?;
 
     // Keys pending for the target are left out on both sides.
     let id = table.table_id;
@@ -608,4 +620,154 @@ fn display_key(row_text: &str) -> String {
     } else {
         inner.trim_matches('"').to_owned()
     }
+}
+
+/// One table of the check cutover runs inside its freeze.
+#[derive(Clone, Debug, Serialize)]
+pub struct TouchedVerdict {
+    pub table: String,
+    /// Key images the final round touched (the whole table when it replayed a TRUNCATE).
+    pub touched_keys: u64,
+    /// Whether the final round replayed a TRUNCATE, so the whole table was compared.
+    pub whole_table: bool,
+    /// Row counts of the whole table, when counted.
+    pub source_rows: Option<u64>,
+    pub target_rows: Option<u64>,
+    pub equal: bool,
+    pub differences: Vec<Difference>,
+    pub more_differences: u64,
+}
+
+/// The check inside a cutover's freeze: on a frozen source and a drained target, compares the
+/// rows of every key with a change after `since` (the snapshot the target held before its final
+/// round: those the final round touched), and with `counts` every table's row count. Cost
+/// follows the final round (plus one count per table): tables it did not touch are only counted.
+pub(crate) async fn check_touched(
+    src: &mut Session,
+    dst: &mut Session,
+    info: &crate::SourceInfo,
+    since: Option<&str>,
+    counts: bool,
+) -> Result<Vec<TouchedVerdict>, SyncError> {
+    let (sl, tl) = (src.target.clone(), dst.target.clone());
+    let versions = (src.server_version, dst.server_version);
+    let pending = round::pending_condition(info.dialect, since)?;
+    let stx = begin(src).await?;
+    let ttx = begin(dst).await?;
+    let ids: Vec<i32> = info.tables.keys().copied().collect();
+    let touched: BTreeMap<i32, bool> = stx
+        .query(
+            &format!(
+                "SELECT d.table_id, bool_or(d.op = 'T') FROM pgferry.delta d
+                  WHERE {pending} AND d.table_id = ANY($1) GROUP BY 1"
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(q(&sl, "listing the tables the final round touched"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut verdicts = Vec::new();
+    for table in info.tables.values() {
+        let truncated = touched.get(&table.table_id).copied();
+        if truncated.is_none() && !counts {
+            continue;
+        }
+        let mut v = TouchedVerdict {
+            table: table.name.human(),
+            touched_keys: 0,
+            whole_table: truncated == Some(true),
+            source_rows: None,
+            target_rows: None,
+            equal: true,
+            differences: Vec::new(),
+            more_differences: 0,
+        };
+        if counts {
+            let sql = format!("SELECT count(*) FROM {}", table.name);
+            let (s, t) = tokio::try_join!(
+                async {
+                    stx.query_one(&sql, &[])
+                        .await
+                        .map_err(q(&sl, "counting rows"))
+                },
+                async {
+                    ttx.query_one(&sql, &[])
+                        .await
+                        .map_err(q(&tl, "counting rows"))
+                }
+            )?;
+            let (s, t) = (s.get::<_, i64>(0) as u64, t.get::<_, i64>(0) as u64);
+            v.source_rows = Some(s);
+            v.target_rows = Some(t);
+            v.equal = s == t;
+        }
+        if let Some(whole) = truncated {
+            let shape = shape(&stx, &ttx, table, versions, (&sl, &tl)).await?;
+            let pending_sql = table.pending_keys(&pending, false);
+            let rows = if whole {
+                Vec::new()
+            } else {
+                stx.query(&pending_sql, &[])
+                    .await
+                    .map_err(q(&sl, "reading the touched keys"))?
+            };
+            v.touched_keys = rows.len() as u64;
+            let values = table.key_params(&rows);
+            let tuple = format!(
+                "({})",
+                shape
+                    .key
+                    .iter()
+                    .map(|k| k.0.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let (s_incl, t_incl) = if whole {
+                ("true".to_owned(), "true".to_owned())
+            } else {
+                (
+                    format!(
+                        "{tuple} IN (SELECT {} FROM ({pending_sql}) AS p(k))",
+                        table.restore("p.k")
+                    ),
+                    format!("{tuple} IN ({})", table.keys_from_params()),
+                )
+            };
+            let params: Vec<&(dyn ToSql + Sync)> = if whole {
+                Vec::new()
+            } else {
+                values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+            };
+            let sides = Sides {
+                stx: &stx,
+                ttx: &ttx,
+                shape: &shape,
+                s_excl: &s_incl,
+                t_excl: &t_incl,
+                params: &params,
+                labels: (&sl, &tl),
+            };
+            let all = Range::default();
+            let (s_sum, t_sum) = sides.sums(&all).await?;
+            if whole {
+                v.touched_keys = s_sum.0 as u64;
+            }
+            if s_sum != t_sum {
+                v.equal = false;
+                sides
+                    .narrow(
+                        &all,
+                        (s_sum.0, t_sum.0),
+                        0,
+                        &mut v.differences,
+                        &mut v.more_differences,
+                    )
+                    .await?;
+            }
+        }
+        verdicts.push(v);
+    }
+    Ok(verdicts)
 }

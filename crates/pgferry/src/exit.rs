@@ -8,6 +8,7 @@
 //! | 3 | connection or authentication failed |
 //! | 4 | a privilege is missing |
 //! | 5 | any other failure (a database error, an I/O error) |
+//! | 6 | `cutover` failed and the source could not be made writable again: run `pgferry unfreeze` |
 
 use pgferry_core::error::find_db_error;
 use pgferry_core::ErrorClass;
@@ -15,7 +16,8 @@ use pgferry_core::ErrorClass;
 /// The exit codes, for `--help`.
 pub const EXIT_CODES_HELP: &str =
     "Exit codes: 0 ok; 1 refused or different (nothing changed); 2 usage; \
-3 connection or authentication; 4 missing privilege; 5 other failure.";
+3 connection or authentication; 4 missing privilege; 5 other failure; \
+6 cutover failed and left the source frozen (run `pgferry unfreeze`).";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
@@ -25,6 +27,8 @@ pub enum Code {
     Connection = 3,
     Privilege = 4,
     Failure = 5,
+    /// A cutover failed and could not unfreeze the source.
+    Frozen = 6,
 }
 
 impl From<Code> for std::process::ExitCode {

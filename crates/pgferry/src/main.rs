@@ -4,6 +4,7 @@
 mod capture;
 mod cleanup;
 mod config;
+mod cutover;
 mod exit;
 mod output;
 mod run;
@@ -56,6 +57,14 @@ enum Command {
     /// differing keys (exit 0 equal, 1 different, 2 or more could not compare). On a live
     /// source, keys with pending changes are left out and counted.
     Verify(verify::VerifyArgs),
+    /// Steps 6–8 of a migration: freeze every write on the source, drain every target to the
+    /// final snapshot, set sequences, check what the final round touched and the row counts,
+    /// and report the write outage (exit 0 cut over; 1 refused or rolled back, the source
+    /// writable and nothing lost; 6 failed with the source still frozen).
+    Cutover(cutover::CutoverArgs),
+    /// Make a source frozen by a cutover writable again (after an interrupted cutover, or to
+    /// roll a finished one back).
+    Unfreeze(cutover::UnfreezeArgs),
     /// Manage the source's registry of targets.
     #[command(subcommand)]
     Target(sync::TargetCommand),
@@ -107,6 +116,8 @@ fn main() -> std::process::ExitCode {
             Command::Run(a) => run::run(a).await,
             Command::Check(a) => run::check(a).await,
             Command::Verify(a) => verify::verify(a).await,
+            Command::Cutover(a) => cutover::cutover(a).await,
+            Command::Unfreeze(a) => cutover::unfreeze(a).await,
         }
     });
     match result {

@@ -1,0 +1,482 @@
+//! End-to-end tests of `pgferry cutover` and `pgferry unfreeze`: a cutover under write load
+//! (the writers' commits all reach the target, their next write is refused, whatever role or
+//! `session_replication_role`), failure injected at each step inside the freeze (the source is
+//! writable again and nothing is lost), a lock held by a writer, a target killed inside the
+//! freeze, a daemon taken over, dry run and refusals.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::{digest, dump, pgferry, restore, sync_json, verify_run, wait_for, Conn};
+use pgferry_testkit::{Cluster, PgBin, TestDb};
+
+const SCHEMA: &str = "
+    CREATE TABLE account (id int PRIMARY KEY, balance bigint NOT NULL);
+    CREATE TABLE movement (id bigserial PRIMARY KEY, account_id int NOT NULL REFERENCES account,
+                           amount int NOT NULL);
+    CREATE TABLE event (id bigint GENERATED ALWAYS AS IDENTITY, day date NOT NULL, what text,
+                        PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+    CREATE TABLE event_2026 PARTITION OF event FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+    CREATE TABLE event_2027 PARTITION OF event FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+    INSERT INTO account SELECT g, 0 FROM generate_series(1, 50) g;";
+
+/// The migration up to the cutover: schema and data on the source, capture, a dump restored
+/// on the target and cleaned, a first catch-up.
+fn migrated(source: &TestDb<'_>, target: &TestDb<'_>) {
+    source.psql(SCHEMA);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("source.dump");
+    dump(source, &file);
+    restore(&file, target);
+    pgferry(&["clean", "--db", &target.dsn()]).expect(0);
+    sync_json(source, target);
+}
+
+/// One writer: transfers between accounts with a movement and an event each; counts commits
+/// and writes refused as read-only (SQLSTATE 25006, the freeze).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dsn: &str) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (d, s, c, r) = (
+            dsn.to_owned(),
+            stop.clone(),
+            committed.clone(),
+            refused.clone(),
+        );
+        let thread = thread::spawn(move || {
+            let conn = Conn::open(&d);
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let (from, to) = (1 + n % 50, 1 + (n * 7) % 50);
+                let day = if n % 2 == 0 {
+                    "2026-06-01"
+                } else {
+                    "2027-06-01"
+                };
+                let sql = format!(
+                    "BEGIN;
+                     UPDATE account SET balance = balance - 3 WHERE id = {from};
+                     UPDATE account SET balance = balance + 3 WHERE id = {to};
+                     INSERT INTO movement (account_id, amount) VALUES ({from}, -3), ({to}, 3);
+                     INSERT INTO event (day, what) VALUES ('{day}', 'transfer {n}');
+                     {}
+                     COMMIT;",
+                    if n % 10 == 0 {
+                        "DELETE FROM movement WHERE id IN (SELECT id FROM movement ORDER BY id LIMIT 2);"
+                    } else {
+                        ""
+                    }
+                );
+                match conn.try_batch(&sql) {
+                    Ok(()) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+                        {
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = conn.try_batch("ROLLBACK");
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Writer {
+            stop,
+            committed,
+            refused,
+            thread: Some(thread),
+        }
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `n` more commits.
+    fn progress(&self, n: u64) {
+        let base = self.committed();
+        wait_for(Duration::from_secs(30), "the writer's commits", || {
+            self.committed() >= base + n
+        });
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn cutover(source: &TestDb<'_>, target: &TestDb<'_>, extra: &[&str]) -> common::Run {
+    let (s, t) = (source.dsn(), target.dsn());
+    let mut args = vec!["cutover", "--source", &s, "--target", &t, "--json"];
+    args.extend_from_slice(extra);
+    pgferry(&args)
+}
+
+/// `pgferry cutover … --json` with `PGFERRY_FAILPOINT` set.
+fn cutover_failing_at(source: &TestDb<'_>, target: &TestDb<'_>, failpoint: &str) -> common::Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args([
+            "cutover",
+            "--source",
+            &source.dsn(),
+            "--target",
+            &target.dsn(),
+            "--json",
+        ])
+        .env("PGFERRY_LOG", "warn")
+        .env("PGFERRY_FAILPOINT", failpoint)
+        .output()
+        .expect("run pgferry");
+    common::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn freeze_triggers(db: &TestDb<'_>) -> String {
+    db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgferry\\_freeze%'")
+}
+
+fn has_pgferry(db: &TestDb<'_>) -> bool {
+    db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'") == "1"
+}
+
+#[test]
+fn a_cutover_under_write_load_freezes_drains_and_hands_over() {
+    let cluster = Cluster::shared();
+    let (source, target) = (
+        cluster.create_database("co_src"),
+        cluster.create_database("co_dst"),
+    );
+    migrated(&source, &target);
+    let writer = Writer::start(&source.dsn());
+    writer.progress(50);
+
+    let run = cutover(&source, &target, &[]).expect(0);
+    let report = run.json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["source_state"], "cut over", "{report}");
+    let outage = report["outage_seconds"].as_f64().expect("outage");
+    assert!(outage > 0.0, "{report}");
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_str().unwrap_or(""))
+        .collect();
+    for s in [
+        "check",
+        "lag",
+        "daemons",
+        "catch-up",
+        "freeze",
+        "final round",
+        "sequences",
+        "done",
+        "release",
+    ] {
+        assert!(steps.contains(&s), "step {s} missing: {report}");
+    }
+    let checked = report["targets"][0]["checked"].as_array().expect("checked");
+    assert!(!checked.is_empty(), "{report}");
+    assert!(checked.iter().all(|t| t["equal"] == true), "{report}");
+
+    // The writer's next write was refused as read-only, and every commit it made is on the
+    // target: no transfer lost, none half-applied.
+    wait_for(Duration::from_secs(10), "a refused write", || {
+        writer.refused() > 0
+    });
+    writer.stop();
+    assert_eq!(digest(&source), digest(&target));
+    assert_eq!(target.scalar("SELECT sum(balance) FROM account"), "0");
+    assert!(!has_pgferry(&target), "the target keeps pgferry's schema");
+    assert_eq!(verify_run(&source, &target).expect(0).json()["equal"], true);
+
+    // Sequences were carried: the new application inserts without key clashes.
+    target.psql(
+        "INSERT INTO movement (account_id, amount) VALUES (1, 0);
+         INSERT INTO event (day, what) VALUES ('2026-01-02', 'new app');",
+    );
+
+    // The source refuses every write, whatever the route.
+    for sql in [
+        "INSERT INTO account VALUES (1000, 0)",
+        "SET session_replication_role = replica; UPDATE account SET balance = 0 WHERE id = 1",
+        "TRUNCATE movement",
+        "TRUNCATE event",
+        "INSERT INTO event (day, what) VALUES ('2026-03-01', 'late')",
+        "DELETE FROM event_2027",
+        "COPY account FROM PROGRAM 'echo 2000,0' WITH (FORMAT csv)",
+    ] {
+        let err = source.try_psql(sql).expect_err(sql);
+        assert!(err.contains("frozen"), "{sql}: {err}");
+    }
+    // Replication from it is over; a second cutover says so.
+    let again = pgferry(&[
+        "sync",
+        "--source",
+        &source.dsn(),
+        "--target",
+        &target.dsn(),
+        "--once",
+    ])
+    .expect(1);
+    assert!(again.stderr.contains("cut over"), "{}", again.stderr);
+    let again = cutover(&source, &target, &[]).expect(1);
+    assert!(again.stderr.contains("cut over"), "{}", again.stderr);
+
+    // unfreeze makes the old system writable again (a dry run first changes nothing).
+    let dry = pgferry(&["unfreeze", "--source", &source.dsn(), "--dry-run"]).expect(0);
+    assert!(
+        dry.stdout.contains("DROP TRIGGER \"pgferry_freeze\""),
+        "{}",
+        dry.stdout
+    );
+    assert_ne!(freeze_triggers(&source), "0");
+    pgferry(&["unfreeze", "--source", &source.dsn()]).expect(0);
+    assert_eq!(freeze_triggers(&source), "0");
+    source.psql("INSERT INTO account VALUES (1000, 0)");
+}
+
+#[test]
+fn failures_inside_the_freeze_leave_the_source_writable_and_lose_nothing() {
+    let cluster = Cluster::shared();
+    let (source, target) = (
+        cluster.create_database("cf_src"),
+        cluster.create_database("cf_dst"),
+    );
+    migrated(&source, &target);
+    let writer = Writer::start(&source.dsn());
+    writer.progress(20);
+
+    for step in ["final round", "sequences", "check", "done"] {
+        let run = cutover_failing_at(&source, &target, step).expect(1);
+        let report = run.json();
+        assert_eq!(report["ok"], false, "{report}");
+        assert_eq!(report["failed_step"], step, "{report}");
+        assert_eq!(report["source_state"], "writable", "{report}");
+        assert!(report["outage_seconds"].as_f64().is_some(), "{report}");
+        assert_eq!(freeze_triggers(&source), "0", "{step}");
+        assert_eq!(
+            source.scalar("SELECT state FROM pgferry.cutover ORDER BY cutover_id DESC LIMIT 1"),
+            "unfrozen"
+        );
+        // The writer goes on.
+        writer.progress(20);
+    }
+
+    // A difference inside the freeze (a row only the target has) fails the check.
+    target.psql("INSERT INTO account VALUES (5000, 0)");
+    let report = cutover(&source, &target, &[]).expect(1).json();
+    assert_eq!(report["failed_step"], "check", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("public.account"),
+        "{report}"
+    );
+    assert_eq!(freeze_triggers(&source), "0");
+    writer.progress(20);
+    target.psql("DELETE FROM account WHERE id = 5000");
+
+    // A transaction that wrote and stays open holds the freeze back: refused after
+    // --lock-timeout, naming the session, nothing changed.
+    let holder = Conn::open(&source.dsn());
+    holder.batch(
+        "BEGIN; UPDATE movement SET amount = amount WHERE id = (SELECT min(id) FROM movement)",
+    );
+    let run = cutover(&source, &target, &["--lock-timeout", "1"]).expect(1);
+    assert!(run.stderr.contains("pid"), "{}", run.stderr);
+    assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
+    assert_eq!(freeze_triggers(&source), "0");
+    holder.batch("ROLLBACK");
+    writer.progress(20);
+
+    // Nothing was lost along the way: the last cutover hands everything over.
+    let report = cutover(&source, &target, &[]).expect(0).json();
+    assert_eq!(report["ok"], true, "{report}");
+    writer.stop();
+    assert_eq!(digest(&source), digest(&target));
+    assert_eq!(target.scalar("SELECT sum(balance) FROM account"), "0");
+}
+
+#[test]
+fn a_target_killed_inside_the_freeze_unfreezes_the_source() {
+    let bin = PgBin::system();
+    let (src_cluster, dst_cluster) = (
+        Cluster::start(&bin).expect("source cluster"),
+        Cluster::start(&bin).expect("target cluster"),
+    );
+    let (source, target) = (
+        src_cluster.create_database("ck_src"),
+        dst_cluster.create_database("ck_dst"),
+    );
+    migrated(&source, &target);
+    let writer = Writer::start(&source.dsn());
+    writer.progress(20);
+
+    let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args([
+            "cutover",
+            "--source",
+            &source.dsn(),
+            "--target",
+            &target.dsn(),
+            "--json",
+        ])
+        .env("PGFERRY_LOG", "warn")
+        .env("PGFERRY_FAILPOINT", "final round:pause=3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cutover");
+    let probe = Conn::open(&source.dsn());
+    wait_for(Duration::from_secs(30), "the freeze", || {
+        probe.text("SELECT count(*) FROM pg_trigger WHERE tgname = 'pgferry_freeze'") != "0"
+    });
+    dst_cluster.stop();
+    let out = child.wait_with_output().expect("cutover");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(report["failed_step"], "final round", "{report}");
+    assert_eq!(report["source_state"], "writable", "{report}");
+    writer.progress(20);
+
+    dst_cluster.start_again();
+    writer.stop();
+    sync_json(&source, &target);
+    assert_eq!(digest(&source), digest(&target));
+    assert_eq!(verify_run(&source, &target).expect(0).json()["equal"], true);
+}
+
+#[test]
+fn a_running_daemon_is_taken_over_and_stays_away_afterwards() {
+    let cluster = Cluster::shared();
+    let (source, target) = (
+        cluster.create_database("cd_src"),
+        cluster.create_database("cd_dst"),
+    );
+    migrated(&source, &target);
+    let writer = Writer::start(&source.dsn());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("daemon.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args([
+            "run",
+            "--source",
+            &source.dsn(),
+            "--target",
+            &target.dsn(),
+            "--poll-interval",
+            "20ms",
+        ])
+        .env("PGFERRY_LOG", "info")
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("start the daemon");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(Duration::from_secs(30), "the daemon", || {
+        read_log().contains("target connected")
+    });
+    writer.progress(50);
+
+    let report = cutover(&source, &target, &[]).expect(0).json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        report["daemons_taken_over"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    writer.stop();
+    assert_eq!(digest(&source), digest(&target));
+    // The daemon gets its lock back once cutover exits, and refuses to replicate from a source
+    // that was cut over: it does not put pgferry back on the target.
+    wait_for(Duration::from_secs(30), "the daemon's refusal", || {
+        read_log().contains("was cut over")
+    });
+    thread::sleep(Duration::from_secs(1));
+    assert!(!has_pgferry(&target), "{}", read_log());
+    assert!(
+        daemon.try_wait().expect("wait").is_none(),
+        "the daemon died"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let status = daemon.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", read_log());
+}
+
+#[test]
+fn dry_run_and_refusals_change_nothing() {
+    let cluster = Cluster::shared();
+    let (source, target, fresh) = (
+        cluster.create_database("cr_src"),
+        cluster.create_database("cr_dst"),
+        cluster.create_database("cr_new"),
+    );
+    migrated(&source, &target);
+    fresh.psql(SCHEMA);
+    source.psql("UPDATE account SET balance = balance + 1 WHERE id = 1; UPDATE account SET balance = balance - 1 WHERE id = 2");
+
+    let report = cutover(&source, &target, &["--dry-run"]).expect(0).json();
+    assert_eq!(report["dry_run"], true, "{report}");
+    assert_eq!(report["targets"][0]["pending"], 2, "{report}");
+    assert_eq!(freeze_triggers(&source), "0");
+    assert_eq!(
+        source.scalar("SELECT to_regclass('pgferry.cutover') IS NULL"),
+        "t"
+    );
+
+    // Too far behind.
+    thread::sleep(Duration::from_millis(300));
+    let run = cutover(&source, &target, &["--max-lag", "0.1"]).expect(1);
+    assert!(run.stderr.contains("behind"), "{}", run.stderr);
+    // Never caught up: not registered behind the user's back.
+    let run = cutover(&source, &fresh, &[]).expect(1);
+    assert!(run.stderr.contains("never caught up"), "{}", run.stderr);
+    assert!(!has_pgferry(&fresh));
+    assert_eq!(freeze_triggers(&source), "0");
+    source.psql("INSERT INTO account VALUES (777, 0)");
+}
