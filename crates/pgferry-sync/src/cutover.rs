@@ -3,7 +3,7 @@
 //! verified, all inside a write outage measured and reported in seconds.
 //!
 //! The order, and why:
-//! 1. **Checks, nothing changed yet**: capture, every target registered and able to take
+//! 1. **Preflight, nothing changed yet**: capture, every target registered and able to take
 //!    rounds, the source not cut over already, no other cutover running (a session advisory
 //!    lock), each target's lag at most `max_lag` (a long final round would lengthen the outage).
 //! 2. **Daemons taken over**: a daemon replicating from the source holds its sync's advisory
@@ -203,7 +203,7 @@ pub async fn cutover(
         .map(|r| r.get::<_, String>(0))
         .filter(|n| !ours.contains(&n.as_str()))
         .collect();
-    step(&mut report, "check", t, false, None);
+    step(&mut report, "preflight", t, false, None);
 
     // 2. Lag.
     let t = Instant::now();

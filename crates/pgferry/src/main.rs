@@ -5,6 +5,7 @@ mod capture;
 mod cleanup;
 mod config;
 mod cutover;
+mod demo;
 mod exit;
 mod output;
 mod run;
@@ -31,6 +32,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A whole migration on two throwaway local clusters, under a writer load: install,
+    /// pg_dump/pg_restore, clean, catch-up, cutover, verify, with the time of every step and
+    /// the write outage. Removes everything it started.
+    Demo(demo::DemoArgs),
     /// Install delta capture on a source database (step 1 of a migration).
     ///
     /// Adds schema pgferry (capture tables, registry, node identity) and a capture trigger to
@@ -93,7 +98,9 @@ impl ChangeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    output::init_logging(cli.log_format);
+    // The demo prints its own story; pgferry's own log lines only when something is wrong.
+    let quiet = matches!(cli.command, Command::Demo(_));
+    output::init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -107,6 +114,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
+            Command::Demo(a) => demo::demo(a).await,
             Command::Install(a) => capture::install(a).await,
             Command::Uninstall(a) => capture::uninstall(a).await,
             Command::Clean(a) => cleanup::clean(a).await,

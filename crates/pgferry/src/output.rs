@@ -9,9 +9,9 @@ pub enum LogFormat {
 }
 
 /// Logs go to stderr; the level comes from `PGFERRY_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
