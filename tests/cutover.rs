@@ -468,6 +468,20 @@ fn dry_run_and_refusals_change_nothing() {
         source.scalar("SELECT to_regclass('pgferry.cutover') IS NULL"),
         "t"
     );
+    // A long transaction that wrote is named in the dry run's warnings.
+    let holder = Conn::open(&source.dsn());
+    holder.batch("BEGIN; UPDATE account SET balance = balance WHERE id = 3");
+    thread::sleep(Duration::from_millis(300));
+    let report = cutover(&source, &target, &["--dry-run", "--lock-timeout", "0.2"])
+        .expect(0)
+        .json();
+    assert!(
+        report["warnings"]
+            .to_string()
+            .contains("holds a write lock"),
+        "{report}"
+    );
+    holder.batch("ROLLBACK");
 
     // Too far behind.
     thread::sleep(Duration::from_millis(300));

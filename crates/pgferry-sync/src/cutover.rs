@@ -238,6 +238,12 @@ pub async fn cutover(
             )
         };
         step(&mut report, "daemons", t, false, Some(detail));
+        let slow = opts.lock_timeout.as_secs_f64() / 2.0;
+        for h in freeze::lock_holders(&ctl, &tables, slow).await? {
+            report.warnings.push(format!(
+                "{h} holds a write lock on a captured table: a freeze now would wait for it (at most --lock-timeout)"
+            ));
+        }
         report.ok = true;
         report.targets = lanes.into_iter().map(|l| l.report).collect();
         report.seconds = started.elapsed().as_secs_f64();

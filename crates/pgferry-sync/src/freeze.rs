@@ -350,6 +350,16 @@ async fn unfreeze_once(
 /// Sessions holding locks on the `tables` (or their partitions) that a freeze must wait for,
 /// described without their queries (which may hold row values).
 async fn blockers(session: &Session, tables: &[&CapturedTable]) -> Result<Vec<String>, SyncError> {
+    lock_holders(session, tables, 0.0).await
+}
+
+/// The sessions [`blockers`] describes, those whose transaction began at least `older_than`
+/// seconds ago.
+pub(crate) async fn lock_holders(
+    session: &Session,
+    tables: &[&CapturedTable],
+    older_than: f64,
+) -> Result<Vec<String>, SyncError> {
     let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
     let rows = session
         .client
@@ -367,8 +377,9 @@ async fn blockers(session: &Session, tables: &[&CapturedTable]) -> Result<Vec<St
               WHERE l.locktype = 'relation' AND l.granted AND l.mode <> 'AccessShareLock'
                 AND l.relation IN (SELECT oid FROM tree)
                 AND l.pid <> pg_catalog.pg_backend_pid()
+                AND coalesce(extract(epoch FROM pg_catalog.now() - a.xact_start)::float8, 0) >= $2
               ORDER BY 1",
-            &[&names],
+            &[&names, &older_than],
         )
         .await
         .map_err(session.on_err("listing the sessions holding the captured tables"))?;
