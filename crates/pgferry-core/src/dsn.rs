@@ -141,6 +141,73 @@ impl Dsn {
         })
     }
 
+    /// How a libpq client tool (`pg_dump`, `pg_restore`, `psql`) connects as this DSN does: the
+    /// `PG*` environment variables that carry its effective host, port, user, database, options
+    /// and TLS settings (so that nothing of the DSN appears on the tool's command line), and the
+    /// password apart, for the caller to hand over in a passfile of mode 0600. `application_name`
+    /// is the DSN's, else `application_name`.
+    ///
+    /// `sslrootcert=system` is understood by libpq 16 and later only: the tool is given the
+    /// system's bundle file instead (`SSL_CERT_FILE`, else the usual locations), still with
+    /// `verify-full`.
+    pub fn client_env(&self, application_name: &str) -> Result<ClientEnv, Error> {
+        let mut vars = vec![
+            ("PGHOST", self.host()),
+            ("PGPORT", self.port()),
+            ("PGUSER", self.user()),
+            ("PGDATABASE", self.dbname()),
+            (
+                "PGAPPNAME",
+                self.get("application_name")
+                    .unwrap_or(application_name)
+                    .to_owned(),
+            ),
+            (
+                "PGCONNECT_TIMEOUT",
+                self.effective("connect_timeout", "PGCONNECT_TIMEOUT")
+                    .unwrap_or_else(|| "10".to_owned()),
+            ),
+        ];
+        for (key, var) in [
+            ("hostaddr", "PGHOSTADDR"),
+            ("options", "PGOPTIONS"),
+            ("target_session_attrs", "PGTARGETSESSIONATTRS"),
+        ] {
+            if let Some(v) = self.get(key) {
+                vars.push((var, v.to_owned()));
+            }
+        }
+        let tls = self.tls()?;
+        vars.push(("PGSSLMODE", tls.mode.as_str().to_owned()));
+        match &tls.root_cert {
+            RootCert::File(path) => vars.push(("PGSSLROOTCERT", path.display().to_string())),
+            RootCert::System => {
+                let bundle = std::env::var("SSL_CERT_FILE")
+                    .ok()
+                    .filter(|f| !f.is_empty())
+                    .or_else(|| {
+                        SYSTEM_BUNDLES
+                            .iter()
+                            .find(|f| Path::new(f).is_file())
+                            .map(|f| (*f).to_owned())
+                    })
+                    .ok_or_else(|| Error::Dsn {
+                        reason: format!(
+                            "sslrootcert=system: no bundle of trusted roots for client tools (looked at SSL_CERT_FILE, {}); install ca-certificates or give sslrootcert=FILE",
+                            SYSTEM_BUNDLES.join(", ")
+                        ),
+                    })?;
+                vars.push(("PGSSLROOTCERT", bundle));
+            }
+            // libpq looks there by itself.
+            RootCert::Default(_) | RootCert::None => {}
+        }
+        Ok(ClientEnv {
+            vars,
+            password: self.password(),
+        })
+    }
+
     /// The tokio-postgres configuration for this DSN, with `application_name` set.
     /// Its `ssl_mode` is left at tokio-postgres's default: [`crate::Session::connect`] sets it
     /// from [`Dsn::tls`].
@@ -199,6 +266,42 @@ impl Dsn {
             });
         }
         Ok(c)
+    }
+}
+
+/// Where Debian, Red Hat and Alpine keep the system's bundle of trusted root certificates.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// A DSN as a libpq client tool takes it (see [`Dsn::client_env`]). `Debug` hides the password.
+#[derive(Clone)]
+pub struct ClientEnv {
+    /// `PG*` variables to set in the tool's environment (after removing the inherited ones).
+    pub vars: Vec<(&'static str, String)>,
+    /// The password, to be written to a passfile (`PGPASSFILE`), never to the command line.
+    pub password: Option<String>,
+}
+
+impl ClientEnv {
+    /// The passfile line that gives the password for any connection (`*:*:*:*:password`, with
+    /// `:` and `\` escaped), if there is a password.
+    pub fn passfile_line(&self) -> Option<String> {
+        self.password.as_ref().map(|p| {
+            let escaped = p.replace('\\', "\\\\").replace(':', "\\:");
+            format!("*:*:*:*:{escaped}\n")
+        })
+    }
+}
+
+impl fmt::Debug for ClientEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientEnv")
+            .field("vars", &self.vars)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish()
     }
 }
 
@@ -686,6 +789,36 @@ mod tests {
             .unwrap_err();
             assert!(matches!(e, Error::Dsn { .. }), "{e}");
         }
+    }
+
+    #[test]
+    fn client_tools_get_the_dsn_as_environment_and_the_password_apart() {
+        let d = Dsn::parse(
+            "host=db.example port=6432 user=bob dbname='my db' password='p:w\\\\x' sslmode=verify-ca sslrootcert=/r.pem options='-c a=b'",
+        )
+        .unwrap();
+        let env = d.client_env("pgferry schema").unwrap();
+        let get = |k: &str| {
+            env.vars
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("PGHOST"), Some("db.example"));
+        assert_eq!(get("PGPORT"), Some("6432"));
+        assert_eq!(get("PGDATABASE"), Some("my db"));
+        assert_eq!(get("PGSSLMODE"), Some("verify-ca"));
+        assert_eq!(get("PGSSLROOTCERT"), Some("/r.pem"));
+        assert_eq!(get("PGOPTIONS"), Some("-c a=b"));
+        assert_eq!(get("PGAPPNAME"), Some("pgferry schema"));
+        assert!(env.vars.iter().all(|(_, v)| !v.contains("p:w")));
+        assert!(!format!("{env:?}").contains("p:w"));
+        // The passfile line gives back the password as libpq reads it.
+        let line = env.passfile_line().unwrap();
+        assert_eq!(
+            pgpass_lookup(&line, "h", "1", "d", "u").as_deref(),
+            Some("p:w\\x")
+        );
     }
 
     #[test]

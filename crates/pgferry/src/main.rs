@@ -9,6 +9,7 @@ mod demo;
 mod exit;
 mod output;
 mod run;
+mod schema;
 mod sync;
 mod verify;
 
@@ -46,6 +47,10 @@ enum Command {
     /// Strip replication artifacts from a database restored from a dump or snapshot of a
     /// captured source (step 4 of a migration), so it can become a target.
     Clean(cleanup::CleanArgs),
+    /// Create on a target the schema of the captured tables (tables, keys, indexes, sequences
+    /// and the types, functions and extensions they use), from pg_dump's output, in one
+    /// transaction; refuses a target that already has any of the tables.
+    Schema(schema::SchemaArgs),
     /// Catch targets up with a source (step 7 of a migration): apply every captured change,
     /// in rounds at one source snapshot, with row state moved by COPY.
     Sync(sync::SyncArgs),
@@ -118,6 +123,7 @@ fn main() -> std::process::ExitCode {
             Command::Install(a) => capture::install(a).await,
             Command::Uninstall(a) => capture::uninstall(a).await,
             Command::Clean(a) => cleanup::clean(a).await,
+            Command::Schema(a) => schema::schema(a).await,
             Command::Sync(a) => sync::sync(a).await,
             Command::Target(c) => sync::target(c).await,
             Command::Status(a) => sync::status(a).await,
