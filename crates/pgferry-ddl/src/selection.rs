@@ -131,8 +131,9 @@ pub struct Plan {
 
 /// The common part of every query: `sel` (the captured tables chosen, from `$1`/`$2`, schema
 /// and name arrays), `tabs`, `seqs` (with `$3`/`$4`, the registered sequences), `inside`
-/// (tables, sequences and the tables' indexes), `candidates` (objects attached to the tables),
-/// `outside_deps`, `seeds` and `closure`.
+/// (tables, sequences and the tables' indexes), `candidates` (those and the objects attached
+/// to the tables), `outside_deps` (attached objects that need a relation outside: never a
+/// table or sequence itself, which are always created), `seeds` and `closure`.
 const CTES: &str = "
 WITH RECURSIVE
 sel AS (
@@ -197,7 +198,8 @@ outside_deps AS (
     SELECT DISTINCT c.classid, c.objid, d.refobjid AS outside
       FROM candidates c
       JOIN pg_catalog.pg_depend d ON d.classid = c.classid AND d.objid = c.objid
-     WHERE d.deptype = 'n' AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+     WHERE c.classid <> 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.deptype = 'n' AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
        AND d.refobjid NOT IN (SELECT oid FROM inside)
        AND EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = d.refobjid AND r.relkind <> 'c')),
 seeds AS (
@@ -232,10 +234,10 @@ pub async fn plan(
         .read_only(true)
         .start()
         .await
-        .map_err(|e| src_err(&label, "starting a read-only transaction", e))?;
+        .map_err(|e| query_err(&label, "starting a read-only transaction", e))?;
     tx.batch_execute("SET LOCAL search_path = pg_catalog")
         .await
-        .map_err(|e| src_err(&label, "setting search_path", e))?;
+        .map_err(|e| query_err(&label, "setting search_path", e))?;
     let split = |names: &[QualifiedName]| -> (Vec<String>, Vec<String>) {
         names
             .iter()
@@ -381,7 +383,7 @@ pub async fn plan(
         }));
     tx.commit()
         .await
-        .map_err(|e| src_err(&label, "ending the read-only transaction", e))?;
+        .map_err(|e| query_err(&label, "ending the read-only transaction", e))?;
     Ok(plan)
 }
 
@@ -402,11 +404,11 @@ impl Query<'_> {
         self.tx
             .query(&format!("{CTES}{select}"), &[a, b, c, d])
             .await
-            .map_err(|e| src_err(self.label, context, e))
+            .map_err(|e| query_err(self.label, context, e))
     }
 }
 
-fn src_err(label: &str, context: &str, source: tokio_postgres::Error) -> DdlError {
+fn query_err(label: &str, context: &str, source: tokio_postgres::Error) -> DdlError {
     DdlError::Core(pgferry_core::Error::Query {
         context: context.to_owned(),
         target: label.to_owned(),
@@ -433,10 +435,10 @@ pub async fn existing_on_target(
         .client
         .transaction()
         .await
-        .map_err(|e| src_err(&label, "starting a transaction", e))?;
+        .map_err(|e| query_err(&label, "starting a transaction", e))?;
     tx.batch_execute("SET LOCAL search_path = pg_catalog")
         .await
-        .map_err(|e| src_err(&label, "setting search_path", e))?;
+        .map_err(|e| query_err(&label, "setting search_path", e))?;
     let rows = tx
         .query(
             "SELECT CASE u.kind
@@ -457,10 +459,10 @@ pub async fn existing_on_target(
             &[&kinds, &names],
         )
         .await
-        .map_err(|e| src_err(&label, "looking up types, functions and schemas on the target", e))?;
+        .map_err(|e| query_err(&label, "looking up types, functions and schemas on the target", e))?;
     tx.commit()
         .await
-        .map_err(|e| src_err(&label, "ending a read-only transaction", e))?;
+        .map_err(|e| query_err(&label, "ending a read-only transaction", e))?;
     Ok(asked
         .iter()
         .zip(&rows)
@@ -483,7 +485,7 @@ pub async fn relations_on_target(
             &[&quoted],
         )
         .await
-        .map_err(|e| src_err(label, "looking for the tables on the target", e))?;
+        .map_err(|e| query_err(label, "looking for the tables on the target", e))?;
     let by_index: HashMap<usize, &&QualifiedName> = relations.iter().enumerate().collect();
     Ok(rows
         .iter()
