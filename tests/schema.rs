@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{catalog_listing, load_hostile, pgferry, sync_run, verify_run, Run};
+use common::{catalog_listing, load_hostile, partitioned_m, pgferry, sync_run, verify_run, Run};
 use pgferry_testkit::{client_tool, Cluster, PgBin, TestDb};
 
 /// An application beside the hostile fixture: an enum and a domain in a schema of their own
@@ -381,16 +381,7 @@ fn older_source(major: &str) {
     let source = old.create_database("schema_old_major");
     let target = Cluster::shared().create_database("schema_from_old");
     load_hostile(&source);
-    let partitioned = if bin.major() >= 11 {
-        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');"
-    } else {
-        "CREATE TABLE m (id int, region text, v text) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('us');"
-    };
-    source.psql(partitioned);
+    source.psql(partitioned_m(bin.major()));
     source.psql(
         "CREATE SCHEMA kinds; CREATE TYPE kinds.mood AS ENUM ('sad', 'ok');
          CREATE DOMAIN kinds.pos AS int CHECK (VALUE > 0);

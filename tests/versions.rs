@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{catalog_listing, deltas, load_hostile, pgferry};
+use common::{catalog_listing, deltas, load_hostile, partitioned_m, pgferry};
 use pgferry_testkit::{Cluster, PgBin};
 
 fn capture_round_trip(major: &str) {
@@ -12,16 +12,7 @@ fn capture_round_trip(major: &str) {
     let cluster = Cluster::shared_for(&bin);
     let db = cluster.create_database("versions");
     load_hostile(&db);
-    let partitioned = if bin.major() >= 11 {
-        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');"
-    } else {
-        "CREATE TABLE m (id int, region text, v text) PARTITION BY LIST (region);
-         CREATE TABLE m_eu PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('eu');
-         CREATE TABLE m_us PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('us');"
-    };
-    db.psql(partitioned);
+    db.psql(partitioned_m(bin.major()));
     let before = catalog_listing(&db);
     let report = pgferry(&["install", "--source", &db.dsn(), "--json"])
         .expect(0)

@@ -89,6 +89,21 @@ pub fn load_hostile(db: &TestDb<'_>) {
     db.psql(&sql);
 }
 
+/// A table `m (id, region, v)` partitioned by list of region into `m_eu` and `m_us`, keyed on
+/// `(id, region)`: on the parent from PostgreSQL 11, on each partition on 10 (which has no keys
+/// on partitioned tables).
+pub fn partitioned_m(major: u32) -> &'static str {
+    if major >= 11 {
+        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');"
+    } else {
+        "CREATE TABLE m (id int, region text, v text) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m (PRIMARY KEY (id, region)) FOR VALUES IN ('us');"
+    }
+}
+
 /// Every schema, relation, function, trigger, type, sequence and default outside the system
 /// schemas, one line each, sorted: equal before install and after uninstall.
 pub fn catalog_listing(db: &TestDb<'_>) -> String {
