@@ -4,35 +4,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{contents, dump, load_hostile, pgferry, restore, sync_json, sync_run};
+use common::{contents, copy_schema, dump, load_hostile, pgferry, restore, sync_json, sync_run};
 use pgferry_testkit::{client_tool, Cluster, TestDb};
-
-/// Copies the schema (no data) of `from` to `to`.
-fn copy_schema(from: &TestDb<'_>, to: &TestDb<'_>) {
-    let dump = Command::new(client_tool("pg_dump"))
-        .args([
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-            "--exclude-schema=pgferry",
-        ])
-        .arg(from.dsn())
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let sql = String::from_utf8(dump.stdout).unwrap();
-    // Leave pgferry's triggers behind: the target must not capture.
-    let sql: String = sql
-        .lines()
-        .filter(|l| !l.contains("EXECUTE FUNCTION pgferry."))
-        .collect::<Vec<_>>()
-        .join("\n");
-    to.psql(&sql);
-}
 
 const APP: &str = "
     CREATE TABLE customers (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL, name text);

@@ -172,6 +172,33 @@ pub fn contents(db: &TestDb<'_>) -> String {
         .join("\n")
 }
 
+/// Copies the schema (no data) of `from` to `to`, without pgferry's schema and triggers.
+pub fn copy_schema(from: &TestDb<'_>, to: &TestDb<'_>) {
+    let dump = Command::new(client_tool("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-schema=pgferry",
+        ])
+        .arg(from.dsn())
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let sql = String::from_utf8(dump.stdout).unwrap();
+    // Leave pgferry's triggers behind: the target must not capture.
+    let sql: String = sql
+        .lines()
+        .filter(|l| !l.contains("EXECUTE FUNCTION pgferry."))
+        .collect::<Vec<_>>()
+        .join("\n");
+    to.psql(&sql);
+}
+
 /// `pg_dump -Fc` of `db` into `file`.
 pub fn dump(db: &TestDb<'_>, file: &Path) {
     let out = Command::new(client_tool("pg_dump"))

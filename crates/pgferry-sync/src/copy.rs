@@ -16,12 +16,28 @@ pub async fn pass_through(
     to: &Transaction<'_>,
     copy_in: &str,
 ) -> Result<u64, tokio_postgres::Error> {
+    pass_through_metered(from, copy_out, to, copy_in, |_, _| {}).await
+}
+
+/// [`pass_through`], calling `seen(bytes, rows)` for every chunk forwarded. Rows are counted by
+/// their terminators: in COPY's text format a newline inside a value is written as `\n`, so
+/// every newline byte ends a row (the count `finish()` returns stays the authority).
+pub async fn pass_through_metered(
+    from: &Transaction<'_>,
+    copy_out: &str,
+    to: &Transaction<'_>,
+    copy_in: &str,
+    mut seen: impl FnMut(u64, u64),
+) -> Result<u64, tokio_postgres::Error> {
     let sink = to.copy_in::<_, bytes::Bytes>(copy_in).await?;
     let stream = from.copy_out(copy_out).await?;
     pin_mut!(sink);
     pin_mut!(stream);
     while let Some(chunk) = stream.next().await {
-        sink.feed(chunk?).await?;
+        let chunk = chunk?;
+        let rows = chunk.iter().filter(|b| **b == b'\n').count();
+        seen(chunk.len() as u64, rows as u64);
+        sink.feed(chunk).await?;
     }
     sink.as_mut().finish().await
 }

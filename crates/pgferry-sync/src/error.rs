@@ -48,7 +48,7 @@ pub enum SyncError {
     WentBack { target: String },
 
     #[error("table(s) {} were added to the capture after target {target} registered: their existing rows never reached it\n\
-             fix: load their current rows into the target (e.g. pg_dump --data-only --table …), then re-run with --accept-new-tables; nothing was applied",
+             fix: copy them with `pgferry copy --source … --target … --table …` (which records them as received), or load their current rows by other means (e.g. pg_dump --data-only --table …) and re-run with --accept-new-tables; nothing was applied",
             tables.join(", "))]
     TablesAddedLater { target: String, tables: Vec<String> },
 
@@ -98,12 +98,42 @@ pub enum SyncError {
              fix: apply as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>; nothing was applied",
             tables.join(", "))]
     NeedsReplicaRole { target: String, tables: Vec<String> },
+
+    #[error("no captured table of {source_db} matches {}\nfix: `pgferry status --source …` counts the captured tables; patterns are `schema.table` with * and ?; nothing was copied",
+            patterns.join(", "))]
+    NoTableMatches {
+        source_db: String,
+        patterns: Vec<String>,
+    },
+
+    #[error("table(s) {} on {target} are not empty (rows loaded otherwise, or left by a copy interrupted in the middle of the table)\n\
+             fix: re-run with --truncate to empty them before copying, or leave them out with --table; nothing was copied",
+            tables.join(", "))]
+    TargetNotEmpty { target: String, tables: Vec<String> },
+
+    #[error("{database}: pgferry's role lacks the {privilege} privilege on {}\nfix: GRANT {privilege} ON those tables TO the role pgferry connects as; nothing was copied",
+            tables.join(", "))]
+    MissingPrivilege {
+        database: String,
+        privilege: &'static str,
+        tables: Vec<String>,
+    },
+
+    #[error("the copy into {target} stopped after it had started writing; the tables it finished are recorded as copied and kept, the others are not listed as received, so no round runs over them\n\
+             fix: run the same `pgferry copy` again: it keeps the finished tables (add --truncate if it names tables left half-copied)")]
+    CopyInterrupted {
+        target: String,
+        #[source]
+        cause: Box<SyncError>,
+    },
 }
 
 impl SyncError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SyncError::Core(e) => e.class(),
+            SyncError::CopyInterrupted { cause, .. } => cause.class(),
+            SyncError::MissingPrivilege { .. } => ErrorClass::Privilege,
             SyncError::Install(e) => e.class(),
             SyncError::AnotherApplier { .. }
             | SyncError::TablesBusy { .. }

@@ -18,6 +18,7 @@ pub mod cutover;
 pub mod daemon;
 mod error;
 pub mod freeze;
+pub mod initial;
 mod purge;
 mod registry;
 pub mod round;

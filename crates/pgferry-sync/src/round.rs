@@ -188,43 +188,10 @@ pub(crate) async fn run(
         }
     }
     if !work.is_empty() {
-        let names: Vec<String> = work.iter().map(|(t, _, _)| t.name.to_string()).collect();
-        // NOWAIT: the round never waits for a lock while holding others, so it can never be
-        // part of a deadlock with an application (which PostgreSQL might resolve by aborting the
-        // application's transaction). A table locked exclusively right now (a TRUNCATE in
-        // progress) makes the round start over a little later.
-        if let Err(e) = stx
-            .batch_execute(&format!(
-                "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
-                names.join(", ")
-            ))
-            .await
+        let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
+        if !hold_against_truncate(&stx, probe, ctx.dialect, &tables, &snapshot, &source_label)
+            .await?
         {
-            if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                tracing::debug!("a captured table is locked exclusively: starting the round over");
-                return Ok(RoundResult::Retry);
-            }
-            return Err(sq("locking the round's tables against TRUNCATE", e));
-        }
-        let ids: Vec<i32> = work.iter().map(|(t, _, _)| t.table_id).collect();
-        let late: bool = probe
-            .client
-            .query_one(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM pgferry.delta d WHERE d.table_id = ANY($1) AND d.op = 'T'
-                       AND NOT {}(d.xid, $2::text::{}))",
-                    ctx.dialect.visible_in_snapshot(),
-                    ctx.dialect.snapshot_type()
-                ),
-                &[&ids, &snapshot],
-            )
-            .await
-            .map_err(|e| sq("looking for TRUNCATEs after the round's snapshot", e))?
-            .get(0);
-        if late {
-            tracing::info!(
-                "a TRUNCATE committed after the round's snapshot: starting the round over"
-            );
             return Ok(RoundResult::Retry);
         }
     }
@@ -312,6 +279,65 @@ pub(crate) async fn run(
         tables: applied,
         split,
     }))
+}
+
+/// Makes sure no TRUNCATE of `tables` slips under `snapshot`, the snapshot of `stx`: locks them
+/// `IN ACCESS SHARE MODE NOWAIT` in `stx` (a TRUNCATE now waits for the transaction), then
+/// checks from `probe`, a second source session, that no TRUNCATE of them committed after
+/// `snapshot`. Returns false when the caller must start over at a new snapshot: one did, or a
+/// table is locked exclusively right now.
+///
+/// NOWAIT: the caller never waits for a lock while holding others, so it can never be part of a
+/// deadlock with an application (which PostgreSQL might resolve by aborting the application's
+/// transaction). Rounds and `pgferry copy` share this.
+pub(crate) async fn hold_against_truncate(
+    stx: &Transaction<'_>,
+    probe: &Session,
+    dialect: Dialect,
+    tables: &[&CapturedTable],
+    snapshot: &str,
+    source_label: &str,
+) -> Result<bool, SyncError> {
+    let sq = |ctx: &str, e: tokio_postgres::Error| {
+        SyncError::Core(pgferry_core::Error::Query {
+            context: ctx.to_owned(),
+            target: source_label.to_owned(),
+            source: e,
+        })
+    };
+    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    if let Err(e) = stx
+        .batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+            names.join(", ")
+        ))
+        .await
+    {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            tracing::debug!("a captured table is locked exclusively: starting over");
+            return Ok(false);
+        }
+        return Err(sq("locking captured tables against TRUNCATE", e));
+    }
+    let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+    let late: bool = probe
+        .client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM pgferry.delta d WHERE d.table_id = ANY($1) AND d.op = 'T'
+                   AND NOT {}(d.xid, $2::text::{}))",
+                dialect.visible_in_snapshot(),
+                dialect.snapshot_type()
+            ),
+            &[&ids, &snapshot],
+        )
+        .await
+        .map_err(|e| sq("looking for TRUNCATEs after the snapshot", e))?
+        .get(0);
+    if late {
+        tracing::info!("a TRUNCATE committed after the snapshot: starting over");
+    }
+    Ok(!late)
 }
 
 /// An error of the target session, with what was being done.

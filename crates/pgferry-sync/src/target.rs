@@ -163,6 +163,56 @@ pub(crate) struct Entry {
     pub table_ids: Vec<i32>,
 }
 
+/// A target's row in the source's registry, as stored.
+#[derive(Debug)]
+pub(crate) struct Found {
+    pub name: String,
+    /// Captured tables listed as received (None: only reserved so far).
+    pub table_ids: Option<Vec<i32>>,
+    pub acked: Option<String>,
+}
+
+/// The registry row of the target with identity `node_id` or, not registered yet, the
+/// reservation under `name`.
+pub(crate) async fn find_entry(
+    source: &Session,
+    node_id: Option<&str>,
+    name: &str,
+) -> Result<Option<Found>, SyncError> {
+    let row = source
+        .client
+        .query_opt(
+            "SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id = $1
+             UNION ALL
+             SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id IS NULL AND name = $2
+             LIMIT 1",
+            &[&node_id, &name],
+        )
+        .await
+        .map_err(source.on_err("reading the source's registry of targets"))?;
+    Ok(row.map(|r| Found {
+        name: r.get(0),
+        table_ids: r.get(1),
+        acked: r.get(2),
+    }))
+}
+
+/// What the caller is about to do with a target; it decides which captured tables the target's
+/// registry entry lists as received.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Intent<'a> {
+    /// Rounds: the tables the target had stay listed (every captured table, for a target
+    /// registering now: its copy was taken after capture started), or, accepting new tables,
+    /// every captured table is.
+    Rounds { accept_new_tables: bool },
+    /// `pgferry copy` of these tables follows, at a snapshot taken after this entry commits.
+    /// They are withheld (not listed) until the copy has them all, so rounds refuse to run
+    /// over a half-copied table; a target registering now lists nothing else either. The
+    /// purge check of a target that applied nothing is waived when they are every captured
+    /// table: what the copy does not hold is committed after its snapshot, and kept.
+    Copy { tables: &'a [i32] },
+}
+
 /// Finds or creates the source's registry row for a target. A target that has applied nothing
 /// yet is refused when capture rows were already purged and it was not reserved before.
 pub(crate) async fn registry_entry(
@@ -171,6 +221,24 @@ pub(crate) async fn registry_entry(
     name: &str,
     applied: Option<&str>,
     accept_new_tables: bool,
+) -> Result<Entry, SyncError> {
+    registry_entry_for(
+        source,
+        node_id,
+        name,
+        applied,
+        Intent::Rounds { accept_new_tables },
+    )
+    .await
+}
+
+/// [`registry_entry`] for what the caller is about to do (see [`Intent`]).
+pub(crate) async fn registry_entry_for(
+    source: &Session,
+    node_id: &str,
+    name: &str,
+    applied: Option<&str>,
+    intent: Intent<'_>,
 ) -> Result<Entry, SyncError> {
     // Two first syncs of one new target must not both create its registry row.
     source
@@ -181,7 +249,7 @@ pub(crate) async fn registry_entry(
         )
         .await
         .map_err(source.on_err("locking the source's registry of targets"))?;
-    let entry = registry_entry_locked(source, node_id, name, applied, accept_new_tables).await;
+    let entry = registry_entry_locked(source, node_id, name, applied, intent).await;
     source
         .client
         .execute(
@@ -198,19 +266,10 @@ async fn registry_entry_locked(
     node_id: &str,
     name: &str,
     applied: Option<&str>,
-    accept_new_tables: bool,
+    intent: Intent<'_>,
 ) -> Result<Entry, SyncError> {
     let c = &source.client;
-    let row = c
-        .query_opt(
-            "SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id = $1
-             UNION ALL
-             SELECT name, table_ids, acked_snapshot::text FROM pgferry.target WHERE node_id IS NULL AND name = $2
-             LIMIT 1",
-            &[&node_id, &name],
-        )
-        .await
-        .map_err(source.on_err("reading the source's registry of targets"))?;
+    let row = find_entry(source, Some(node_id), name).await?;
     let all_ids: Vec<i32> = c
         .query(
             "SELECT table_id FROM pgferry.captured_table ORDER BY 1",
@@ -222,8 +281,8 @@ async fn registry_entry_locked(
         .map(|r| r.get(0))
         .collect();
     let (entry_name, ids) = match row {
-        Some(r) => {
-            let acked: Option<String> = r.get(2);
+        Some(found) => {
+            let acked = found.acked;
             if went_back(applied, acked.as_deref()) {
                 // The target holds an older state than it acknowledged: rows between the two
                 // may have been purged. Go on only if nothing at or above its xmin was.
@@ -243,7 +302,7 @@ async fn registry_entry_locked(
                     });
                 }
             }
-            (r.get::<_, String>(0), r.get::<_, Option<Vec<i32>>>(1))
+            (found.name, found.table_ids)
         }
         None => {
             // Not registered (never, or dropped since): capture rows may have been purged
@@ -261,7 +320,11 @@ async fn registry_entry_locked(
                 .await
                 .map_err(source.on_err("reading the purge horizon"))?
                 .get(0);
-            if purged && applied.is_none() {
+            let whole_copy = match intent {
+                Intent::Copy { tables } => all_ids.iter().all(|id| tables.contains(id)),
+                Intent::Rounds { .. } => false,
+            };
+            if purged && applied.is_none() && !whole_copy {
                 return Err(SyncError::PurgedBeforeRegistration {
                     target: name.to_owned(),
                 });
@@ -289,9 +352,20 @@ async fn registry_entry_locked(
             (entry_name, None)
         }
     };
-    let table_ids = match ids {
-        Some(ids) if !accept_new_tables => ids,
-        _ => all_ids.clone(),
+    let table_ids = match intent {
+        Intent::Rounds {
+            accept_new_tables: false,
+        } => ids.unwrap_or_else(|| all_ids.clone()),
+        Intent::Rounds {
+            accept_new_tables: true,
+        } => all_ids.clone(),
+        // A reservation (no tables yet) or a new registration lists nothing the copy does not
+        // bring: whatever else the target holds was not received through pgferry.
+        Intent::Copy { tables } => ids
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| !tables.contains(id))
+            .collect(),
     };
     c.execute(
         "INSERT INTO pgferry.target (name, node_id, table_ids) VALUES ($1, $2, $3)
@@ -304,6 +378,39 @@ async fn registry_entry_locked(
         name: entry_name,
         table_ids,
     })
+}
+
+/// Lists `tables` as received in a target's registry entry (after `pgferry copy` brought them),
+/// under the registry lock, so that a concurrent registration cannot write back an older list.
+pub(crate) async fn accept_tables(
+    source: &Session,
+    name: &str,
+    tables: &[i32],
+) -> Result<(), SyncError> {
+    let c = &source.client;
+    c.execute(
+        "SELECT pg_catalog.pg_advisory_lock($1)",
+        &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
+    )
+    .await
+    .map_err(source.on_err("locking the source's registry of targets"))?;
+    let updated = c
+        .execute(
+            "UPDATE pgferry.target SET table_ids = ARRAY(
+                 SELECT DISTINCT u.id FROM pg_catalog.unnest(coalesce(table_ids, '{}') || $2::int4[]) AS u(id) ORDER BY 1)
+              WHERE name = $1",
+            &[&name, &tables],
+        )
+        .await
+        .map_err(source.on_err("recording the copied tables on the source"));
+    c.execute(
+        "SELECT pg_catalog.pg_advisory_unlock($1)",
+        &[&pgferry_core::artifact::REGISTRY_LOCK_KEY],
+    )
+    .await
+    .map_err(source.on_err("unlocking the source's registry of targets"))?;
+    updated?;
+    Ok(())
 }
 
 fn snapshot_xmin(snapshot: &str) -> Option<u64> {

@@ -4,6 +4,7 @@
 mod capture;
 mod cleanup;
 mod config;
+mod copy;
 mod cutover;
 mod demo;
 mod exit;
@@ -75,6 +76,10 @@ enum Command {
     /// Make a source frozen by a cutover writable again (after an interrupted cutover, or to
     /// roll a finished one back).
     Unfreeze(cutover::UnfreezeArgs),
+    /// Initial copy of the captured tables into a target whose schema exists: every job reads
+    /// one exported source snapshot, large tables are cut into ranges the jobs share, and the
+    /// snapshot is recorded so that the next catch-up applies only what the copy does not hold.
+    Copy(copy::CopyArgs),
     /// Manage the source's registry of targets.
     #[command(subcommand)]
     Target(sync::TargetCommand),
@@ -130,6 +135,7 @@ fn main() -> std::process::ExitCode {
             Command::Run(a) => run::run(a).await,
             Command::Check(a) => run::check(a).await,
             Command::Verify(a) => verify::verify(a).await,
+            Command::Copy(a) => copy::copy(a).await,
             Command::Cutover(a) => cutover::cutover(a).await,
             Command::Unfreeze(a) => cutover::unfreeze(a).await,
         }
