@@ -589,3 +589,94 @@ fn sessions_are_encrypted_as_the_mode_says() {
     assert!(matches!(e, pgferry_core::Error::Tls { .. }), "{e:?}");
     assert_eq!(e.class(), pgferry_core::ErrorClass::Connection);
 }
+
+#[test]
+fn schema_gives_pg_dump_the_dsns_tls_settings() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = pki().ca();
+    let ca = ca.to_str().unwrap();
+    let source = tls_db("tls_schema_src");
+    let tls = format!("sslmode=verify-full sslrootcert={ca}");
+    let s = dsn(&source, &tls);
+    pgferry(&["install", "--source", &s]).expect(0);
+    // pg_dump and pg_restore wrapped, to record the TLS settings they are given.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("tls.log");
+    for tool in ["pg_dump", "pg_restore"] {
+        let path = dir.path().join(tool);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nenv | grep '^PGSSL' >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                pgferry_testkit::client_tool(tool).display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let wrapper = dir.path().join("pg_dump");
+    let wrapper = wrapper.to_str().unwrap();
+    // The DSN's settings win over the environment's, for pg_dump as for pgferry (inherited,
+    // PGSSLMODE=disable would be refused by the server, which takes TLS only).
+    let target = tls_cluster().create_database("tls_schema_dst");
+    let other = pki().other_ca();
+    pgferry_env(
+        &[
+            "schema",
+            "--source",
+            &s,
+            "--target",
+            &dsn(&target, &tls),
+            "--pg-dump",
+            wrapper,
+        ],
+        &pki().empty_home(),
+        &[
+            ("PGSSLMODE", "disable"),
+            ("PGSSLROOTCERT", other.to_str().unwrap()),
+        ],
+    )
+    .expect(0);
+    assert_eq!(
+        target.scalar("SELECT to_regclass('public.items') IS NOT NULL"),
+        "t"
+    );
+    let seen = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        seen.contains("PGSSLMODE=verify-full\n") && seen.contains(&format!("PGSSLROOTCERT={ca}\n")),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("disable") && !seen.contains("other-ca"),
+        "{seen}"
+    );
+    // sslrootcert=system, which pg_dump's libpq 15 does not know: it gets the system's bundle
+    // (SSL_CERT_FILE standing for it), still under verify-full.
+    std::fs::remove_file(&log).unwrap();
+    let target = tls_cluster().create_database("tls_schema_system");
+    let system = |db: &TestDb<'_>| dsn(db, "sslrootcert=system");
+    pgferry_env(
+        &[
+            "schema",
+            "--source",
+            &system(&source),
+            "--target",
+            &system(&target),
+            "--pg-dump",
+            wrapper,
+        ],
+        &pki().empty_home(),
+        &[("SSL_CERT_FILE", ca)],
+    )
+    .expect(0);
+    assert_eq!(
+        target.scalar("SELECT to_regclass('public.items') IS NOT NULL"),
+        "t"
+    );
+    let seen = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        seen.contains("PGSSLMODE=verify-full\n") && seen.contains(&format!("PGSSLROOTCERT={ca}\n")),
+        "{seen}"
+    );
+}

@@ -49,9 +49,20 @@ fn parse_version(text: &str) -> Option<(String, u32)> {
     Some((word.to_owned(), digits.parse().ok()?))
 }
 
+/// A command for `tool` without the inherited `PG*` variables.
+fn command(tool: &Path) -> Command {
+    let mut cmd = Command::new(tool);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Runs `path --version`.
 fn version_of(path: &Path) -> Result<(String, u32), String> {
-    let out = Command::new(path)
+    let out = command(path)
         .arg("--version")
         .output()
         .map_err(|e| e.to_string())?;
@@ -192,13 +203,8 @@ pub async fn run(
     args: Vec<String>,
     env: Option<(&ClientEnv, Option<&Path>)>,
 ) -> Result<Vec<u8>, DdlError> {
-    let mut cmd = Command::new(tool);
+    let mut cmd = command(tool);
     cmd.args(&args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(name);
-        }
-    }
     if let Some((env, passfile)) = env {
         cmd.envs(env.vars.iter().map(|(k, v)| (*k, v)));
         if let Some(p) = passfile {
