@@ -248,7 +248,9 @@ fn a_cutover_under_write_load_freezes_drains_and_hands_over() {
         let err = source.try_psql(sql).expect_err(sql);
         assert!(err.contains("frozen"), "{sql}: {err}");
     }
-    // Replication from it is over; a second cutover says so.
+    // Status says so; replication from it is over; a second cutover says so.
+    let status = pgferry(&["status", "--source", &source.dsn()]).expect(0);
+    assert!(status.stdout.contains("CUT OVER at"), "{}", status.stdout);
     let again = pgferry(&[
         "sync",
         "--source",
@@ -298,6 +300,10 @@ fn failures_inside_the_freeze_leave_the_source_writable_and_lose_nothing() {
             source.scalar("SELECT state FROM pgferry.cutover ORDER BY cutover_id DESC LIMIT 1"),
             "unfrozen"
         );
+        let status = pgferry(&["status", "--source", &source.dsn(), "--json"])
+            .expect(0)
+            .json();
+        assert_eq!(status["cutover"]["state"], "unfrozen", "{status}");
         // The writer goes on.
         writer.progress(20);
     }

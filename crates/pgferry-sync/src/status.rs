@@ -41,6 +41,9 @@ pub struct SourceStatus {
     /// Capture rows kept on the source (pending for at least one target, or not yet purged).
     pub capture_rows: u64,
     pub targets: Vec<TargetStatus>,
+    /// The source's latest cutover: `frozen` (writes refused: a cutover is running or was
+    /// interrupted), `done` (cut over, frozen for good) or `unfrozen`.
+    pub cutover: Option<crate::freeze::CutoverRecord>,
 }
 
 /// A target's own progress rows.
@@ -78,6 +81,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
         captured_tables: head.get::<_, i64>(1) as u64,
         capture_rows: head.get::<_, i64>(2) as u64,
         targets: Vec::new(),
+        cutover: crate::freeze::latest_cutover(&s).await?,
     };
     let rows = s
         .client

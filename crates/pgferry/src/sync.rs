@@ -230,6 +230,20 @@ pub async fn status(a: StatusArgs) -> Result<Code, Failure> {
         "{} (node {}): {} captured tables, {} capture rows kept",
         st.source, st.node_id, st.captured_tables, st.capture_rows
     );
+    if let Some(c) = &st.cutover {
+        match c.state.as_str() {
+            "done" => println!(
+                "  CUT OVER at {} to {}: frozen for good, no longer replicates (`pgferry unfreeze` to undo)",
+                c.finished_at.as_deref().unwrap_or(&c.frozen_at),
+                c.targets.join(", ")
+            ),
+            "frozen" => println!(
+                "  FROZEN since {} by a cutover that is running or was interrupted: writes to captured tables are refused (`pgferry cutover` again, or `pgferry unfreeze`)",
+                c.frozen_at
+            ),
+            _ => {}
+        }
+    }
     if st.targets.is_empty() {
         println!("  no target registered (nothing is purged until one is)");
     }
