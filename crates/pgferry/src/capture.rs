@@ -37,6 +37,14 @@ pub fn parse_dsn(text: &str) -> Result<Dsn, Failure> {
     Dsn::parse(text).map_err(|e| Failure::new(e, ErrorClass::Definite))
 }
 
+/// `--table` patterns of the commands that read tables (exit 2 on a malformed one).
+pub fn table_patterns(list: &[String]) -> Result<Vec<TablePattern>, Failure> {
+    list.iter()
+        .map(|p| TablePattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::usage(e.to_string()))
+}
+
 fn parse_patterns(list: &[String]) -> Result<Vec<TablePattern>, Failure> {
     list.iter()
         .map(|p| TablePattern::parse(p).map_err(|e| Failure::new(e, ErrorClass::Definite)))

@@ -5,7 +5,6 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgferry_core::TablePattern;
 use pgferry_sync::initial::{CopyOptions, CopyProgress, CopyReport, ProgressView};
 use pgferry_sync::SyncError;
 
@@ -70,12 +69,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 pub async fn copy(a: CopyArgs) -> Result<Code, Failure> {
     let source = parse_dsn(&a.source)?;
     let target = parse_dsn(&a.target)?;
-    let tables = a
-        .tables
-        .iter()
-        .map(|p| TablePattern::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::usage(e.to_string()))?;
+    let tables = crate::capture::table_patterns(&a.tables)?;
     let opts = CopyOptions {
         tables,
         jobs: a.jobs as usize,

@@ -72,12 +72,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
         .iter()
         .map(|t| parse_dsn(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let tables = args
-        .tables
-        .iter()
-        .map(|p| pgferry_core::TablePattern::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::usage(e.to_string()))?;
+    let tables = crate::capture::table_patterns(&args.tables)?;
     Ok(vec![SyncSpec {
         name: args
             .name

@@ -37,12 +37,7 @@ pub struct SchemaArgs {
 pub async fn schema(a: SchemaArgs) -> Result<Code, Failure> {
     let source = parse_dsn(&a.source)?;
     let target = parse_dsn(&a.target)?;
-    let tables = a
-        .tables
-        .iter()
-        .map(|p| pgferry_core::TablePattern::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::usage(e.to_string()))?;
+    let tables = crate::capture::table_patterns(&a.tables)?;
     let opts = SchemaOptions {
         tables,
         dry_run: a.change.dry_run,

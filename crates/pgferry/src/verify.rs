@@ -31,12 +31,7 @@ pub struct VerifyArgs {
 pub async fn verify(a: VerifyArgs) -> Result<Code, Failure> {
     let source = parse_dsn(&a.source).map_err(never_one)?;
     let target = parse_dsn(&a.target).map_err(never_one)?;
-    let tables = a
-        .tables
-        .iter()
-        .map(|p| pgferry_core::TablePattern::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::usage(e.to_string()))?;
+    let tables = crate::capture::table_patterns(&a.tables)?;
     let report = pgferry_sync::verify::verify(
         &source,
         &target,
