@@ -244,12 +244,21 @@ async fn source_task(
     while !cancel.is_cancelled() {
         let result = async {
             let session = Session::connect(&spec.source, "ticker").await?;
+            // Capture rows purged (dead in the table) since its last VACUUM.
+            let mut dead: u64 = 0;
             loop {
                 purge::tick(&session).await?;
                 let purged = purge::purge(&session, false).await?;
                 if purged > 0 {
                     metrics::counter!("pgferry_purged_rows_total", "sync" => spec.name.clone())
                         .increment(purged);
+                }
+                dead += purged;
+                if dead >= VACUUM_AFTER {
+                    let clock = Instant::now();
+                    purge::vacuum(&session).await?;
+                    tracing::debug!(sync = %spec.name, dead, seconds = clock.elapsed().as_secs_f64(), "capture table vacuumed");
+                    dead = 0;
                 }
                 let kept = capture_rows(&session).await?;
                 metrics::gauge!("pgferry_capture_rows", "sync" => spec.name.clone())
@@ -268,6 +277,10 @@ async fn source_task(
         }
     }
 }
+
+/// The capture table is vacuumed once purge has deleted this many rows since its last VACUUM:
+/// every few seconds under load (a few hundred KiB of dead rows), never while idle.
+const VACUUM_AFTER: u64 = 5_000;
 
 /// Up to this many capture rows, [`capture_rows`] counts them (a scan that stops there: a few
 /// milliseconds); beyond, it reads the statistics' estimate.
@@ -349,6 +362,17 @@ async fn follow(
     let label = dsn.redacted();
     let mut src = Session::connect(&spec.source, "run").await?;
     let probe = Session::connect(&spec.source, "run probe").await?;
+    // No parallel plans for the rounds' and polls' scans of the capture table: worker start-up
+    // costs more than these scans (measured: a bloated capture table past a few MiB switched
+    // them to parallel plans, and rounds took 60-100 ms instead of ~20), and the workers
+    // compete with the application for the source's cores.
+    for s in [&src, &probe] {
+        s.batch(
+            "SET max_parallel_workers_per_gather = 0",
+            "turning parallel plans off",
+        )
+        .await?;
+    }
     let info: SourceInfo = crate::source_info(&src, &spec.tables).await?;
     let prepared = crate::prepare_target(&src, &info, dsn, &spec.options).await?;
     backoff.recovered(&spec.name, &label);

@@ -157,6 +157,45 @@ async fn purge_all(
 /// and needs an exclusive lock).
 const TRUNCATE_ABOVE: i64 = 10_000;
 
+/// Vacuums the capture table, so that the space of purged rows is reused: every round scans the
+/// whole file (it has no index), so a file bloated by purge's dead rows makes every round
+/// slower — and past a few MiB the planner switches those scans to parallel plans. Autovacuum
+/// comes at most once a minute per database, far too rarely for a table purged every second.
+/// The table has no index, so a VACUUM of it is a single pass over a small file; `SKIP_LOCKED`
+/// never waits for an autovacuum already at work on it.
+///
+/// It does not cut the file's empty tail (`TRUNCATE false`) while the file is small: cutting
+/// takes an ACCESS EXCLUSIVE lock, held while the truncation's WAL record is flushed, and every
+/// captured write waits for it (measured: single-row commits delayed by hundreds of ms when the
+/// disk was busy). Above [`SHRINK_ABOVE`] bytes — after a backlog — it does cut, once a backlog
+/// has drained, so that rounds stop scanning a mostly empty file. Needs PostgreSQL 12 (before,
+/// autovacuum is left to it); a role that does not own the table gets a warning from the
+/// server and nothing is done.
+pub(crate) async fn vacuum(source: &Session) -> Result<(), SyncError> {
+    if source.server_version < 120000 {
+        return Ok(());
+    }
+    let size: i64 = source
+        .client
+        .query_typed_one("SELECT pg_catalog.pg_relation_size('pgferry.delta')", &[])
+        .await
+        .map_err(|e| SyncError::Core(source.err("reading the capture table's size", e)))?
+        .get(0);
+    let sql = if size > SHRINK_ABOVE {
+        "VACUUM (SKIP_LOCKED) pgferry.delta"
+    } else {
+        "VACUUM (SKIP_LOCKED, TRUNCATE false) pgferry.delta"
+    };
+    source
+        .client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| SyncError::Core(source.err("vacuuming the capture table", e)))
+}
+
+/// Above this size the capture table's VACUUM also cuts its empty tail.
+const SHRINK_ABOVE: i64 = 8 << 20;
+
 async fn purge_ticks(source: &Session) -> Result<(), SyncError> {
     source
         .client
