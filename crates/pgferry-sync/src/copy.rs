@@ -5,7 +5,7 @@
 //! writes is read back as the same values by the other, across major versions. Memory stays
 //! bounded: chunks are forwarded as they arrive, whatever the number of rows.
 
-use futures_util::{pin_mut, SinkExt, StreamExt};
+use futures_util::{pin_mut, FutureExt, SinkExt, StreamExt};
 use tokio_postgres::Transaction;
 
 /// Streams `copy_out` (a `COPY (…) TO STDOUT`) on `from` into `copy_in` (a `COPY … FROM STDIN`)
@@ -72,12 +72,26 @@ pub async fn pass_through_after<E>(
     first: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<u64, PassError<E>> {
     let stream = from.copy_out(copy_out);
+    let sink = futures_util::future::maybe_done(to.copy_in::<_, bytes::Bytes>(copy_in));
     pin_mut!(first);
     pin_mut!(stream);
-    // Both start at once; the source's CopyOutResponse comes before its first row.
-    let (first_done, stream) = tokio::select! {
-        r = &mut first => { r.map_err(PassError::First)?; (true, stream.await?) }
-        s = &mut stream => (false, s?),
+    pin_mut!(sink);
+    // `first` is sent first, and the COPY's statement right behind it on the same connection:
+    // the target runs them in that order, and the COPY does not wait a round trip for `first`.
+    let mut first_done = false;
+    if let Some(r) = first.as_mut().now_or_never() {
+        r.map_err(PassError::First)?;
+        first_done = true;
+    }
+    let _ = sink.as_mut().now_or_never();
+    // Both sides start at once; the source's CopyOutResponse comes before its first row.
+    let stream = if first_done {
+        stream.await?
+    } else {
+        tokio::select! {
+            r = &mut first => { r.map_err(PassError::First)?; first_done = true; stream.await? }
+            s = &mut stream => s?,
+        }
     };
     pin_mut!(stream);
     let mut held: Vec<bytes::Bytes> = Vec::new();
@@ -94,7 +108,11 @@ pub async fn pass_through_after<E>(
             }
         }
     }
-    let sink = to.copy_in::<_, bytes::Bytes>(copy_in).await?;
+    sink.as_mut().await;
+    let sink = sink
+        .as_mut()
+        .take_output()
+        .expect("the COPY's start was awaited above")?;
     pin_mut!(sink);
     for c in held {
         sink.feed(c).await?;

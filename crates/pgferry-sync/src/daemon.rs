@@ -40,7 +40,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// as busy. A poll is one count over the (purged, small) capture table.
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const BUSY_SPELL: Duration = Duration::from_secs(2);
-/// How often a target's progress is acknowledged to the source while rounds run.
+/// How often a target's progress is acknowledged to the source, and its sequences carried
+/// forward, while rounds run.
 const ACK_EVERY: Duration = Duration::from_millis(500);
 /// How long a round in flight may go on after shutdown was asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -397,14 +398,23 @@ async fn follow(
     // the target's own progress row is the truth, and an acknowledgement is a write
     // transaction on the source.
     let mut unacked: Option<String> = None;
-    let mut last_ack = Instant::now();
+    let mut last_ack = Instant::now() - ACK_EVERY;
+    // Sequences are carried forward on the same beat (not after every round: that was four
+    // more statements between two rounds), every sequence once per connection, so none that a
+    // round touched before a reconnection stays behind.
+    let mut unadvanced: Vec<&crate::registry::CapturedSequence> = info.sequences.iter().collect();
     loop {
-        if let Some(snapshot) = &unacked {
-            if last_ack.elapsed() >= ACK_EVERY || cancel.is_cancelled() {
-                target::acknowledge(&src, &name, snapshot).await?;
-                unacked = None;
-                last_ack = Instant::now();
+        if (unacked.is_some() || !unadvanced.is_empty())
+            && (last_ack.elapsed() >= ACK_EVERY || cancel.is_cancelled())
+        {
+            if let Some(snapshot) = unacked.take() {
+                target::acknowledge(&src, &name, &snapshot).await?;
             }
+            if !unadvanced.is_empty() {
+                sequence::advance(&src, &dst, &unadvanced, missing_sequences).await?;
+                unadvanced.clear();
+            }
+            last_ack = Instant::now();
         }
         if cancel.is_cancelled() {
             return Ok(());
@@ -467,9 +477,10 @@ async fn follow(
             }
         };
         unacked = Some(outcome.snapshot.clone());
-        let touched = crate::sequences_of(&info, &outcome);
-        if !touched.is_empty() {
-            sequence::advance(&src, &dst, &touched, missing_sequences).await?;
+        for s in crate::sequences_of(&info, &outcome) {
+            if !unadvanced.iter().any(|u| std::ptr::eq(*u, s)) {
+                unadvanced.push(s);
+            }
         }
         last_round = Instant::now();
         let seconds = started.elapsed().as_secs_f64();
@@ -516,11 +527,11 @@ async fn pending_count(
     let condition = round::pending_condition(info.dialect, previous)?;
     let n: i64 = src
         .client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT count(*) FROM pgferry.delta d WHERE d.table_id = ANY($1) AND {condition}"
             ),
-            &[&ids],
+            &[(&ids, tokio_postgres::types::Type::INT4_ARRAY)],
         )
         .await
         .map_err(src.on_err("polling for pending changes"))?

@@ -24,6 +24,7 @@ use pgferry_core::artifact::Dialect;
 use pgferry_core::ident::literal;
 use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, Transaction};
 
 use crate::copy::{pass_through, pass_through_after, PassError};
@@ -125,6 +126,7 @@ pub(crate) async fn run(
 ) -> Result<RoundResult, SyncError> {
     let pending = pending_condition(ctx.dialect, ctx.previous)?;
     let source_label = source.target.clone();
+    let target_label = target.target.clone();
     let stx = source
         .client
         .build_transaction()
@@ -147,7 +149,9 @@ pub(crate) async fn run(
         })
     };
     // Sent together (tokio-postgres pipelines them), executed in order: the snapshot query is
-    // the transaction's first, so it fixes S, and the pending changes are read at S.
+    // the transaction's first, so it fixes S, and the pending changes are read at S. Queries
+    // of a round are sent unprepared with their parameter types (`query_typed`): one round trip
+    // each instead of a prepare and an execute.
     let set_work_mem = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
     let snapshot_sql = format!("SELECT {}::text", ctx.dialect.current_snapshot());
     let pending_sql = format!(
@@ -161,13 +165,13 @@ pub(crate) async fn run(
                 .map_err(|e| sq("setting work_mem", e))
         },
         async {
-            stx.query_one(&snapshot_sql, &[])
+            stx.query_typed_one(&snapshot_sql, &[])
                 .await
                 .map(|r| r.get::<_, String>(0))
                 .map_err(|e| sq("taking the round's snapshot", e))
         },
         async {
-            stx.query(&pending_sql, &[])
+            stx.query_typed(&pending_sql, &[])
                 .await
                 .map_err(|e| sq("finding pending changes", e))
         }
@@ -187,16 +191,22 @@ pub(crate) async fn run(
             });
         }
     }
-    if !work.is_empty() {
-        let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
-        if !hold_against_truncate(&stx, probe, ctx.dialect, &tables, &snapshot, &source_label)
-            .await?
-        {
-            return Ok(RoundResult::Retry);
+    // The target's transaction starts (its progress row locked and checked) while the source
+    // guards the round's tables against TRUNCATE: neither waits for the other, and a round that
+    // starts over rolls the target's back.
+    let hold = async {
+        if work.is_empty() {
+            return Ok(true);
         }
+        let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
+        hold_against_truncate(&stx, probe, ctx.dialect, &tables, &snapshot, &source_label).await
+    };
+    let (held, (mut ttx, ahead)) =
+        tokio::try_join!(hold, begin_target(target, ctx, &target_label))?;
+    if !held {
+        return Ok(RoundResult::Retry);
     }
 
-    let target_label = target.target.clone();
     let labels = (source_label.as_str(), target_label.as_str());
     let total: u64 = work.iter().map(|(_, c, _)| c).sum();
     let split = match ctx.split_above {
@@ -220,7 +230,6 @@ pub(crate) async fn run(
     }
 
     let mut applied = Vec::new();
-    let (mut ttx, ahead) = begin_target(target, ctx, &target_label).await?;
     // What every table needs before its rows move — the column check on both sides, and a
     // small table's pending keys — is read for all tables at once: tokio-postgres pipelines the
     // queries, so a round with several tables pays one round trip for them, not one per table.
@@ -231,10 +240,22 @@ pub(crate) async fn run(
             ahead.get(&t.table_id).map(String::as_str).or(ctx.previous),
         )?);
     }
-    let prepared = futures_util::future::try_join_all(work.iter().zip(&pendings).map(
-        |((t, changes, _), pending)| prepare_table(&stx, &ttx, t, *changes, pending, ctx, labels),
-    ))
-    .await?;
+    let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
+    let (columns, small_keys) = tokio::try_join!(
+        crate::schema::columns_to_copy_of(&stx, &ttx, &tables, ctx.versions, labels),
+        futures_util::future::try_join_all(
+            work.iter()
+                .zip(&pendings)
+                .map(|((t, changes, _), pending)| small_keys(&stx, t, *changes, pending, labels)),
+        )
+    )?;
+    let prepared = columns
+        .into_iter()
+        .zip(small_keys)
+        .map(|(columns, small_keys)| Prepared {
+            columns,
+            small_keys,
+        });
     for (((t, changes, has_truncate), pending), prep) in
         work.into_iter().zip(&pendings).zip(prepared)
     {
@@ -255,14 +276,15 @@ pub(crate) async fn run(
             ttx = begin_target(target, ctx, &target_label).await?.0;
         }
     }
-    let progress: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ctx.source_node, &snapshot];
+    let progress: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&ctx.source_node, Type::TEXT), (&snapshot, Type::TEXT)];
     tokio::try_join!(
-        ttx.execute(
+        ttx.execute_typed(
             "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
               WHERE source_node_id = $1",
             &progress,
         ),
-        ttx.execute(
+        ttx.execute_typed(
             "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
             &progress[..1],
         )
@@ -322,14 +344,14 @@ pub(crate) async fn hold_against_truncate(
     let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
     let late: bool = probe
         .client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT EXISTS (SELECT 1 FROM pgferry.delta d WHERE d.table_id = ANY($1) AND d.op = 'T'
                    AND NOT {}(d.xid, $2::text::{}))",
                 dialect.visible_in_snapshot(),
                 dialect.snapshot_type()
             ),
-            &[&ids, &snapshot],
+            &[(&ids, Type::INT4_ARRAY), (&snapshot, Type::TEXT)],
         )
         .await
         .map_err(|e| sq("looking for TRUNCATEs after the snapshot", e))?
@@ -385,18 +407,18 @@ async fn begin_target<'a>(
             ))
         },
         async {
-            ttx.query_one(
+            ttx.query_typed_one(
                 "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
-                &[&ctx.source_node],
+                &[(&ctx.source_node, Type::TEXT)],
             )
             .await
             .map(|r| r.get::<_, Option<String>>(0))
             .map_err(tgt(label, "locking the target's progress"))
         },
         async {
-            ttx.query(
+            ttx.query_typed(
                 "SELECT table_id, snapshot FROM pgferry.applied_table WHERE source_node_id = $1",
-                &[&ctx.source_node],
+                &[(&ctx.source_node, Type::TEXT)],
             )
             .await
             .map_err(tgt(label, "reading the target's per-table progress"))
@@ -419,38 +441,28 @@ struct Prepared {
     small_keys: Option<Vec<tokio_postgres::Row>>,
 }
 
-async fn prepare_table(
+/// A small table's pending keys (None for a large one: its keys stream through a temporary
+/// table).
+async fn small_keys(
     stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
     t: &CapturedTable,
     changes: u64,
     pending: &str,
-    ctx: &RoundContext<'_>,
     labels: (&str, &str),
-) -> Result<Prepared, SyncError> {
-    let keys = async {
-        if changes > SMALL_TABLE_CHANGES {
-            return Ok(None);
-        }
-        stx.query(&t.pending_keys(pending, false), &[])
-            .await
-            .map(Some)
-            .map_err(|e| {
-                SyncError::Core(pgferry_core::Error::Query {
-                    context: "reading the pending keys".into(),
-                    target: labels.0.to_owned(),
-                    source: e,
-                })
+) -> Result<Option<Vec<tokio_postgres::Row>>, SyncError> {
+    if changes > SMALL_TABLE_CHANGES {
+        return Ok(None);
+    }
+    stx.query_typed(&t.pending_keys(pending, false), &[])
+        .await
+        .map(Some)
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: "reading the pending keys".into(),
+                target: labels.0.to_owned(),
+                source: e,
             })
-    };
-    let (columns, small_keys) = tokio::try_join!(
-        crate::schema::columns_to_copy(stx, ttx, t, ctx.versions, labels),
-        keys
-    )?;
-    Ok(Prepared {
-        columns,
-        small_keys,
-    })
+        })
 }
 
 /// Applies one table's pending changes at the round's snapshot, inside `ttx`.
@@ -597,13 +609,13 @@ async fn apply_table(
             .map_err(|e| sq("choosing the join", e))?;
     }
     // The source starts on the rows while the target deletes.
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key_values
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = key_values
         .iter()
-        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+        .map(|v| (v as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
         .collect();
     let delete = async {
         if small {
-            ttx.execute(&delete_sql, &params).await.map(|_| ())
+            ttx.execute_typed(&delete_sql, &params).await.map(|_| ())
         } else {
             ttx.batch_execute(&delete_sql).await
         }

@@ -16,47 +16,53 @@ struct Column {
     generated: bool,
 }
 
+/// The columns of each of `tables` (quoted names), in one query whatever their number: a
+/// round with several tables pays one catalog query, and its planning, per side. A table that
+/// does not exist gets no columns.
 async fn columns(
     tx: &Transaction<'_>,
-    table: &str,
+    tables: &[String],
     server_version: u32,
     label: &str,
-) -> Result<Vec<Column>, SyncError> {
+) -> Result<Vec<Vec<Column>>, SyncError> {
     let generated = if server_version >= 120000 {
         "a.attgenerated <> ''"
     } else {
         "false"
     };
     let rows = tx
-        .query(
+        .query_typed(
             &format!(
-                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                "SELECT u.i::int4, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
                         n.nspname::text, ty.typname::text, a.atttypmod, {generated}
-                   FROM pg_catalog.pg_attribute a
+                   FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(name, i)
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = pg_catalog.to_regclass(u.name)
                    JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
                    JOIN pg_catalog.pg_namespace n ON n.oid = ty.typnamespace
-                  WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
-                  ORDER BY a.attnum"
+                  WHERE a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY u.i, a.attnum"
             ),
-            &[&table],
+            &[(&tables, tokio_postgres::types::Type::TEXT_ARRAY)],
         )
         .await
         .map_err(|e| {
             SyncError::Core(pgferry_core::Error::Query {
-                context: format!("reading the columns of {table}"),
+                context: format!("reading the columns of {}", tables.join(", ")),
                 target: label.to_owned(),
                 source: e,
             })
         })?;
-    Ok(rows
-        .iter()
-        .map(|r| Column {
-            name: r.get(0),
-            sql_type: r.get(1),
-            identity: (r.get(2), r.get(3), r.get(4)),
-            generated: r.get(5),
-        })
-        .collect())
+    let mut out: Vec<Vec<Column>> = tables.iter().map(|_| Vec::new()).collect();
+    for r in &rows {
+        let i: i32 = r.get(0);
+        out[i as usize - 1].push(Column {
+            name: r.get(1),
+            sql_type: r.get(2),
+            identity: (r.get(3), r.get(4), r.get(5)),
+            generated: r.get(6),
+        });
+    }
+    Ok(out)
 }
 
 /// The columns to copy for `table`: every source column that is not generated (the target
@@ -92,15 +98,60 @@ pub(crate) async fn checked_columns(
     versions: (u32, u32),
     labels: (&str, &str),
 ) -> Result<Vec<SharedColumn>, SyncError> {
-    let name = table.name.to_string();
+    let mut all = checked_columns_of(source, target, &[table], versions, labels).await?;
+    Ok(all.pop().unwrap_or_default())
+}
+
+/// [`columns_to_copy`] for several tables at once (one catalog query per side), in the order
+/// of `tables`.
+pub(crate) async fn columns_to_copy_of(
+    source: &Transaction<'_>,
+    target: &Transaction<'_>,
+    tables: &[&CapturedTable],
+    versions: (u32, u32),
+    labels: (&str, &str),
+) -> Result<Vec<Vec<Ident>>, SyncError> {
+    Ok(checked_columns_of(source, target, tables, versions, labels)
+        .await?
+        .into_iter()
+        .map(|cs| cs.into_iter().map(|c| c.name).collect())
+        .collect())
+}
+
+async fn checked_columns_of(
+    source: &Transaction<'_>,
+    target: &Transaction<'_>,
+    tables: &[&CapturedTable],
+    versions: (u32, u32),
+    labels: (&str, &str),
+) -> Result<Vec<Vec<SharedColumn>>, SyncError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
     let (src, dst) = tokio::try_join!(
-        columns(source, &name, versions.0, labels.0),
-        columns(target, &name, versions.1, labels.1)
+        columns(source, &names, versions.0, labels.0),
+        columns(target, &names, versions.1, labels.1)
     )?;
+    tables
+        .iter()
+        .zip(src.iter().zip(&dst))
+        .map(|(t, (s, d))| compare(t, s, d, labels.1))
+        .collect()
+}
+
+/// Checks that the target has every non-generated source column of `table` with the same type;
+/// returns the columns to copy (those the target does not generate).
+fn compare(
+    table: &CapturedTable,
+    src: &[Column],
+    dst: &[Column],
+    target_label: &str,
+) -> Result<Vec<SharedColumn>, SyncError> {
     if dst.is_empty() {
         return Err(SyncError::MissingTable {
             table: table.name.human(),
-            target: labels.1.to_owned(),
+            target: target_label.to_owned(),
         });
     }
     let mut out = Vec::new();
@@ -109,7 +160,7 @@ pub(crate) async fn checked_columns(
             return Err(SyncError::MissingColumn {
                 table: table.name.human(),
                 column: Ident::new(c.name.clone()).human(),
-                target: labels.1.to_owned(),
+                target: target_label.to_owned(),
             });
         };
         if d.identity != c.identity {
@@ -118,7 +169,7 @@ pub(crate) async fn checked_columns(
                 column: Ident::new(c.name.clone()).human(),
                 source_type: c.sql_type.clone(),
                 target_type: d.sql_type.clone(),
-                target: labels.1.to_owned(),
+                target: target_label.to_owned(),
             });
         }
         if !d.generated {

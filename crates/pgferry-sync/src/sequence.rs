@@ -7,12 +7,14 @@
 use std::collections::BTreeSet;
 
 use pgferry_core::Session;
+use tokio_postgres::types::Type;
 
 use crate::registry::CapturedSequence;
 use crate::SyncError;
 
 /// Moves each sequence forward on `target` to where it is on `source`; returns how many moved.
-/// One query per side reads every sequence, and one statement sets those that moved. A sequence
+/// One query per side reads every sequence, and one statement sets those that moved (each sent
+/// unprepared, one round trip). A sequence
 /// missing on the target is skipped, with a warning the first time it is found missing:
 /// `missing` holds the sequences already reported for this target (the daemon keeps it for as
 /// long as it runs, so a missing sequence is reported once, not on every round).
@@ -38,17 +40,17 @@ pub(crate) async fn advance(
         async {
             source
                 .client
-                .query(&read(&all), &[])
+                .query_typed(&read(&all), &[])
                 .await
                 .map_err(|e| SyncError::Core(source.err("reading sequences", e)))
         },
         async {
             target
                 .client
-                .query(
+                .query_typed(
                     "SELECT pg_catalog.to_regclass(n) IS NOT NULL
                        FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
-                    &[&all],
+                    &[(&all, Type::TEXT_ARRAY)],
                 )
                 .await
                 .map_err(|e| SyncError::Core(target.err("looking for sequences", e)))
@@ -70,7 +72,7 @@ pub(crate) async fn advance(
     }
     let theirs = target
         .client
-        .query(&read(&present), &[])
+        .query_typed(&read(&present), &[])
         .await
         .map_err(|e| SyncError::Core(target.err("reading sequences", e)))?;
     let ours: std::collections::HashMap<&str, (i64, bool)> = ours
@@ -102,11 +104,15 @@ pub(crate) async fn advance(
     if !names.is_empty() {
         target
             .client
-            .execute(
+            .execute_typed(
                 "SELECT pg_catalog.setval(n::regclass, v, c)
                    FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::int8[]),
                                    pg_catalog.unnest($3::bool[])) AS u(n, v, c)",
-                &[&names, &values, &called],
+                &[
+                    (&names, Type::TEXT_ARRAY),
+                    (&values, Type::INT8_ARRAY),
+                    (&called, Type::BOOL_ARRAY),
+                ],
             )
             .await
             .map_err(|e| SyncError::Core(target.err("setting sequences", e)))?;
