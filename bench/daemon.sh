@@ -307,20 +307,7 @@ hi=$(q "$S" "SELECT max(id) FROM lat")
 drain >/dev/null
 
 # --- 1. latency at fixed rates -------------------------------------------------------------
-cat >"$W/lat.sql" <<'EOF'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-INSERT INTO lat (t0) VALUES (clock_timestamp());
-END;
-EOF
+cp "$root/bench/lat.sql" "$W/lat.sql"
 declare -A L
 pct_sql() { # LO HI EXPR -> n p50 p95 p99 max (ms)
     q "$T" "SELECT count(*), round((percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::numeric, 2),
