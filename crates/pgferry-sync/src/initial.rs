@@ -28,7 +28,8 @@
 //! - **Resumable.** Target writes are several transactions (one per table or range, `--jobs`
 //!   at once). A table whose last piece committed is recorded on the target, with C, in
 //!   `pgferry.applied_table` — the per-table progress rounds already honour. A rerun keeps
-//!   recorded tables that are not yet listed as received, copies the rest at a new snapshot,
+//!   recorded tables that are not yet listed as received (and whose missing changes cannot
+//!   have been purged: see [`resumable`]), copies the rest at a new snapshot,
 //!   and refuses (without `--truncate`) tables holding rows without a record: a copy
 //!   interrupted in the middle of them, or rows loaded by other means.
 //! - **The progress row moves only when every table has committed.** A target that had applied
@@ -367,7 +368,7 @@ pub async fn copy(
         .await?
         .and_then(|f| f.table_ids)
         .unwrap_or_default();
-    decide(&dst, &mut plan, &state, &received, opts.truncate).await?;
+    decide(&src, &dst, &mut plan, &state, &received, opts.truncate).await?;
 
     let mut report = CopyReport {
         source: labels.0.clone(),
@@ -420,7 +421,7 @@ pub async fn copy(
         .await?
         .and_then(|f| f.table_ids)
         .unwrap_or_default();
-    decide(&dst, &mut plan, &state, &received, opts.truncate).await?;
+    decide(&src, &dst, &mut plan, &state, &received, opts.truncate).await?;
     let selected: Vec<i32> = plan.iter().map(|p| p.table.table_id).collect();
     let entry = target::registry_entry_for(
         &src,
@@ -1006,12 +1007,20 @@ async fn inspect<'a>(
 /// copied when empty on the target, emptied first with `truncate`; refuses non-empty tables
 /// otherwise, naming every one.
 async fn decide(
+    src: &Session,
     dst: &Session,
     plan: &mut [Planned<'_>],
     state: &TargetState,
     received: &[i32],
     truncate: bool,
 ) -> Result<(), SyncError> {
+    let purged_below: Option<String> = src
+        .client
+        .query_one("SELECT purged_below::text FROM pgferry.installation", &[])
+        .await
+        .map_err(q(&src.target, "reading the purge horizon"))?
+        .get(0);
+    let purged_below = purged_below.and_then(|x| x.parse().ok());
     let filled = futures_util::future::try_join_all(plan.iter().map(|p| async {
         let only = if p.target_partitioned { "" } else { "ONLY " };
         dst.client
@@ -1031,7 +1040,9 @@ async fn decide(
     for (p, filled) in plan.iter_mut().zip(filled) {
         let id = p.table.table_id;
         p.action = match state.records.get(&id) {
-            Some(s) if !received.contains(&id) => Action::Resumed(s.clone()),
+            Some(s) if !received.contains(&id) && resumable(s, purged_below) => {
+                Action::Resumed(s.clone())
+            }
             _ if !filled => Action::Copy,
             _ if truncate => Action::TruncateAndCopy,
             _ => {
@@ -1207,6 +1218,21 @@ fn table_reports(
         .collect()
 }
 
+/// Whether a table copied at `snapshot` by an interrupted copy may be kept: every change it
+/// lacks (a transaction not visible in the snapshot, so not below its xmin) must still be
+/// captured, i.e. nothing at or above its xmin was purged (`purged_below`, the source's purge
+/// horizon). The copy's registry entry held purge back from before the snapshot, unless the
+/// target was dropped from the registry since; in doubt (a transaction that stayed open across
+/// an earlier acknowledgement and the snapshot also fails this), the table is copied again.
+fn resumable(snapshot: &str, purged_below: Option<u64>) -> bool {
+    let xmin: Option<u64> = snapshot.split(':').next().and_then(|x| x.parse().ok());
+    match (xmin, purged_below) {
+        (_, None) => true,
+        (Some(x), Some(p)) => p <= x,
+        (None, Some(_)) => false,
+    }
+}
+
 /// Orders snapshots taken one after the other on one server, oldest first: a later snapshot
 /// has a larger or equal xmax, and with an equal xmax (no transaction id handed out between
 /// them) fewer transactions in progress.
@@ -1271,6 +1297,15 @@ fn q(label: &str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_is_resumed_only_when_nothing_it_lacks_was_purged() {
+        assert!(resumable("100:105:100", None));
+        assert!(resumable("100:105:100", Some(90)));
+        assert!(resumable("100:105:100", Some(100)));
+        assert!(!resumable("100:105:100", Some(101)));
+        assert!(!resumable("garbage", Some(1)));
+    }
 
     #[test]
     fn snapshots_order_oldest_first() {
