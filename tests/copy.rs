@@ -2,7 +2,7 @@
 //! verified equal, the copy's snapshot skipping exactly what it holds under concurrent writes,
 //! refusals that change nothing (non-empty tables, missing columns), the dry run, jobs sharing
 //! a table cut into ranges, an interrupted copy resumed, and tables captured after a target
-//! registered copied into a replicating target.
+//! registered copied into a replicating target, also while the daemon runs and writes go on.
 
 mod common;
 
@@ -608,4 +608,107 @@ fn a_role_without_the_privileges_is_refused_with_exit_4() {
     ])
     .expect(0);
     assert_eq!(contents(&source), contents(&target));
+}
+
+/// `pgferry run` in the background, killed when dropped; its log in a file.
+struct Daemon {
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(source: &TestDb<'_>, target: &TestDb<'_>) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("daemon.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .args(["run", "--source", &source.dsn(), "--target", &target.dsn()])
+            .args(["--poll-interval", "20ms"])
+            .env("PGFERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start pgferry run");
+        Daemon {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_running_daemon_picks_up_a_table_copied_while_writes_go_on() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("cp_daemon_src");
+    let target = cluster.create_database("cp_daemon_dst");
+    source.psql(
+        "CREATE TABLE a (id int PRIMARY KEY, v int);
+         CREATE TABLE b (id int PRIMARY KEY, v int);
+         INSERT INTO a SELECT g, g FROM generate_series(1, 2000) g;
+         INSERT INTO b SELECT g, g FROM generate_series(1, 20000) g;",
+    );
+    copy_schema(&source, &target);
+    pgferry(&["install", "--source", &source.dsn(), "--table", "public.a"]).expect(0);
+    copy_run(&source, &target, &[]).expect(0);
+    let daemon = Daemon::start(&source, &target);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dsn, stop) = (source.dsn(), stop.clone());
+        thread::spawn(move || {
+            let c = Conn::open(&dsn);
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                n += 1;
+                c.batch(&format!(
+                    "UPDATE a SET v = v + 1 WHERE id = {}; UPDATE b SET v = v + 1 WHERE id = {};",
+                    1 + n % 2000,
+                    1 + n % 20000
+                ));
+            }
+        })
+    };
+    let wait_equal = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while digest(&source) != digest(&target) {
+            assert!(
+                Instant::now() < deadline,
+                "the target did not converge ({what}); daemon log:\n{}",
+                daemon.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // b is captured while the daemon runs: it refuses the target until b is received.
+    pgferry(&["install", "--source", &source.dsn(), "--table", "public.b"]).expect(0);
+    let probe = Conn::open(&target.dsn());
+    wait_for(Duration::from_secs(20), "the daemon to refuse", || {
+        daemon.log().contains("public.b")
+    });
+    let report = copy_run(&source, &target, &["--table", "public.b", "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(report["already_replicating"], true, "{report}");
+    // The daemon takes the copied table over: its rounds bring b (and a) forward.
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    wait_equal("after the copy");
+    assert_eq!(probe.text("SELECT count(*) FROM b"), "20000");
+    drop(daemon);
+    verify_run(&source, &target).expect(0);
 }
