@@ -32,6 +32,7 @@ use pgferry_core::artifact::SCHEMA;
 use pgferry_core::{catalog, Dsn, Session};
 use serde::Serialize;
 
+use crate::error::q;
 use crate::freeze;
 use crate::registry::CapturedTable;
 use crate::round::{self, RoundOutcome};
@@ -524,22 +525,7 @@ async fn lag(
     let Some(oldest) = row.get::<_, Option<String>>(1) else {
         return Ok((0, 0.0));
     };
-    let dialect = info.dialect;
-    let by_tick: Option<f64> = src
-        .client
-        .query_one(
-            &format!(
-                "SELECT extract(epoch FROM pg_catalog.now() - min(tick_time))::float8 FROM pgferry.tick
-                  WHERE {}({}::{}, snapshot)",
-                dialect.visible_in_snapshot(),
-                pgferry_core::ident::literal(&oldest),
-                dialect.xid_type()
-            ),
-            &[],
-        )
-        .await
-        .map_err(src.on_err("reading ticks"))?
-        .get(0);
+    let by_tick = crate::status::committed_seconds_ago(src, info.dialect, &oldest).await?;
     if let Some(s) = by_tick {
         return Ok((pending, s.max(0.0)));
     }
@@ -725,7 +711,7 @@ async fn release_target(lane: &mut Lane, source_node: &str) -> Result<(), SyncEr
             &[],
         )
         .await
-        .map_err(|e| query(&label, "looking for a capture of the target's own", e))?
+        .map_err(q(&label, "looking for a capture of the target's own"))?
         .get(0);
     let own_capture = own_capture
         && lane
@@ -733,7 +719,7 @@ async fn release_target(lane: &mut Lane, source_node: &str) -> Result<(), SyncEr
             .client
             .query_one("SELECT EXISTS (SELECT 1 FROM pgferry.captured_table)", &[])
             .await
-            .map_err(|e| query(&label, "looking for a capture of the target's own", e))?
+            .map_err(q(&label, "looking for a capture of the target's own"))?
             .get::<_, bool>(0);
     let tx = lane
         .dst
@@ -746,27 +732,19 @@ async fn release_target(lane: &mut Lane, source_node: &str) -> Result<(), SyncEr
             &[&source_node],
         )
         .await
-        .map_err(|e| query(&label, "removing the target's progress", e))?;
+        .map_err(q(&label, "removing the target's progress"))?;
     } else {
         let removal = pgferry_core::artifact::pgferry_removal(&tx, &label).await?;
         for s in &removal.statements {
             tx.batch_execute(s)
                 .await
-                .map_err(|e| query(&label, "removing pgferry from the target", e))?;
+                .map_err(q(&label, "removing pgferry from the target"))?;
         }
     }
     tx.commit()
         .await
-        .map_err(|e| query(&label, "committing the target's release", e))?;
+        .map_err(q(&label, "committing the target's release"))?;
     Ok(())
-}
-
-fn query(label: &str, what: &str, e: tokio_postgres::Error) -> SyncError {
-    SyncError::Core(pgferry_core::Error::Query {
-        context: what.to_owned(),
-        target: label.to_owned(),
-        source: e,
-    })
 }
 
 fn step(

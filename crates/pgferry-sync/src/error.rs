@@ -142,3 +142,19 @@ impl SyncError {
         }
     }
 }
+
+/// Turns a failed query on `label`'s database into a [`SyncError`] naming what was being done:
+/// `.map_err(q(label, "reading the target's progress"))`.
+pub(crate) fn q(
+    label: &str,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    let (label, what) = (label.to_owned(), what.into());
+    move |e| {
+        SyncError::Core(pgferry_core::Error::Query {
+            context: what,
+            target: label,
+            source: e,
+        })
+    }
+}

@@ -32,6 +32,7 @@ use pgferry_core::artifact::{Dialect, SCHEMA};
 use pgferry_core::{catalog, QualifiedName, Session};
 use serde::Serialize;
 
+use crate::error::q;
 use crate::registry::CapturedTable;
 use crate::SyncError;
 
@@ -122,7 +123,7 @@ async fn row_holders(
             &[&names],
         )
         .await
-        .map_err(|e| query_err(label, "listing the partitions of the captured tables", e))?;
+        .map_err(q(label, "listing the partitions of the captured tables"))?;
     Ok(rows
         .iter()
         .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
@@ -159,11 +160,11 @@ pub(crate) async fn freeze(
             .client
             .transaction()
             .await
-            .map_err(|e| query_err(&label, "starting the freeze", e))?;
+            .map_err(q(&label, "starting the freeze"))?;
         match lock_all(&tx, &list, lock_timeout).await {
             Ok(()) => return finish_freeze(tx, &label, dialect, tables, targets).await,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
-            Err(e) => return Err(query_err(&label, "locking the captured tables", e)),
+            Err(e) => return Err(q(&label, "locking the captured tables")(e)),
         }
     }
     let blockers = blockers(session, tables).await?;
@@ -197,7 +198,7 @@ async fn finish_freeze(
     let label = label.to_owned();
     tx.batch_execute(FREEZE_SQL)
         .await
-        .map_err(|e| query_err(&label, "creating the freeze's function", e))?;
+        .map_err(q(&label, "creating the freeze's function"))?;
     let holders = row_holders(&tx, tables, &label).await?;
     let function = pgferry_core::artifact::object("refuse_write");
     let execute = dialect.execute();
@@ -214,18 +215,18 @@ async fn finish_freeze(
     }
     tx.batch_execute(&sql)
         .await
-        .map_err(|e| query_err(&label, "creating the freeze triggers", e))?;
+        .map_err(q(&label, "creating the freeze triggers"))?;
     let cutover_id: i64 = tx
         .query_one(
             "INSERT INTO pgferry.cutover (state, targets) VALUES ('frozen', $1) RETURNING cutover_id",
             &[&targets],
         )
         .await
-        .map_err(|e| query_err(&label, "recording the cutover", e))?
+        .map_err(q(&label, "recording the cutover"))?
         .get(0);
     tx.commit()
         .await
-        .map_err(|e| query_err(&label, "committing the freeze", e))?;
+        .map_err(q(&label, "committing the freeze"))?;
     Ok(Frozen {
         cutover_id,
         relations: holders.len(),
@@ -288,10 +289,10 @@ async fn unfreeze_once(
         .client
         .transaction()
         .await
-        .map_err(|e| query_err(&label, "starting the unfreeze", e))?;
+        .map_err(q(&label, "starting the unfreeze"))?;
     tx.batch_execute("SET LOCAL lock_timeout = '2s'")
         .await
-        .map_err(|e| query_err(&label, "setting lock_timeout", e))?;
+        .map_err(q(&label, "setting lock_timeout"))?;
     let triggers = catalog::triggers_calling(&tx, SCHEMA, &["pgferry\\_freeze%"], &label).await?;
     let mut statements: Vec<String> = triggers
         .iter()
@@ -303,7 +304,7 @@ async fn unfreeze_once(
             &[],
         )
         .await
-        .map_err(|e| query_err(&label, "looking for cutovers", e))?
+        .map_err(q(&label, "looking for cutovers"))?
         .get(0);
     if recorded {
         statements.push(format!(
@@ -323,7 +324,7 @@ async fn unfreeze_once(
     for t in &triggers {
         tx.batch_execute(&format!("DROP TRIGGER {} ON {}", t.trigger, t.table))
             .await
-            .map_err(|e| query_err(&label, &format!("dropping {} on {}", t.trigger, t.table), e))?;
+            .map_err(q(&label, format!("dropping {} on {}", t.trigger, t.table)))?;
     }
     let cutovers = if recorded {
         tx.execute(
@@ -331,13 +332,13 @@ async fn unfreeze_once(
             &[&note],
         )
         .await
-        .map_err(|e| query_err(&label, "recording the unfreeze", e))?
+        .map_err(q(&label, "recording the unfreeze"))?
     } else {
         0
     };
     tx.commit()
         .await
-        .map_err(|e| query_err(&label, "committing the unfreeze", e))?;
+        .map_err(q(&label, "committing the unfreeze"))?;
     Ok((
         Unfrozen {
             triggers: triggers.len(),
@@ -391,12 +392,4 @@ pub(crate) async fn lock_holders(
             format!("pid {pid} (user {user}, application {app:?}, from {addr}, {state}, in a transaction for {age:.0} s)")
         })
         .collect())
-}
-
-fn query_err(label: &str, what: &str, e: tokio_postgres::Error) -> SyncError {
-    SyncError::Core(pgferry_core::Error::Query {
-        context: what.to_owned(),
-        target: label.to_owned(),
-        source: e,
-    })
 }

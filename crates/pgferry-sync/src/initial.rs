@@ -55,8 +55,9 @@ use std::time::{Duration, Instant};
 use pgferry_core::ident::literal;
 use pgferry_core::{catalog, Dsn, Ident, QualifiedName, Session, TablePattern};
 use serde::Serialize;
-use tokio_postgres::{IsolationLevel, Transaction};
+use tokio_postgres::Transaction;
 
+use crate::error::q;
 use crate::registry::CapturedTable;
 use crate::target::{self, Intent};
 use crate::{round, sequence, source_info, SourceInfo, SyncError};
@@ -599,14 +600,8 @@ async fn write(
     let dialect = info.dialect;
     let mut tries = 0;
     let (snapshot, exported, etx) = loop {
-        let etx = exporter
-            .client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(q(&labels.0, "starting the copy's snapshot transaction"))?;
+        let etx = crate::begin_read_only(&mut exporter, "starting the copy's snapshot transaction")
+            .await?;
         let row = etx
             .query_one(
                 &format!(
@@ -784,14 +779,7 @@ async fn worker(work: &Work<'_, '_>, source: &Dsn, target: &Dsn) -> Result<(), S
     let mut s = Session::connect(source, "copy").await?;
     let mut t = Session::connect(target, "copy").await?;
     no_idle_timeout(&s).await?;
-    let stx = s
-        .client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(q(sl, "starting a copy job's transaction"))?;
+    let stx = crate::begin_read_only(&mut s, "starting a copy job's transaction").await?;
     stx.batch_execute(&format!(
         "SET TRANSACTION SNAPSHOT {}; SET LOCAL statement_timeout = 0",
         literal(work.exported)
@@ -937,8 +925,8 @@ async fn inspect<'a>(
     labels: &(String, String),
 ) -> Result<Vec<Planned<'a>>, SyncError> {
     let versions = (src.server_version, dst.server_version);
-    let stx = read_only(src).await?;
-    let ttx = read_only(dst).await?;
+    let stx = crate::begin_read_only(src, "starting a read-only transaction").await?;
+    let ttx = crate::begin_read_only(dst, "starting a read-only transaction").await?;
     let l = (labels.0.as_str(), labels.1.as_str());
     let checks = futures_util::future::try_join_all(tables.iter().map(|t| async {
         let columns = crate::schema::columns_to_copy(&stx, &ttx, t, versions, l).await?;
@@ -1270,28 +1258,6 @@ async fn no_idle_timeout(s: &Session) -> Result<(), SyncError> {
     )
     .await?;
     Ok(())
-}
-
-async fn read_only(s: &mut Session) -> Result<Transaction<'_>, SyncError> {
-    let label = s.target.clone();
-    s.client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(q(&label, "starting a read-only transaction"))
-}
-
-fn q(label: &str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
-    let (label, what) = (label.to_owned(), what.into());
-    move |e| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: what,
-            target: label,
-            source: e,
-        })
-    }
 }
 
 #[cfg(test)]

@@ -229,6 +229,22 @@ pub(crate) async fn prepare_target(
     })
 }
 
+/// Begins a `REPEATABLE READ READ ONLY` transaction on `s`: everything it reads is at one
+/// snapshot. `what` names it in errors.
+pub(crate) async fn begin_read_only<'a>(
+    s: &'a mut Session,
+    what: &str,
+) -> Result<tokio_postgres::Transaction<'a>, SyncError> {
+    let label = s.target.clone();
+    s.client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(error::q(&label, what))
+}
+
 /// How many times a round may start over because of a TRUNCATE (one that slipped under its
 /// snapshot, or one holding a table): with the growing pauses, about 30 s in all.
 const MAX_ROUND_RETRIES: u32 = 20;

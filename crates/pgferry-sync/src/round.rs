@@ -25,7 +25,7 @@ use pgferry_core::ident::literal;
 use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{IsolationLevel, Transaction};
+use tokio_postgres::Transaction;
 
 use crate::copy::{pass_through, pass_through_after, PassError};
 use crate::registry::CapturedTable;
@@ -127,20 +127,7 @@ pub(crate) async fn run(
     let pending = pending_condition(ctx.dialect, ctx.previous)?;
     let source_label = source.target.clone();
     let target_label = target.target.clone();
-    let stx = source
-        .client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: "starting the round's source transaction".into(),
-                target: source_label.clone(),
-                source: e,
-            })
-        })?;
+    let stx = crate::begin_read_only(source, "starting the round's source transaction").await?;
     let sq = |ctx: &str, e: tokio_postgres::Error| {
         SyncError::Core(pgferry_core::Error::Query {
             context: ctx.to_owned(),

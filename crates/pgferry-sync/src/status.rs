@@ -134,21 +134,7 @@ pub async fn source_status(source: &Dsn) -> Result<SourceStatus, SyncError> {
         }
         let oldest_pending_seconds = match oldest {
             None => None,
-            Some(xid) => s
-                .client
-                .query_one(
-                    &format!(
-                        "SELECT extract(epoch FROM pg_catalog.now() - min(tick_time))::float8 FROM pgferry.tick
-                          WHERE {}({}::{}, snapshot)",
-                        dialect.visible_in_snapshot(),
-                        literal(&xid),
-                        dialect.xid_type()
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(s.on_err("reading ticks"))?
-                .get(0),
+            Some(xid) => committed_seconds_ago(&s, dialect, &xid).await?,
         };
         status.targets.push(TargetStatus {
             name: r.get(0),
@@ -190,4 +176,27 @@ pub async fn target_status(target: &Dsn) -> Result<Vec<AppliedStatus>, SyncError
             applied_seconds_ago: r.get(4),
         })
         .collect())
+}
+
+/// Seconds since transaction `xid` committed, from pgferry's ticks on the source: the age of the
+/// first tick whose snapshot sees it. None when no tick has seen it yet.
+pub(crate) async fn committed_seconds_ago(
+    s: &Session,
+    dialect: Dialect,
+    xid: &str,
+) -> Result<Option<f64>, SyncError> {
+    Ok(s.client
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM pg_catalog.now() - min(tick_time))::float8 FROM pgferry.tick
+                  WHERE {}({}::{}, snapshot)",
+                dialect.visible_in_snapshot(),
+                literal(xid),
+                dialect.xid_type()
+            ),
+            &[],
+        )
+        .await
+        .map_err(s.on_err("reading ticks"))?
+        .get(0))
 }

@@ -22,8 +22,9 @@ use pgferry_core::ident::literal;
 use pgferry_core::{Dsn, Session, TablePattern};
 use serde::Serialize;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Transaction};
+use tokio_postgres::Transaction;
 
+use crate::error::q;
 use crate::registry::CapturedTable;
 use crate::schema::{checked_columns, SharedColumn};
 use crate::{round, source_info, SyncError};
@@ -97,7 +98,7 @@ pub async fn verify(
     let mut dst = Session::connect(target, "verify").await?;
     let (slabel, tlabel) = (src.target.clone(), dst.target.clone());
     // The target's transaction first: the applied snapshot read in it matches the rows it sees.
-    let ttx = begin(&mut dst).await?;
+    let ttx = crate::begin_read_only(&mut dst, "starting a repeatable read transaction").await?;
     let registered: bool = ttx
         .query_one(
             "SELECT pg_catalog.to_regclass('pgferry.applied') IS NOT NULL",
@@ -122,7 +123,7 @@ pub async fn verify(
         .await
         .map_err(q(&tlabel, "exporting the target's snapshot"))?
         .get(0);
-    let stx = begin(&mut src).await?;
+    let stx = crate::begin_read_only(&mut src, "starting a repeatable read transaction").await?;
     let ssnap: String = stx
         .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
         .await
@@ -177,31 +178,9 @@ struct Ctx {
     labels: (String, String),
 }
 
-fn q(label: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
-    let (label, what) = (label.to_owned(), what.to_owned());
-    move |e| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: what,
-            target: label,
-            source: e,
-        })
-    }
-}
-
-async fn begin(s: &mut Session) -> Result<Transaction<'_>, SyncError> {
-    let label = s.target.clone();
-    s.client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(q(&label, "starting a repeatable read transaction"))
-}
-
 async fn import<'a>(s: &'a mut Session, snapshot: &str) -> Result<Transaction<'a>, SyncError> {
     let label = s.target.clone();
-    let tx = begin(s).await?;
+    let tx = crate::begin_read_only(s, "starting a repeatable read transaction").await?;
     tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", literal(snapshot)))
         .await
         .map_err(q(&label, "importing the verification's snapshot"))?;
@@ -239,6 +218,30 @@ impl Shape {
             })
             .collect();
         format!("ROW({})", parts.join(", "))
+    }
+
+    /// The conditions keeping (`op` `IN`) or leaving out (`NOT IN`) the recorded keys that
+    /// `pending_sql` lists: on the source read from the capture, on the target from the same
+    /// keys bound as parameters ([`CapturedTable::key_params`]).
+    fn key_conditions(
+        &self,
+        table: &CapturedTable,
+        pending_sql: &str,
+        op: &str,
+    ) -> (String, String) {
+        let tuple = self
+            .key
+            .iter()
+            .map(|k| k.0.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            format!(
+                "({tuple}) {op} (SELECT {} FROM ({pending_sql}) AS p(k))",
+                table.restore("p.k")
+            ),
+            format!("({tuple}) {op} ({})", table.keys_from_params()),
+        )
     }
 
     fn range(&self, r: &Range) -> String {
@@ -389,25 +392,10 @@ async fn compare(
     }
     let values = table.key_params(&rows);
     let skipped = rows.len() as u64;
-    let tuple = format!(
-        "({})",
-        shape
-            .key
-            .iter()
-            .map(|k| k.0.clone())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     let (s_excl, t_excl) = if skipped == 0 {
         ("true".to_owned(), "true".to_owned())
     } else {
-        (
-            format!(
-                "{tuple} NOT IN (SELECT {} FROM ({pending_sql}) AS p(k))",
-                table.restore("p.k")
-            ),
-            format!("{tuple} NOT IN ({})", table.keys_from_params()),
-        )
+        shape.key_conditions(table, &pending_sql, "NOT IN")
     };
     let params: Vec<&(dyn ToSql + Sync)> = if skipped == 0 {
         Vec::new()
@@ -450,6 +438,8 @@ struct Sides<'a> {
     stx: &'a Transaction<'a>,
     ttx: &'a Transaction<'a>,
     shape: &'a Shape,
+    /// The condition each side's rows must meet: pending keys left out (verify), or only the keys
+    /// a final round touched (the cutover's check).
     s_excl: &'a str,
     t_excl: &'a str,
     params: &'a [&'a (dyn ToSql + Sync)],
@@ -652,8 +642,8 @@ pub(crate) async fn check_touched(
     let (sl, tl) = (src.target.clone(), dst.target.clone());
     let versions = (src.server_version, dst.server_version);
     let pending = round::pending_condition(info.dialect, since)?;
-    let stx = begin(src).await?;
-    let ttx = begin(dst).await?;
+    let stx = crate::begin_read_only(src, "starting a repeatable read transaction").await?;
+    let ttx = crate::begin_read_only(dst, "starting a repeatable read transaction").await?;
     let ids: Vec<i32> = info.tables.keys().copied().collect();
     let touched: BTreeMap<i32, bool> = stx
         .query(
@@ -715,25 +705,10 @@ pub(crate) async fn check_touched(
             };
             v.touched_keys = rows.len() as u64;
             let values = table.key_params(&rows);
-            let tuple = format!(
-                "({})",
-                shape
-                    .key
-                    .iter()
-                    .map(|k| k.0.clone())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
             let (s_incl, t_incl) = if whole {
                 ("true".to_owned(), "true".to_owned())
             } else {
-                (
-                    format!(
-                        "{tuple} IN (SELECT {} FROM ({pending_sql}) AS p(k))",
-                        table.restore("p.k")
-                    ),
-                    format!("{tuple} IN ({})", table.keys_from_params()),
-                )
+                shape.key_conditions(table, &pending_sql, "IN")
             };
             let params: Vec<&(dyn ToSql + Sync)> = if whole {
                 Vec::new()
