@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     catalog_listing, contents, copy_schema, digest, load_hostile, pgferry, sync_json, sync_run,
-    verify_run, wait_for, Conn, Run,
+    verify_run, wait_for, Conn, Daemon, Run,
 };
 use pgferry_testkit::{Cluster, PgBin, TestDb};
 
@@ -610,46 +610,6 @@ fn a_role_without_the_privileges_is_refused_with_exit_4() {
     assert_eq!(contents(&source), contents(&target));
 }
 
-/// `pgferry run` in the background, killed when dropped; its log in a file.
-struct Daemon {
-    child: Child,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(source: &TestDb<'_>, target: &TestDb<'_>) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("daemon.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-            .args(["run", "--source", &source.dsn(), "--target", &target.dsn()])
-            .args(["--poll-interval", "20ms"])
-            .env("PGFERRY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start pgferry run");
-        Daemon {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_running_daemon_picks_up_a_table_copied_while_writes_go_on() {
     let cluster = Cluster::shared();
@@ -664,7 +624,7 @@ fn a_running_daemon_picks_up_a_table_copied_while_writes_go_on() {
     copy_schema(&source, &target);
     pgferry(&["install", "--source", &source.dsn(), "--table", "public.a"]).expect(0);
     copy_run(&source, &target, &[]).expect(0);
-    let daemon = Daemon::start(&source, &target);
+    let daemon = Daemon::following(&source.dsn(), &target.dsn());
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (dsn, stop) = (source.dsn(), stop.clone());

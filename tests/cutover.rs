@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{digest, dump, pgferry, restore, sync_json, verify_run, wait_for, Conn};
+use common::{digest, dump, pgferry, restore, sync_json, verify_run, wait_for, Conn, Daemon};
 use pgferry_testkit::{Cluster, PgBin, TestDb};
 
 const SCHEMA: &str = "
@@ -403,28 +403,8 @@ fn a_running_daemon_is_taken_over_and_stays_away_afterwards() {
     );
     migrated(&source, &target);
     let writer = Writer::start(&source.dsn());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("daemon.log");
-    let file = std::fs::File::create(&log).expect("log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-        .args([
-            "run",
-            "--source",
-            &source.dsn(),
-            "--target",
-            &target.dsn(),
-            "--poll-interval",
-            "20ms",
-        ])
-        .env("PGFERRY_LOG", "info")
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("start the daemon");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for(Duration::from_secs(30), "the daemon", || {
-        read_log().contains("target connected")
-    });
+    let mut daemon = Daemon::following(&source.dsn(), &target.dsn());
+    daemon.wait_log("target connected", Duration::from_secs(30));
     writer.progress(50);
 
     let report = cutover(&source, &target, &[]).expect(0).json();
@@ -438,20 +418,12 @@ fn a_running_daemon_is_taken_over_and_stays_away_afterwards() {
     assert_eq!(digest(&source), digest(&target));
     // The daemon gets its lock back once cutover exits, and refuses to replicate from a source
     // that was cut over: it does not put pgferry back on the target.
-    wait_for(Duration::from_secs(30), "the daemon's refusal", || {
-        read_log().contains("was cut over")
-    });
+    daemon.wait_log("was cut over", Duration::from_secs(30));
     thread::sleep(Duration::from_secs(1));
-    assert!(!has_pgferry(&target), "{}", read_log());
-    assert!(
-        daemon.try_wait().expect("wait").is_none(),
-        "the daemon died"
-    );
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    let status = daemon.wait().expect("wait");
-    assert_eq!(status.code(), Some(0), "{}", read_log());
+    assert!(!has_pgferry(&target), "{}", daemon.log());
+    assert!(daemon.is_running(), "the daemon died");
+    let (code, _) = daemon.term(Duration::from_secs(10));
+    assert_eq!(code, 0, "{}", daemon.log());
 }
 
 #[test]

@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{digest, pgferry, verify_run, wait_for};
+use common::{digest, pgferry, verify_run, wait_for, Daemon};
 use pgferry_testkit::{client_tool, Cluster, PgBin, TestDb};
 
 /// pgbench's tables on the source, pgbench_history with a key (pgferry replicates tables with
@@ -55,52 +54,6 @@ impl Drop for Pgbench {
     }
 }
 
-/// `pgferry run` as a child, its log in `log`.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(source: &str, target: &str, log: &Path) -> Daemon {
-        let file = std::fs::File::create(log).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-            .args([
-                "run",
-                "--source",
-                source,
-                "--target",
-                target,
-                "--poll-interval",
-                "20ms",
-            ])
-            .env("PGFERRY_LOG", "info")
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("start the daemon");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains("target connected")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "daemon log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        Daemon(child)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn history(db: &TestDb<'_>) -> u64 {
     db.scalar("SELECT count(*) FROM pgbench_history")
         .parse()
@@ -108,10 +61,11 @@ fn history(db: &TestDb<'_>) -> u64 {
 }
 
 /// From a source under pgbench with the daemon following it: cutover, then the checks.
-fn cut_over_and_check(source: &TestDb<'_>, target: &TestDb<'_>, log: &Path) {
+fn cut_over_and_check(source: &TestDb<'_>, target: &TestDb<'_>) {
     let (s, t) = (source.dsn(), target.dsn());
     let bench = Pgbench::start(&s);
-    let daemon = Daemon::start(&s, &t, log);
+    let daemon = Daemon::following(&s, &t);
+    daemon.wait_log("target connected", Duration::from_secs(60));
     let base = history(source);
     wait_for(Duration::from_secs(60), "pgbench's writes", || {
         history(source) > base + 200
@@ -177,7 +131,7 @@ fn path_a_dump_restore_clean_daemon_and_cutover_from_12_to_18_under_pgbench() {
     common::restore(&file, &target);
     pgferry(&["clean", "--db", &t]).expect(0);
     drop(bench);
-    cut_over_and_check(&source, &target, &dir.path().join("daemon.log"));
+    cut_over_and_check(&source, &target);
 }
 
 #[test]
@@ -193,6 +147,5 @@ fn path_b_schema_copy_daemon_and_cutover_under_pgbench() {
     pgferry(&["schema", "--source", &s, "--target", &t]).expect(0);
     pgferry(&["copy", "--source", &s, "--target", &t, "--jobs", "2"]).expect(0);
     drop(bench);
-    let dir = tempfile::tempdir().expect("tempdir");
-    cut_over_and_check(&source, &target, &dir.path().join("daemon.log"));
+    cut_over_and_check(&source, &target);
 }

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -313,5 +314,113 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `pgferry run` as a child process, its log in a file; killed (-9) when dropped.
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts `pgferry run ARGS`, its log in a file.
+    pub fn start(args: &[&str], dir: &Arc<tempfile::TempDir>, name: &str) -> Daemon {
+        let log = dir.path().join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .arg("run")
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .env("PGFERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start pgferry run");
+        Daemon {
+            child,
+            log,
+            _dir: dir.clone(),
+        }
+    }
+
+    /// `pgferry run --source SOURCE --target TARGET --poll-interval 20ms`, its log in a
+    /// directory of its own.
+    pub fn following(source: &str, target: &str) -> Daemon {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Daemon::start(
+            &[
+                "--source",
+                source,
+                "--target",
+                target,
+                "--poll-interval",
+                "20ms",
+            ],
+            &dir,
+            "daemon",
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?} in the daemon's log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; the exit code and how long the daemon took to exit.
+    pub fn term(&mut self, limit: Duration) -> (i32, Duration) {
+        let started = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status.code().unwrap_or(-1), started.elapsed());
+            }
+            if started.elapsed() > limit {
+                self.kill9();
+                panic!(
+                    "the daemon did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
