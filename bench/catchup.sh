@@ -21,24 +21,14 @@
 set -euo pipefail
 export LC_ALL=C
 root=$(cd "$(dirname "$0")/.." && pwd)
-JSON=${JSON:-0}
-for arg in "$@"; do
-    case $arg in
-        --json) JSON=1 ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "catchup: unknown argument: $arg (try --help)" >&2; exit 2 ;;
-    esac
-done
+. "$root/scripts/lib/bench.sh"
+bench_options catchup "$@"
 ROWS=${ROWS:-1000000}
 RSS10X=${RSS10X:-1}
 UPD=$((ROWS / 5)); INS=$((ROWS / 5)); DEL=$((ROWS / 20))
 log() { printf '%s\n' "$*" >&2; }
 . "$root/scripts/lib/throwaway-pg.sh"
-if [ -z "${PGFERRY_BIN:-}" ]; then
-    log "building pgferry (release)"
-    cargo build --release -q -p pgferry --manifest-path "$root/Cargo.toml"
-    PGFERRY_BIN="$root/target/release/pgferry"
-fi
+bench_pgferry
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 

@@ -55,14 +55,8 @@
 set -euo pipefail
 export LC_ALL=C
 root=$(cd "$(dirname "$0")/.." && pwd)
-JSON=${JSON:-0}
-for arg in "$@"; do
-    case $arg in
-        --json) JSON=1 ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "daemon: unknown argument: $arg (try --help)" >&2; exit 2 ;;
-    esac
-done
+. "$root/scripts/lib/bench.sh"
+bench_options daemon "$@"
 [[ $JSON == 1 ]] || JSON=0
 RATES=${RATES:-200 1000}
 DURATION=${DURATION:-60}
@@ -94,11 +88,7 @@ client() { if [[ -x $PG_BIN/$1 ]]; then echo "$PG_BIN/$1"; else command -v "$1" 
 PSQL=$(client psql)
 PGBENCH=$(client pgbench)
 command -v curl >/dev/null || die "curl not found"
-if [[ -z ${PGFERRY_BIN:-} ]]; then
-    log "building pgferry (cargo build --release -p pgferry)"
-    (cd "$root" && cargo build --release -q -p pgferry >&2)
-    PGFERRY_BIN=${CARGO_TARGET_DIR:-$root/target}/release/pgferry
-fi
+bench_pgferry
 [[ -x $PGFERRY_BIN ]] || die "pgferry binary not found: $PGFERRY_BIN"
 
 # --- processes this script starts: the daemon and the sampler ----------------------------
