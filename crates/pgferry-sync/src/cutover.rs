@@ -556,6 +556,7 @@ async fn drain(lane: &mut Lane, info: &SourceInfo) -> Result<(), SyncError> {
             replica_role: lane.replica_role,
             versions: (lane.src.server_version, lane.dst.server_version),
             split_above: None,
+            two_way: None,
         };
         match round_with_retries(&mut lane.src, &lane.probe, &mut lane.dst, &ctx).await {
             Ok(o) => break o,

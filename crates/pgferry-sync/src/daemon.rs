@@ -459,6 +459,7 @@ async fn follow(
             replica_role: prepared.registered.replica_role,
             versions: (src.server_version, dst.server_version),
             split_above: spec.options.split_rounds_above,
+            two_way: None,
         };
         let outcome = {
             let round = crate::round_with_retries(&mut src, &probe, &mut dst, &ctx);

@@ -13,6 +13,41 @@ pub enum SyncError {
     #[error("{source_db} has no pgferry capture installed\nfix: run `pgferry install --source …` on it first (step 1 of a migration)")]
     NotInstalled { source_db: String },
 
+    #[error("conflict in table {table}, key {keys}: changed on node {local} and on node {remote} since they last exchanged changes, and the rule is abort; this round was rolled back, nothing was applied\n\
+             fix: make the rows equal by hand (or change the row again on the node that should win, after the other's change), or sync with another --conflict rule")]
+    ConflictAborted {
+        table: String,
+        keys: String,
+        local: String,
+        remote: String,
+    },
+
+    #[error("conflict function {function} (table {table}): {reason}; this round was rolled back\nfix: return the local or the remote image (the first two arguments), a merged row of the table as jsonb, or NULL (the row deleted)")]
+    CustomConflict {
+        function: String,
+        table: String,
+        reason: String,
+    },
+
+    #[error("table {table} is not captured on node {node}: a two-way sync captures the same tables, with the same key, on every node; nothing was applied\nfix: run `pgferry install --source <{node}> --table {table}` on it")]
+    NotCapturedOnPeer { table: String, node: String },
+
+    #[error("table {table} has key ({this_key}) on node {this} but ({other_key}) on node {other}: two-way syncs need the same key columns and types on every node; nothing was applied")]
+    KeyMismatch {
+        table: String,
+        this: String,
+        this_key: String,
+        other: String,
+        other_key: String,
+    },
+
+    #[error("two-way sync: {reason}")]
+    TwoWayConfig { reason: String },
+
+    #[error("node {node}: pgferry's role may not set session_replication_role = replica, which two-way syncs need (rows pgferry applies must not be captured again, or they would travel back and forth); nothing was applied\n\
+             fix: connect as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>")]
+    TwoWayNeedsReplicaRole { node: String },
+
     #[error("{target} is an uncleaned copy of the source: it carries the source's own capture (node {node})\nfix: run `pgferry clean --db …` on it first; nothing was applied")]
     UncleanedCopy { target: String, node: String },
 

@@ -13,6 +13,7 @@
 //! [`SyncReport`] the CLI prints.
 
 mod check;
+pub mod conflict;
 mod copy;
 pub mod cutover;
 pub mod daemon;
@@ -26,6 +27,7 @@ mod schema;
 mod sequence;
 pub mod status;
 mod target;
+pub mod two_way;
 pub mod verify;
 
 pub use check::check_target;
@@ -329,6 +331,7 @@ pub async fn sync_once(
             replica_role: reg.replica_role,
             versions: (src.server_version, dst.server_version),
             split_above: opts.split_rounds_above,
+            two_way: None,
         };
         let outcome = round_with_retries(&mut src, &probe, &mut dst, &ctx).await?;
         target::acknowledge(&src, &entry.name, &outcome.snapshot).await?;

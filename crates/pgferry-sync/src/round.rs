@@ -46,6 +46,9 @@ pub struct TableApplied {
     pub rows: u64,
     /// Whether the round replayed a TRUNCATE of the table (or of one of its partitions).
     pub truncated: bool,
+    /// Conflicts decided (two-way syncs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<crate::conflict::Decision>,
 }
 
 /// The outcome of one round.
@@ -72,6 +75,8 @@ pub(crate) struct RoundContext<'a> {
     /// Commit a round table by table when it holds more changes than this (and foreign keys
     /// are not checked on the target).
     pub split_above: Option<u64>,
+    /// A two-way sync: the target's own changes are checked for conflicts.
+    pub two_way: Option<&'a crate::conflict::Exchange>,
 }
 
 pub(crate) enum RoundResult {
@@ -145,7 +150,8 @@ pub(crate) async fn run(
         "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
           WHERE {pending} GROUP BY 1 ORDER BY 1"
     );
-    let (_, snapshot, rows) = tokio::try_join!(
+    let shipped_sql = "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1";
+    let (_, snapshot, rows, shipped) = tokio::try_join!(
         async {
             stx.batch_execute(&set_work_mem)
                 .await
@@ -161,8 +167,23 @@ pub(crate) async fn run(
             stx.query_typed(&pending_sql, &[])
                 .await
                 .map_err(|e| sq("finding pending changes", e))
+        },
+        async {
+            // Two-way: which of the target's own changes the source already applied.
+            let Some(ex) = ctx.two_way else {
+                return Ok(None);
+            };
+            stx.query_typed(shipped_sql, &[(&ex.local_node_id, Type::TEXT)])
+                .await
+                .map(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
+                .map_err(|e| sq("reading what the source applied from the target", e))
         }
     )?;
+    let unshipped = match ctx.two_way {
+        Some(ex) => Some(pending_condition(ex.local_dialect, shipped.as_deref())?),
+        None => None,
+    };
+    let two_way = ctx.two_way.zip(unshipped.as_deref());
     tracing::debug!(snapshot = %snapshot, "round started");
     let mut work: Vec<(&CapturedTable, u64, bool)> = Vec::new();
     for r in &rows {
@@ -246,7 +267,18 @@ pub(crate) async fn run(
     for (((t, changes, has_truncate), pending), prep) in
         work.into_iter().zip(&pendings).zip(prepared)
     {
-        let one = apply_table(&stx, &ttx, t, changes, has_truncate, pending, prep, labels).await?;
+        let one = apply_table(
+            &stx,
+            &ttx,
+            t,
+            changes,
+            has_truncate,
+            pending,
+            prep,
+            two_way,
+            labels,
+        )
+        .await?;
         applied.push(one);
         if split {
             // This table is at S: record it, commit, and go on in a new transaction.
@@ -462,6 +494,7 @@ async fn apply_table(
     has_truncate: bool,
     pending: &str,
     prep: Prepared,
+    two_way: Option<(&crate::conflict::Exchange, &str)>,
     labels: (&str, &str),
 ) -> Result<TableApplied, SyncError> {
     let (source_label, target_label) = labels;
@@ -540,12 +573,6 @@ async fn apply_table(
         )
     };
     let keys_sql = format!("COPY ({}) TO STDOUT", t.pending_keys(pending, true));
-    let rows_sql = format!(
-            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
-                   (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T')) TO STDOUT",
-            cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
-            new = t.restore("d.key"),
-        );
     let copy_in = format!(
         "COPY {name} ({}) FROM STDIN",
         columns
@@ -558,7 +585,7 @@ async fn apply_table(
     // changes included) is deleted. A small round passes its keys as parameters; a large one
     // streams them into a temporary table (never collected in pgferry's memory).
     let small = small_keys.is_some();
-    let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
+    let (keys, mut delete_sql, key_values) = if let Some(rows) = small_keys {
         let sql = format!(
             "DELETE FROM {name} AS t USING ({}) AS k WHERE {}",
             t.keys_from_params(),
@@ -595,11 +622,56 @@ async fn apply_table(
             .await
             .map_err(|e| sq("choosing the join", e))?;
     }
-    // The source starts on the rows while the target deletes.
     let params: Vec<(&(dyn ToSql + Sync), Type)> = key_values
         .iter()
         .map(|v| (v as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
         .collect();
+    // Two-way: the target's own unshipped changes to these keys are conflicts, decided before
+    // any row moves; keys the target keeps are left out of the delete and the copy.
+    let mut plan = crate::conflict::Plan::default();
+    let mut local_t = None;
+    if let Some((ex, unshipped)) = two_way {
+        let lt =
+            ex.local_tables
+                .get(&name.to_string())
+                .ok_or_else(|| SyncError::NotCapturedOnPeer {
+                    table: human.clone(),
+                    node: ex.local.clone(),
+                })?;
+        local_t = Some(lt);
+        let incoming = if small {
+            format!("({})", t.keys_from_params())
+        } else {
+            format!("pg_temp.{keys_table}")
+        };
+        let found = crate::conflict::probe(
+            ttx,
+            lt,
+            &incoming,
+            if small { &params } else { &[] },
+            unshipped,
+            target_label,
+        )
+        .await?;
+        if !found.is_empty() {
+            plan = crate::conflict::plan(stx, ttx, ex, t, lt, pending, unshipped, found, labels)
+                .await?;
+        }
+    }
+    let excluded = plan.excluded();
+    let keep = if excluded.is_empty() {
+        String::new()
+    } else {
+        format!(" AND NOT {}", crate::conflict::key_in(t, &excluded))
+    };
+    delete_sql.push_str(&keep);
+    let rows_sql = format!(
+            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
+                   (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'){keep}) TO STDOUT",
+            cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
+            new = t.restore("d.key"),
+        );
+    // The source starts on the rows while the target deletes.
     let delete = async {
         if small {
             ttx.execute_typed(&delete_sql, &params).await.map(|_| ())
@@ -621,6 +693,14 @@ async fn apply_table(
             .await
             .map_err(|e| sq("choosing the join", e))?;
     }
+    let mut conflicts = Vec::new();
+    if let (Some((ex, unshipped)), Some(lt)) = (two_way, local_t) {
+        if !plan.is_empty() {
+            crate::conflict::carry_out(stx, ttx, ex, t, lt, &columns, unshipped, &plan, labels)
+                .await?;
+            conflicts = plan.decisions(&human, ex);
+        }
+    }
     tracing::debug!(
         table = %human,
         changes,
@@ -635,5 +715,6 @@ async fn apply_table(
         keys,
         rows,
         truncated,
+        conflicts,
     })
 }

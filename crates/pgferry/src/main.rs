@@ -12,6 +12,7 @@ mod output;
 mod run;
 mod schema;
 mod sync;
+mod two_way;
 mod verify;
 
 use std::time::Duration;
@@ -58,6 +59,9 @@ enum Command {
     /// Show where each target stands: pending changes per table, the age of the oldest,
     /// the last acknowledged snapshot.
     Status(sync::StatusArgs),
+    /// List the conflicts a node of a two-way sync decided: table, keys, both row images, the
+    /// rule and the winner.
+    Conflicts(two_way::ConflictsArgs),
     /// Replicate continuously (the daemon): rounds whenever changes are committed, reconnecting
     /// after outages, one active daemon per sync (others stand by), metrics on --metrics.
     Run(run::RunArgs),
@@ -132,6 +136,7 @@ fn main() -> std::process::ExitCode {
             Command::Sync(a) => sync::sync(a).await,
             Command::Target(c) => sync::target(c).await,
             Command::Status(a) => sync::status(a).await,
+            Command::Conflicts(a) => two_way::conflicts(a).await,
             Command::Run(a) => run::run(a).await,
             Command::Check(a) => run::check(a).await,
             Command::Verify(a) => verify::verify(a).await,

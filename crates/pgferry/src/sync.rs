@@ -10,11 +10,24 @@ use crate::output;
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
     /// The captured source database (libpq URL or key=value string).
-    #[arg(long, value_name = "DSN")]
-    pub source: String,
+    #[arg(long, value_name = "DSN", required_unless_present = "nodes")]
+    pub source: Option<String>,
     /// A target database. Repeatable. Its schema must exist; it is registered on first use.
-    #[arg(long = "target", value_name = "DSN", required = true)]
+    #[arg(long = "target", value_name = "DSN", required_unless_present = "nodes")]
     pub targets: Vec<String>,
+    /// A node of a two-way (multi-node) sync, as NAME=DSN; give two or more. Every node's
+    /// changes are applied to every other (capture installed on each, the same tables), with
+    /// conflicts decided by --conflict. Instead of --source/--target.
+    #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
+    pub nodes: Vec<String>,
+    /// Two-way: how a key changed on two nodes since they last exchanged is decided:
+    /// prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
+    #[arg(long, value_name = "RULE", requires = "nodes")]
+    pub conflict: Option<String>,
+    /// Two-way: a rule for some tables, TABLE=RULE (TABLE: schema.table, * and ? allowed).
+    /// Repeatable; the first match wins, other tables follow --conflict.
+    #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
+    pub conflict_tables: Vec<String>,
     /// Apply every change committed on the source before the command started, then exit.
     /// (Continuous replication is `pgferry run`.)
     #[arg(long)]
@@ -116,7 +129,10 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
             ErrorClass::Definite,
         ));
     }
-    let source = parse_dsn(&a.source)?;
+    if !a.nodes.is_empty() {
+        return crate::two_way::sync(&a).await;
+    }
+    let source = parse_dsn(a.source.as_deref().unwrap_or_default())?;
     let targets: Vec<Dsn> = a
         .targets
         .iter()

@@ -1,0 +1,1007 @@
+//! Conflicts of two-way (multi-node) syncs: a key changed on two nodes since they last
+//! exchanged changes, found and decided inside the round transaction of the node applying
+//! (`local`) the changes of the other (`remote`).
+//!
+//! Invariants, and why they hold:
+//! - **Found under lock.** Before a table's rows move, the local node locks its rows of every
+//!   incoming key (`SELECT … FOR UPDATE`), then reads its own capture rows for those keys that
+//!   the remote has not applied yet: those whose transaction is not visible in the snapshot of
+//!   the local node that the remote last applied, read on the remote at the round's snapshot.
+//!   A local transaction that changed such a row either committed before the lock (its capture
+//!   row is read) or waits for the round to commit and then changes the row the round left; a
+//!   local insert of a new key racing the round makes the round's COPY fail on the key and the
+//!   round start over. So a local change racing a round is never overwritten unseen.
+//! - **A group is decided whole.** A key change links its old and new key; the keys linked, on
+//!   either node, to a key both nodes changed form one conflict and get one winner.
+//! - **Both nodes decide alike.** A rule looks only at the two sides' changes and the node
+//!   names, so when each node finds the same conflict in its own round (rounds of both
+//!   directions may run at once), both keep the same winner.
+//! - **The outcome ships once.** Remote wins: the local node takes the remote's rows for every
+//!   key of the group and drops its own unshipped capture rows for them, so its losing change
+//!   never ships. Local wins: the local node keeps its rows and records the group's keys as
+//!   changed in its own capture, in the round's transaction, so its state reaches every peer —
+//!   also one that received the losing change from elsewhere. Skip: both keep their rows, and
+//!   the local node drops its unshipped capture rows, so neither side changes that key until a
+//!   later change ships.
+//! - **Every decision is recorded** in `pgferry.conflict` in the same transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use pgferry_core::artifact::Dialect;
+use pgferry_core::ident::literal;
+use pgferry_core::{QualifiedName, TablePattern};
+use serde::Serialize;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Transaction;
+
+use crate::error::q;
+use crate::registry::CapturedTable;
+use crate::SyncError;
+
+/// How a conflict is decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// That node's row state wins (between two other nodes, the one listed first).
+    Prefer(String),
+    /// The later change wins, per row; ties go to the node whose name sorts last.
+    Latest,
+    /// The round stops and applies nothing.
+    Abort,
+    /// Neither side changes the key; recorded until a later change settles it.
+    Skip,
+    /// `FUNCTION(local jsonb, remote jsonb, local_node text, remote_node text) RETURNS jsonb`
+    /// returns the winning row image (or a merged one, or NULL for "deleted").
+    Custom(QualifiedName),
+}
+
+impl Rule {
+    pub fn parse(text: &str) -> Result<Rule, String> {
+        let text = text.trim();
+        match text {
+            "latest" => return Ok(Rule::Latest),
+            "abort" => return Ok(Rule::Abort),
+            "skip" => return Ok(Rule::Skip),
+            _ => {}
+        }
+        if let Some(node) = text.strip_prefix("prefer:") {
+            if node.is_empty() {
+                return Err("prefer: needs a node name (prefer:NODE)".into());
+            }
+            return Ok(Rule::Prefer(node.to_owned()));
+        }
+        if let Some(f) = text.strip_prefix("custom:") {
+            let (schema, name) = match f.split_once('.') {
+                Some((s, n)) => (s, n),
+                None => ("public", f),
+            };
+            if name.is_empty() || schema.is_empty() {
+                return Err("custom: needs a function name (custom:SCHEMA.FUNCTION)".into());
+            }
+            return Ok(Rule::Custom(QualifiedName::new(schema, name)));
+        }
+        Err(format!(
+            "unknown conflict rule {text:?}: use prefer:NODE, latest, abort, skip or custom:FUNCTION"
+        ))
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Prefer(n) => write!(f, "prefer:{n}"),
+            Rule::Latest => f.write_str("latest"),
+            Rule::Abort => f.write_str("abort"),
+            Rule::Skip => f.write_str("skip"),
+            Rule::Custom(n) => write!(f, "custom:{}", n.human()),
+        }
+    }
+}
+
+/// A sync's conflict rule and its per-table overrides (the first matching pattern wins).
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub default: Rule,
+    pub tables: Vec<(TablePattern, Rule)>,
+}
+
+impl Rules {
+    pub fn new(default: Rule) -> Rules {
+        Rules {
+            default,
+            tables: Vec::new(),
+        }
+    }
+
+    /// Parses an override `PATTERN=RULE`.
+    pub fn parse_override(text: &str) -> Result<(TablePattern, Rule), String> {
+        let (pattern, rule) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not TABLE=RULE"))?;
+        let pattern = TablePattern::parse(pattern).map_err(|e| e.to_string())?;
+        Ok((pattern, Rule::parse(rule)?))
+    }
+
+    pub fn for_table(&self, name: &QualifiedName) -> &Rule {
+        self.tables
+            .iter()
+            .find(|(p, _)| p.matches(name.schema.as_str(), name.name.as_str()))
+            .map_or(&self.default, |(_, r)| r)
+    }
+
+    /// Every rule in use.
+    pub fn all(&self) -> impl Iterator<Item = &Rule> {
+        std::iter::once(&self.default).chain(self.tables.iter().map(|(_, r)| r))
+    }
+}
+
+/// A conflict decided by a round, as reports show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decision {
+    pub table: String,
+    /// The keys of the group (text form of each key column).
+    pub keys: Vec<Vec<Option<String>>>,
+    pub local: String,
+    pub remote: String,
+    pub rule: String,
+    /// A node name, or `skip`.
+    pub winner: String,
+}
+
+/// What a round of a two-way sync needs to find and decide conflicts.
+#[derive(Debug)]
+pub(crate) struct Exchange {
+    /// The applying node's name, and the source's.
+    pub local: String,
+    pub remote: String,
+    /// The sync's nodes in order (`prefer:` between two other nodes: the first listed wins).
+    pub order: Vec<String>,
+    /// The applying node's identity: the source's `pgferry.applied` row for it says which of
+    /// the applying node's changes the source already has.
+    pub local_node_id: String,
+    pub rules: Rules,
+    pub local_dialect: Dialect,
+    /// The applying node's captured tables, by quoted name.
+    pub local_tables: BTreeMap<String, CapturedTable>,
+    /// SQL expressions of a capture row `d`'s time, on each side.
+    pub local_time: String,
+    pub remote_time: String,
+}
+
+/// The time of capture row `d`: its commit time where `track_commit_timestamp` is on (and the
+/// commit still known), else the time the capture recorded.
+pub(crate) fn time_expr(commit_ts: bool) -> String {
+    let micros = |e: &str| {
+        format!("pg_catalog.floor(pg_catalog.date_part('epoch', {e}) * 1000000)::pg_catalog.int8")
+    };
+    if commit_ts {
+        micros(
+            "COALESCE(pg_catalog.pg_xact_commit_timestamp(((d.xid::text::pg_catalog.int8 % 4294967296)::text)::pg_catalog.xid), d.changed_at)",
+        )
+    } else {
+        micros("d.changed_at")
+    }
+}
+
+/// A key in its recorded text form.
+pub(crate) type Key = Vec<Option<String>>;
+
+/// One capture row of either side.
+#[derive(Clone, Debug)]
+struct Change {
+    key: Key,
+    old_key: Option<Key>,
+    op: String,
+    /// Microseconds since the epoch.
+    at: Option<i64>,
+}
+
+/// How a group was decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Remote,
+    Local,
+    Skip,
+    /// The local node wrote a merged row (custom rule); it ships like a local win.
+    Merged,
+}
+
+/// A conflict group and its decision.
+#[derive(Debug)]
+struct Group {
+    keys: Vec<Key>,
+    local_keys: BTreeSet<Key>,
+    remote_keys: BTreeSet<Key>,
+    local: Vec<Change>,
+    remote: Vec<Change>,
+    local_rows: serde_json::Value,
+    remote_rows: serde_json::Value,
+    outcome: Outcome,
+    winner: String,
+    rule: String,
+}
+
+/// The decisions of one table of a round, and what they ask of the apply.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    groups: Vec<Group>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Keys the bulk apply must leave alone (the local node keeps its rows).
+    pub fn excluded(&self) -> Vec<Key> {
+        self.groups
+            .iter()
+            .filter(|g| g.outcome != Outcome::Remote)
+            .flat_map(|g| g.keys.iter().cloned())
+            .collect()
+    }
+
+    pub fn decisions(&self, table: &str, ex: &Exchange) -> Vec<Decision> {
+        self.groups
+            .iter()
+            .map(|g| Decision {
+                table: table.to_owned(),
+                keys: g.keys.clone(),
+                local: ex.local.clone(),
+                remote: ex.remote.clone(),
+                rule: g.rule.clone(),
+                winner: g.winner.clone(),
+            })
+            .collect()
+    }
+}
+
+/// `(VALUES (ARRAY[…]::text[]), …) AS x(key)`: keys as a relation, for the few keys of
+/// conflicts (inlined: a source's COPY takes no parameters).
+pub(crate) fn keys_relation(keys: &[Key]) -> String {
+    let rows: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            let items: Vec<String> = k
+                .iter()
+                .map(|v| v.as_deref().map_or_else(|| "NULL".into(), literal))
+                .collect();
+            format!("(ARRAY[{}]::pg_catalog.text[])", items.join(", "))
+        })
+        .collect();
+    format!("(VALUES {}) AS x(key)", rows.join(", "))
+}
+
+/// The condition "the row `t`'s key is among `keys`", typed as table `table`'s key.
+pub(crate) fn key_in(table: &CapturedTable, keys: &[Key]) -> String {
+    format!(
+        "{} IN (SELECT {} FROM {})",
+        key_tuple(table, "t"),
+        table.restore("x.key"),
+        keys_relation(keys)
+    )
+}
+
+/// `alias.k` or `(alias.k1, alias.k2)`.
+pub(crate) fn key_tuple(table: &CapturedTable, alias: &str) -> String {
+    let cols: Vec<String> = table
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("{alias}.{c}"))
+        .collect();
+    if cols.len() == 1 {
+        cols[0].clone()
+    } else {
+        format!("({})", cols.join(", "))
+    }
+}
+
+/// The row `t`'s key in its recorded text form.
+fn key_text(table: &CapturedTable) -> String {
+    let items: Vec<String> = table
+        .key
+        .iter()
+        .map(|(c, _, form)| form.capture_expr(&format!("t.{c}")))
+        .collect();
+    format!("ARRAY[{}]::pg_catalog.text[]", items.join(", "))
+}
+
+/// Capture rows matching `cond` whose key or old key is among `keys`.
+fn changes_sql(table_id: i32, cond: &str, time: &str, keys: &[Key]) -> String {
+    let rel = keys_relation(keys);
+    format!(
+        "SELECT d.key, d.old_key, d.op::text, {time} FROM pgferry.delta d
+          WHERE {cond} AND d.table_id = {table_id} AND d.op <> 'T'
+            AND (d.key IN (SELECT x.key FROM {rel}) OR d.old_key IN (SELECT x.key FROM {rel}))"
+    )
+}
+
+fn to_changes(rows: &[tokio_postgres::Row]) -> Vec<Change> {
+    rows.iter()
+        .map(|r| Change {
+            key: r.get(0),
+            old_key: r.get(1),
+            op: r.get(2),
+            at: r.get(3),
+        })
+        .collect()
+}
+
+/// The labels of the source (remote) and target (local) sessions, for errors.
+pub(crate) type Labels<'a> = (&'a str, &'a str);
+
+/// Locks the local rows of the incoming keys (`incoming`: a relation of typed keys, with its
+/// parameters) and reads the local node's unshipped changes to them (`unshipped`: the condition
+/// on local capture rows `d`). Empty: no conflict in this table.
+pub(crate) async fn probe(
+    ttx: &Transaction<'_>,
+    local_t: &CapturedTable,
+    incoming: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+    unshipped: &str,
+    target_label: &str,
+) -> Result<Vec<Key>, SyncError> {
+    let name = &local_t.name;
+    let cols: Vec<String> = local_t
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("k.{c}"))
+        .collect();
+    let tuple = key_tuple(local_t, "t");
+    let lock = format!(
+        "SELECT 1 FROM {name} AS t WHERE {tuple} IN (SELECT {} FROM {incoming} AS k) ORDER BY {tuple} FOR UPDATE OF t",
+        cols.join(", ")
+    );
+    let restore_tuple = |column: &str| {
+        let items: Vec<String> = local_t
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty, form))| form.restore_expr(&format!("{column}[{}]", i + 1), ty))
+            .collect();
+        format!("({})", items.join(", "))
+    };
+    let probe = format!(
+        "SELECT DISTINCT y.key FROM (
+             SELECT d.key, d.old_key FROM pgferry.delta d
+              WHERE {unshipped} AND d.table_id = {id} AND d.op <> 'T'
+                AND ({new} IN (SELECT {c} FROM {incoming} AS k)
+                     OR (d.old_key IS NOT NULL AND {old} IN (SELECT {c} FROM {incoming} AS k)))) AS x
+           CROSS JOIN LATERAL (VALUES (x.key), (x.old_key)) AS y(key)
+          WHERE y.key IS NOT NULL",
+        id = local_t.table_id,
+        new = restore_tuple("d.key"),
+        old = restore_tuple("d.old_key"),
+        c = cols.join(", "),
+    );
+    let human = name.human();
+    // Pipelined, run in order: the probe's statement sees every local commit made before the
+    // locks were granted.
+    let (_, rows) = tokio::try_join!(
+        async {
+            ttx.query_typed(&lock, params)
+                .await
+                .map_err(q(target_label, format!("locking the rows of {human}")))
+        },
+        async {
+            ttx.query_typed(&probe, params).await.map_err(q(
+                target_label,
+                format!("looking for local changes to {human}"),
+            ))
+        }
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Decides the conflicts of one table, given the local node's keys [`probe`] found. `pending`
+/// selects the remote's capture rows of this round (on `stx`), `unshipped` the local node's
+/// (on `ttx`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn plan(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    remote_t: &CapturedTable,
+    local_t: &CapturedTable,
+    pending: &str,
+    unshipped: &str,
+    found: Vec<Key>,
+    labels: Labels<'_>,
+) -> Result<Plan, SyncError> {
+    let (source_label, target_label) = labels;
+    let human = local_t.name.human();
+    // The keys linked to the ones found, on either side, until no new key appears (a key
+    // changed twice links three keys).
+    let mut keys: BTreeSet<Key> = found.into_iter().collect();
+    let (mut local, mut remote);
+    let mut rounds = 0;
+    loop {
+        let list: Vec<Key> = keys.iter().cloned().collect();
+        let (l, r) = tokio::try_join!(
+            async {
+                ttx.query(
+                    &changes_sql(local_t.table_id, unshipped, &ex.local_time, &list),
+                    &[],
+                )
+                .await
+                .map_err(q(target_label, format!("reading local changes to {human}")))
+            },
+            async {
+                stx.query(
+                    &changes_sql(remote_t.table_id, pending, &ex.remote_time, &list),
+                    &[],
+                )
+                .await
+                .map_err(q(source_label, format!("reading the changes to {human}")))
+            }
+        )?;
+        local = to_changes(&l);
+        remote = to_changes(&r);
+        let before = keys.len();
+        for c in local.iter().chain(&remote) {
+            keys.insert(c.key.clone());
+            if let Some(o) = &c.old_key {
+                keys.insert(o.clone());
+            }
+        }
+        rounds += 1;
+        if keys.len() == before || rounds >= 8 {
+            break;
+        }
+    }
+    let groups = group(&local, &remote);
+    if groups.is_empty() {
+        return Ok(Plan::default());
+    }
+    let all: Vec<Key> = groups.iter().flat_map(|(k, _, _)| k.clone()).collect();
+    let (local_rows, remote_rows) =
+        tokio::try_join!(images(ttx, local_t, &all, target_label), async {
+            images(stx, remote_t, &all, source_label).await
+        })?;
+    let rule = ex.rules.for_table(&local_t.name).clone();
+    let mut plan = Plan::default();
+    for (gkeys, li, ri) in groups {
+        let l: Vec<Change> = li.iter().map(|&i| local[i].clone()).collect();
+        let r: Vec<Change> = ri.iter().map(|&i| remote[i].clone()).collect();
+        let side_keys = |cs: &[Change]| -> BTreeSet<Key> {
+            cs.iter()
+                .flat_map(|c| std::iter::once(c.key.clone()).chain(c.old_key.clone()))
+                .collect()
+        };
+        let pick = |rows: &BTreeMap<Key, serde_json::Value>| -> serde_json::Value {
+            serde_json::Value::Array(gkeys.iter().filter_map(|k| rows.get(k).cloned()).collect())
+        };
+        let mut g = Group {
+            local_keys: side_keys(&l),
+            remote_keys: side_keys(&r),
+            keys: gkeys.clone(),
+            local: l,
+            remote: r,
+            local_rows: pick(&local_rows),
+            remote_rows: pick(&remote_rows),
+            outcome: Outcome::Skip,
+            winner: String::new(),
+            rule: rule.to_string(),
+        };
+        g.outcome = decide(ttx, ex, &rule, &g, local_t, target_label).await?;
+        g.winner = match g.outcome {
+            Outcome::Remote => ex.remote.clone(),
+            Outcome::Local => ex.local.clone(),
+            Outcome::Merged => "merged".into(),
+            Outcome::Skip => "skip".into(),
+        };
+        tracing::info!(
+            table = %human,
+            keys = ?g.keys,
+            local = %ex.local,
+            remote = %ex.remote,
+            rule = %g.rule,
+            winner = %g.winner,
+            "conflict decided"
+        );
+        plan.groups.push(g);
+    }
+    Ok(plan)
+}
+
+/// Groups the changes of both sides by linked keys; keeps the groups both sides changed.
+/// Returns each group's keys and the indexes of its local and remote changes.
+#[allow(clippy::type_complexity)]
+fn group(local: &[Change], remote: &[Change]) -> Vec<(Vec<Key>, Vec<usize>, Vec<usize>)> {
+    // Union-find over keys.
+    let mut ids: BTreeMap<Key, usize> = BTreeMap::new();
+    let mut parent: Vec<usize> = Vec::new();
+    fn find(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut id = |k: &Key, parent: &mut Vec<usize>| -> usize {
+        *ids.entry(k.clone()).or_insert_with(|| {
+            parent.push(parent.len());
+            parent.len() - 1
+        })
+    };
+    let mut link = |c: &Change, parent: &mut Vec<usize>| -> usize {
+        let a = id(&c.key, parent);
+        if let Some(o) = &c.old_key {
+            let b = id(o, parent);
+            let (ra, rb) = (find(parent, a), find(parent, b));
+            parent[ra] = rb;
+        }
+        a
+    };
+    let l: Vec<usize> = local.iter().map(|c| link(c, &mut parent)).collect();
+    let r: Vec<usize> = remote.iter().map(|c| link(c, &mut parent)).collect();
+    let mut groups: BTreeMap<usize, (Vec<Key>, Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    for (k, &i) in &ids {
+        let root = find(&mut parent, i);
+        groups.entry(root).or_default().0.push(k.clone());
+    }
+    for (n, &i) in l.iter().enumerate() {
+        let root = find(&mut parent, i);
+        groups.entry(root).or_default().1.push(n);
+    }
+    for (n, &i) in r.iter().enumerate() {
+        let root = find(&mut parent, i);
+        groups.entry(root).or_default().2.push(n);
+    }
+    groups
+        .into_values()
+        .filter(|(_, l, r)| !l.is_empty() && !r.is_empty())
+        .collect()
+}
+
+/// Row images (`to_jsonb`) of `keys` present in `table`, by key.
+async fn images(
+    tx: &Transaction<'_>,
+    table: &CapturedTable,
+    keys: &[Key],
+    label: &str,
+) -> Result<BTreeMap<Key, serde_json::Value>, SyncError> {
+    let sql = format!(
+        "SELECT {}, pg_catalog.to_jsonb(t)::text FROM {} AS t WHERE {}",
+        key_text(table),
+        table.name,
+        key_in(table, keys)
+    );
+    let rows = tx.query(&sql, &[]).await.map_err(q(
+        label,
+        format!("reading conflicting rows of {}", table.name.human()),
+    ))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let image: String = r.get(1);
+            (
+                r.get(0),
+                serde_json::from_str(&image).unwrap_or(serde_json::Value::Null),
+            )
+        })
+        .collect())
+}
+
+/// The latest time among `changes` (None: none recorded).
+fn latest(changes: &[Change]) -> Option<i64> {
+    changes.iter().filter_map(|c| c.at).max()
+}
+
+/// Applies `rule` to a group.
+async fn decide(
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    rule: &Rule,
+    g: &Group,
+    local_t: &CapturedTable,
+    target_label: &str,
+) -> Result<Outcome, SyncError> {
+    let remote_first = |a: &str, b: &str| {
+        let pos = |n: &str| ex.order.iter().position(|o| o == n).unwrap_or(usize::MAX);
+        pos(a) < pos(b)
+    };
+    Ok(match rule {
+        Rule::Prefer(n) if *n == ex.remote => Outcome::Remote,
+        Rule::Prefer(n) if *n == ex.local => Outcome::Local,
+        Rule::Prefer(_) => {
+            if remote_first(&ex.remote, &ex.local) {
+                Outcome::Remote
+            } else {
+                Outcome::Local
+            }
+        }
+        Rule::Latest => {
+            let r = (latest(&g.remote), ex.remote.as_str());
+            let l = (latest(&g.local), ex.local.as_str());
+            if r > l {
+                Outcome::Remote
+            } else {
+                Outcome::Local
+            }
+        }
+        Rule::Skip => Outcome::Skip,
+        Rule::Abort => {
+            return Err(SyncError::ConflictAborted {
+                table: local_t.name.human(),
+                keys: show_keys(&g.keys),
+                local: ex.local.clone(),
+                remote: ex.remote.clone(),
+            })
+        }
+        Rule::Custom(function) => {
+            let one = |v: &serde_json::Value| match v {
+                serde_json::Value::Array(a) if g.keys.len() == 1 => {
+                    a.first().cloned().unwrap_or(serde_json::Value::Null)
+                }
+                other => other.clone(),
+            };
+            let (l, r) = (one(&g.local_rows), one(&g.remote_rows));
+            let sql =
+                format!("SELECT ({function}($1::text::jsonb, $2::text::jsonb, $3, $4))::text");
+            let (lt, rt) = (l.to_string(), r.to_string());
+            let row = ttx
+                .query_one(&sql, &[&lt, &rt, &ex.local, &ex.remote])
+                .await
+                .map_err(q(
+                    target_label,
+                    format!("calling conflict function {}", function.human()),
+                ))?;
+            let out: Option<String> = row.get(0);
+            let out: serde_json::Value = out
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| SyncError::CustomConflict {
+                    function: function.human(),
+                    table: local_t.name.human(),
+                    reason: format!("it returned something that is not JSON: {e}"),
+                })?
+                .unwrap_or(serde_json::Value::Null);
+            if out == r {
+                Outcome::Remote
+            } else if out == l {
+                Outcome::Local
+            } else if g.keys.len() == 1 && out.is_object() {
+                merge(ttx, local_t, &g.keys, &out, target_label).await?;
+                Outcome::Merged
+            } else {
+                return Err(SyncError::CustomConflict {
+                    function: function.human(),
+                    table: local_t.name.human(),
+                    reason: "it returned neither row image, nor a merged row of a single key"
+                        .into(),
+                });
+            }
+        }
+    })
+}
+
+/// Writes a merged row image over the local row of `keys` (one key).
+async fn merge(
+    ttx: &Transaction<'_>,
+    local_t: &CapturedTable,
+    keys: &[Key],
+    image: &serde_json::Value,
+    label: &str,
+) -> Result<(), SyncError> {
+    let name = &local_t.name;
+    let image = image.to_string();
+    ttx.execute(
+        &format!("DELETE FROM {name} AS t WHERE {}", key_in(local_t, keys)),
+        &[],
+    )
+    .await
+    .map_err(q(label, format!("replacing the row of {}", name.human())))?;
+    ttx.execute(
+        &format!(
+            "INSERT INTO {name} SELECT * FROM pg_catalog.jsonb_populate_record(NULL::{name}, $1::text::jsonb)"
+        ),
+        &[&image],
+    )
+    .await
+    .map_err(q(label, format!("writing the merged row of {}", name.human())))?;
+    Ok(())
+}
+
+/// Keys for people to read: `(1)`, `(a, 2)`.
+pub fn show_keys(keys: &[Key]) -> String {
+    keys.iter()
+        .map(|k| {
+            let items: Vec<&str> = k.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+            format!("({})", items.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// After the bulk apply: carries out every decision of `plan` on the local node, in `ttx`, and
+/// records it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn carry_out(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    remote_t: &CapturedTable,
+    local_t: &CapturedTable,
+    columns: &[pgferry_core::Ident],
+    unshipped: &str,
+    plan: &Plan,
+    labels: Labels<'_>,
+) -> Result<(), SyncError> {
+    let (_, target_label) = labels;
+    let name = &local_t.name;
+    let human = name.human();
+    let cols = columns
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for g in &plan.groups {
+        let group_keys: Vec<Key> = g.keys.clone();
+        match g.outcome {
+            Outcome::Remote => {
+                // Keys only the local node changed take the remote's rows too.
+                let extra: Vec<Key> = g
+                    .local_keys
+                    .iter()
+                    .filter(|k| !g.remote_keys.contains(*k))
+                    .cloned()
+                    .collect();
+                if !extra.is_empty() {
+                    ttx.execute(
+                        &format!("DELETE FROM {name} AS t WHERE {}", key_in(local_t, &extra)),
+                        &[],
+                    )
+                    .await
+                    .map_err(q(
+                        target_label,
+                        format!("taking the remote rows of {human}"),
+                    ))?;
+                    crate::copy::pass_through(
+                        stx,
+                        &format!(
+                            "COPY (SELECT {} FROM {} AS t WHERE {}) TO STDOUT",
+                            columns
+                                .iter()
+                                .map(|c| format!("t.{c}"))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            remote_t.name,
+                            key_in(remote_t, &extra)
+                        ),
+                        ttx,
+                        &format!("COPY {name} ({cols}) FROM STDIN"),
+                    )
+                    .await
+                    .map_err(q(
+                        target_label,
+                        format!("copying the remote rows of {human}"),
+                    ))?;
+                }
+                drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+            }
+            Outcome::Local | Outcome::Merged => {
+                // The group's keys are recorded as changed here, so the local state ships.
+                let sql = format!(
+                    "INSERT INTO pgferry.delta (xid, table_id, op, key)
+                     SELECT {}, {}, 'U', x.key FROM {}",
+                    ex.local_dialect.current_xid(),
+                    local_t.table_id,
+                    keys_relation(&group_keys)
+                );
+                ttx.execute(&sql, &[]).await.map_err(q(
+                    target_label,
+                    format!("recording the kept rows of {human}"),
+                ))?;
+            }
+            Outcome::Skip => {
+                drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+            }
+        }
+        record(ttx, ex, &human, g, target_label).await?;
+    }
+    Ok(())
+}
+
+/// Drops the local node's unshipped capture rows of `keys`: its change lost (or was skipped)
+/// and must not ship.
+async fn drop_unshipped(
+    ttx: &Transaction<'_>,
+    local_t: &CapturedTable,
+    unshipped: &str,
+    keys: &[Key],
+    label: &str,
+) -> Result<(), SyncError> {
+    let rel = keys_relation(keys);
+    ttx.execute(
+        &format!(
+            "DELETE FROM pgferry.delta d WHERE {unshipped} AND d.table_id = {} AND d.op <> 'T'
+               AND (d.key IN (SELECT x.key FROM {rel}) OR d.old_key IN (SELECT x.key FROM {rel}))",
+            local_t.table_id
+        ),
+        &[],
+    )
+    .await
+    .map_err(q(
+        label,
+        format!(
+            "dropping the lost local changes of {}",
+            local_t.name.human()
+        ),
+    ))?;
+    Ok(())
+}
+
+fn ops(changes: &[Change]) -> String {
+    let mut ops: Vec<&str> = changes.iter().map(|c| c.op.as_str()).collect();
+    ops.dedup();
+    ops.join(",")
+}
+
+async fn record(
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    table: &str,
+    g: &Group,
+    label: &str,
+) -> Result<(), SyncError> {
+    let keys = serde_json::to_string(&g.keys).unwrap_or_else(|_| "[]".into());
+    let (lr, rr) = (g.local_rows.to_string(), g.remote_rows.to_string());
+    let (lo, ro) = (ops(&g.local), ops(&g.remote));
+    let (lt, rt) = (latest(&g.local), latest(&g.remote));
+    ttx.execute(
+        "INSERT INTO pgferry.conflict (table_name, keys, local_node, remote_node, local_ops, remote_ops,
+                                       local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner)
+         VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb,
+                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12)",
+        &[&table, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner],
+    )
+    .await
+    .map_err(q(label, "recording a conflict"))?;
+    Ok(())
+}
+
+/// A conflict as recorded in `pgferry.conflict`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub conflict_id: i64,
+    /// RFC 3339, UTC, microseconds.
+    pub decided_at: String,
+    pub table: String,
+    pub keys: serde_json::Value,
+    pub local_node: String,
+    pub remote_node: String,
+    pub local_ops: String,
+    pub remote_ops: String,
+    pub local_rows: serde_json::Value,
+    pub remote_rows: serde_json::Value,
+    pub local_changed_at: Option<String>,
+    pub remote_changed_at: Option<String>,
+    pub rule: String,
+    /// A node name, `merged` or `skip`.
+    pub winner: String,
+}
+
+/// Which conflicts [`list`] returns.
+#[derive(Clone, Debug)]
+pub enum Since {
+    All,
+    /// Decided at or after this time (any form `timestamptz` accepts).
+    Time(String),
+    /// Decided within this long before now.
+    Ago(std::time::Duration),
+}
+
+/// The conflicts recorded on the node `dsn`, oldest first. A database that never took part
+/// in a two-way sync has none.
+pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>, SyncError> {
+    let s = pgferry_core::Session::connect(dsn, "conflicts").await?;
+    let exists: bool = s
+        .client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(s.on_err("looking for pgferry.conflict"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let (time, ago) = match since {
+        Since::All => (None, None),
+        Since::Time(t) => (Some(t.clone()), None),
+        Since::Ago(d) => (None, Some(d.as_secs_f64())),
+    };
+    let ts = |c: &str| {
+        format!("pg_catalog.to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+    };
+    let rows = s
+        .client
+        .query(
+            &format!(
+                "SELECT conflict_id, {}, table_name, keys::text, local_node, remote_node, local_ops, remote_ops,
+                        local_rows::text, remote_rows::text, {}, {}, rule, winner
+                   FROM pgferry.conflict
+                  WHERE decided_at >= COALESCE($1::text::timestamptz, '-infinity')
+                    AND decided_at >= COALESCE(pg_catalog.now() - pg_catalog.make_interval(secs => $2::float8), '-infinity')
+                  ORDER BY conflict_id",
+                ts("decided_at"),
+                ts("local_changed_at"),
+                ts("remote_changed_at")
+            ),
+            &[&time, &ago],
+        )
+        .await
+        .map_err(s.on_err("reading pgferry.conflict"))?;
+    let json = |t: String| serde_json::from_str(&t).unwrap_or(serde_json::Value::Null);
+    Ok(rows
+        .iter()
+        .map(|r| Record {
+            conflict_id: r.get(0),
+            decided_at: r.get(1),
+            table: r.get(2),
+            keys: json(r.get(3)),
+            local_node: r.get(4),
+            remote_node: r.get(5),
+            local_ops: r.get(6),
+            remote_ops: r.get(7),
+            local_rows: json(r.get(8)),
+            remote_rows: json(r.get(9)),
+            local_changed_at: r.get(10),
+            remote_changed_at: r.get(11),
+            rule: r.get(12),
+            winner: r.get(13),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(v: &str) -> Key {
+        vec![Some(v.to_owned())]
+    }
+
+    fn change(key: &str, old: Option<&str>) -> Change {
+        Change {
+            key: k(key),
+            old_key: old.map(k),
+            op: "U".into(),
+            at: None,
+        }
+    }
+
+    #[test]
+    fn rules_parse() {
+        assert_eq!(Rule::parse("latest").unwrap(), Rule::Latest);
+        assert_eq!(Rule::parse("prefer:a").unwrap(), Rule::Prefer("a".into()));
+        assert!(Rule::parse("prefer:").is_err());
+        assert!(Rule::parse("newest").is_err());
+        assert_eq!(
+            Rule::parse("custom:s.f").unwrap().to_string(),
+            "custom:s.f".to_owned()
+        );
+    }
+
+    #[test]
+    fn groups_follow_key_changes() {
+        // Remote changed 1 -> 2; local updated 1 and, separately, 3 (not incoming).
+        let remote = vec![change("2", Some("1"))];
+        let local = vec![change("1", None), change("3", None)];
+        let g = group(&local, &remote);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].0, vec![k("1"), k("2")]);
+        assert_eq!(g[0].1, vec![0]);
+        assert_eq!(g[0].2, vec![0]);
+    }
+
+    #[test]
+    fn keys_relation_quotes() {
+        let rel = keys_relation(&[vec![Some("a'b".into()), None]]);
+        assert!(rel.contains("'a''b'"), "{rel}");
+        assert!(rel.contains("NULL"), "{rel}");
+    }
+}

@@ -1,0 +1,183 @@
+//! Two-way syncs on the command line: `pgferry sync --node … --conflict … --once` and
+//! `pgferry conflicts`.
+
+use pgferry_core::ErrorClass;
+use pgferry_sync::conflict::{Rule, Rules, Since};
+use pgferry_sync::two_way::Node;
+use pgferry_sync::SyncError;
+
+use crate::capture::parse_dsn;
+use crate::exit::{Code, Failure};
+use crate::output;
+use crate::sync::SyncArgs;
+
+fn fail(e: SyncError) -> Failure {
+    let class = e.class();
+    Failure::new(e, class)
+}
+
+/// `--node NAME=DSN` values.
+pub fn nodes(list: &[String]) -> Result<Vec<Node>, Failure> {
+    list.iter()
+        .map(|n| {
+            let (name, dsn) = n.split_once('=').ok_or_else(|| {
+                Failure::usage("--node wants NAME=DSN (a name for the node, then its connection string)")
+            })?;
+            let name = name.trim();
+            // `host=… dbname=…` given without a name splits at its first `=`.
+            const KEYWORDS: [&str; 8] = [
+                "host", "hostaddr", "port", "dbname", "user", "password", "sslmode", "postgres",
+            ];
+            if KEYWORDS.contains(&name) || name.contains("://") || name.contains(char::is_whitespace)
+            {
+                return Err(Failure::usage(format!(
+                    "--node wants NAME=DSN: {name:?} is not a node name (give one first, e.g. --node old=host=…)"
+                )));
+            }
+            Ok(Node {
+                name: name.to_owned(),
+                dsn: parse_dsn(dsn)?,
+            })
+        })
+        .collect()
+}
+
+/// `--conflict` and `--conflict-table` values.
+pub fn rules(conflict: Option<&str>, tables: &[String]) -> Result<Rules, Failure> {
+    let default = conflict.ok_or_else(|| {
+        Failure::usage(
+            "a two-way sync needs --conflict RULE (prefer:NODE, latest, abort, skip or custom:FUNCTION)",
+        )
+    })?;
+    let mut rules = Rules::new(Rule::parse(default).map_err(Failure::usage)?);
+    for t in tables {
+        rules
+            .tables
+            .push(Rules::parse_override(t).map_err(Failure::usage)?);
+    }
+    Ok(rules)
+}
+
+pub async fn sync(a: &SyncArgs) -> Result<Code, Failure> {
+    let nodes = nodes(&a.nodes)?;
+    let rules = rules(a.conflict.as_deref(), &a.conflict_tables)?;
+    let report = pgferry_sync::two_way::exchange_once(&nodes, &rules)
+        .await
+        .map_err(fail)?;
+    if a.json {
+        output::json(&report);
+        return Ok(Code::Ok);
+    }
+    for d in &report.directions {
+        println!(
+            "{} -> {}: {} rows in {:.2} s, at snapshot {} of {}",
+            d.from, d.to, d.rows, d.seconds, d.snapshot, d.from
+        );
+        for t in &d.tables {
+            println!(
+                "  {}  {} changes, {} rows copied{}",
+                t.table,
+                t.changes,
+                t.rows,
+                if t.conflicts.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} conflict(s)", t.conflicts.len())
+                }
+            );
+        }
+        for c in &d.conflicts {
+            println!(
+                "  conflict {} key {}: rule {}, winner {}",
+                c.table,
+                pgferry_sync::conflict::show_keys(&c.keys),
+                c.rule,
+                c.winner
+            );
+        }
+    }
+    println!(
+        "{} nodes, {} rows, {} conflicts in {:.2} s; {} applied capture rows purged",
+        report.nodes.len(),
+        report.rows,
+        report.conflicts,
+        report.seconds,
+        report.purged
+    );
+    Ok(Code::Ok)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConflictsArgs {
+    /// The node whose decisions to list (each node records the conflicts it decided while
+    /// applying its peers' changes).
+    #[arg(long, value_name = "DSN")]
+    pub db: String,
+    /// Only conflicts decided since then: a time (`2026-11-27 10:00+00`) or a duration back
+    /// from now (`10m`, `2h`, `90s`).
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Print JSON on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn conflicts(a: ConflictsArgs) -> Result<Code, Failure> {
+    let dsn = parse_dsn(&a.db)?;
+    let since = match a.since.as_deref() {
+        None => Since::All,
+        Some(t) => match ago(t) {
+            Some(d) => Since::Ago(d),
+            None => Since::Time(t.to_owned()),
+        },
+    };
+    let list = pgferry_sync::conflict::list(&dsn, &since)
+        .await
+        .map_err(|e| match &e {
+            SyncError::Core(pgferry_core::Error::Query { .. }) if a.since.is_some() => Failure::new(
+                anyhow::Error::new(e).context(
+                    "--since takes a time PostgreSQL reads as timestamptz, or a duration like 10m",
+                ),
+                ErrorClass::Definite,
+            ),
+            _ => fail(e),
+        })?;
+    if a.json {
+        output::json(&list);
+        return Ok(Code::Ok);
+    }
+    if list.is_empty() {
+        println!("no conflicts recorded on {}", dsn.redacted());
+    }
+    for c in &list {
+        println!(
+            "#{} {} {} keys {}: {} ({}) vs {} ({}), rule {}, winner {}",
+            c.conflict_id,
+            c.decided_at,
+            c.table,
+            c.keys,
+            c.local_node,
+            c.local_ops,
+            c.remote_node,
+            c.remote_ops,
+            c.rule,
+            c.winner
+        );
+    }
+    Ok(Code::Ok)
+}
+
+/// `10m`, `2h`, `90s`, `1d` as a duration; None for anything else (a time).
+fn ago(text: &str) -> Option<std::time::Duration> {
+    let t = text.trim();
+    let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
+}

@@ -1,0 +1,361 @@
+//! End-to-end tests of two-way (multi-node) syncs, `pgferry sync --node … --conflict … --once`,
+//! and of `pgferry conflicts`, against real clusters.
+
+mod common;
+
+use common::{contents, pgferry, Run};
+use pgferry_testkit::{Cluster, TestDb};
+
+const SCHEMA: &str = "
+    CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);
+    CREATE TABLE \"Other Table\" (a text, b int, note text, PRIMARY KEY (a, b));
+    INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
+    INSERT INTO \"Other Table\" SELECT 'k' || g, g, 'n' FROM generate_series(1, 20) g;";
+
+/// Databases with the same schema and rows, capture installed on each.
+fn nodes<'c>(cluster: &'c Cluster, prefix: &str, n: usize) -> Vec<TestDb<'c>> {
+    (0..n)
+        .map(|i| {
+            let db = cluster.create_database(&format!("{prefix}_{i}"));
+            db.psql(SCHEMA);
+            pgferry(&["install", "--source", &db.dsn()]).expect(0);
+            db
+        })
+        .collect()
+}
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// `pgferry sync --node a=… --node b=… … --conflict RULE --once --json`.
+fn exchange(dbs: &[TestDb<'_>], rule: &str, extra: &[&str]) -> Run {
+    let specs: Vec<String> = dbs
+        .iter()
+        .zip(NAMES)
+        .map(|(db, name)| format!("{name}={}", db.dsn()))
+        .collect();
+    let mut args = vec!["sync", "--once", "--json", "--conflict", rule];
+    for s in &specs {
+        args.push("--node");
+        args.push(s);
+    }
+    args.extend_from_slice(extra);
+    pgferry(&args)
+}
+
+fn exchange_ok(dbs: &[TestDb<'_>], rule: &str) -> serde_json::Value {
+    exchange(dbs, rule, &[]).expect(0).json()
+}
+
+fn conflicts(db: &TestDb<'_>) -> Vec<serde_json::Value> {
+    pgferry(&["conflicts", "--db", &db.dsn(), "--json"])
+        .expect(0)
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn row(db: &TestDb<'_>, id: i32) -> String {
+    db.psql(&format!(
+        "SELECT coalesce((SELECT v FROM t WHERE id = {id}), '<none>')"
+    ))
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn writes_on_both_nodes_meet_and_a_second_exchange_moves_nothing() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_plain", 2);
+    dbs[0].psql(
+        "UPDATE t SET v = 'a' WHERE id <= 10;
+         DELETE FROM t WHERE id = 11;
+         INSERT INTO t VALUES (101, 'from a');
+         UPDATE t SET id = 1000 WHERE id = 12;
+         INSERT INTO \"Other Table\" VALUES ('x y', 1, 'a');",
+    );
+    dbs[1].psql(
+        "UPDATE t SET v = 'b' WHERE id BETWEEN 50 AND 60;
+         DELETE FROM t WHERE id = 99;
+         INSERT INTO t VALUES (201, 'from b');
+         UPDATE \"Other Table\" SET note = 'b' WHERE b <= 5;",
+    );
+    let report = exchange_ok(&dbs, "latest");
+    assert_eq!(report["conflicts"], 0, "{report}");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(row(&dbs[1], 1000), "v12");
+    assert_eq!(row(&dbs[0], 201), "from b");
+    // Applied rows are not captured again: nothing travels back.
+    let again = exchange_ok(&dbs, "latest");
+    assert_eq!(again["rows"], 0, "{again}");
+    for d in again["directions"].as_array().unwrap() {
+        assert_eq!(d["tables"].as_array().unwrap().len(), 0, "{again}");
+    }
+}
+
+/// The same conflicting changes on two nodes: an update on both, an insert of the same key on
+/// both, an update against a delete each way, and a key change against an update each way.
+fn conflicting_changes(dbs: &[TestDb<'_>]) {
+    dbs[0].psql(
+        "UPDATE t SET v = 'a1' WHERE id = 1;
+         INSERT INTO t VALUES (500, 'a500');
+         UPDATE t SET v = 'a5' WHERE id = 5;
+         DELETE FROM t WHERE id = 6;
+         UPDATE t SET id = 700 WHERE id = 7;
+         UPDATE t SET v = 'a8' WHERE id = 8;
+         UPDATE t SET v = 'a-only' WHERE id = 20;",
+    );
+    dbs[1].psql(
+        "UPDATE t SET v = 'b1' WHERE id = 1;
+         INSERT INTO t VALUES (500, 'b500');
+         DELETE FROM t WHERE id = 5;
+         UPDATE t SET v = 'b6' WHERE id = 6;
+         UPDATE t SET v = 'b7' WHERE id = 7;
+         UPDATE t SET id = 800 WHERE id = 8;
+         UPDATE t SET v = 'b-only' WHERE id = 30;",
+    );
+}
+
+#[test]
+fn prefer_a_node_settles_every_kind_of_conflict_its_way() {
+    let cluster = Cluster::shared();
+    for (winner, expect) in [
+        (
+            "a",
+            [
+                (1, "a1"),
+                (500, "a500"),
+                (5, "a5"),
+                (6, "<none>"),
+                (7, "<none>"),
+                (700, "v7"),
+                (8, "a8"),
+                (800, "<none>"),
+            ],
+        ),
+        (
+            "b",
+            [
+                (1, "b1"),
+                (500, "b500"),
+                (5, "<none>"),
+                (6, "b6"),
+                (7, "b7"),
+                (700, "<none>"),
+                (8, "<none>"),
+                (800, "v8"),
+            ],
+        ),
+    ] {
+        let dbs = nodes(cluster, &format!("tw_prefer_{winner}"), 2);
+        exchange_ok(&dbs, "abort"); // prepares both nodes
+        conflicting_changes(&dbs);
+        let report = exchange_ok(&dbs, &format!("prefer:{winner}"));
+        assert_eq!(
+            contents(&dbs[0]),
+            contents(&dbs[1]),
+            "prefer:{winner}: {report}"
+        );
+        for (id, v) in expect {
+            assert_eq!(row(&dbs[0], id), v, "prefer:{winner}, id {id}: {report}");
+        }
+        assert_eq!(row(&dbs[0], 20), "a-only");
+        assert_eq!(row(&dbs[0], 30), "b-only");
+        // Six groups, each decided once (on b, which applies a's changes first) and recorded.
+        assert_eq!(report["conflicts"], 6, "{report}");
+        let recorded = conflicts(&dbs[1]);
+        assert_eq!(recorded.len(), 6, "{recorded:?}");
+        assert!(recorded
+            .iter()
+            .all(|c| c["winner"] == winner && c["rule"] == format!("prefer:{winner}")));
+        let key_change = recorded
+            .iter()
+            .find(|c| c["keys"].to_string().contains("700"))
+            .expect("the key change 7 -> 700 is recorded");
+        assert_eq!(
+            key_change["keys"].as_array().unwrap().len(),
+            2,
+            "{key_change}"
+        );
+        // And it is over: nothing moves next time.
+        let again = exchange_ok(&dbs, &format!("prefer:{winner}"));
+        assert_eq!(again["rows"], 0, "{again}");
+        assert_eq!(again["conflicts"], 0, "{again}");
+    }
+}
+
+#[test]
+fn latest_is_decided_row_by_row() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_latest", 2);
+    exchange_ok(&dbs, "latest");
+    // Interleaved in time: a, then b, then a again.
+    dbs[0].psql("UPDATE t SET v = 'a-early' WHERE id IN (1, 3)");
+    dbs[1].psql("UPDATE t SET v = 'b-middle' WHERE id IN (1, 2, 3, 4)");
+    dbs[0].psql("UPDATE t SET v = 'a-late' WHERE id IN (2, 4)");
+    let report = exchange_ok(&dbs, "latest");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]), "{report}");
+    for (id, v) in [
+        (1, "b-middle"),
+        (2, "a-late"),
+        (3, "b-middle"),
+        (4, "a-late"),
+    ] {
+        assert_eq!(row(&dbs[1], id), v, "id {id}: {report}");
+    }
+    assert_eq!(report["conflicts"], 4, "{report}");
+}
+
+#[test]
+fn abort_leaves_both_nodes_untouched_and_names_the_key() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_abort", 2);
+    exchange_ok(&dbs, "abort");
+    dbs[0].psql("UPDATE t SET v = 'a' WHERE id = 3; INSERT INTO t VALUES (101, 'a')");
+    dbs[1].psql("UPDATE t SET v = 'b' WHERE id = 3; INSERT INTO t VALUES (102, 'b')");
+    let before = (contents(&dbs[0]), contents(&dbs[1]));
+    let run = exchange(&dbs, "abort", &[]).expect(1);
+    assert!(
+        run.stderr.contains("table public.t") && run.stderr.contains("(3)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!((contents(&dbs[0]), contents(&dbs[1])), before);
+    // A per-table rule settles it.
+    exchange(&dbs, "abort", &["--conflict-table", "public.t=prefer:b"]).expect(0);
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(row(&dbs[0], 3), "b");
+}
+
+#[test]
+fn skip_leaves_each_node_its_row_until_a_later_change() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_skip", 2);
+    exchange_ok(&dbs, "skip");
+    dbs[0].psql("UPDATE t SET v = 'a' WHERE id = 3; UPDATE t SET v = 'a4' WHERE id = 4");
+    dbs[1].psql("UPDATE t SET v = 'b' WHERE id = 3");
+    let report = exchange_ok(&dbs, "skip");
+    assert_eq!(report["conflicts"], 1, "{report}");
+    assert_eq!(row(&dbs[0], 3), "a");
+    assert_eq!(row(&dbs[1], 3), "b");
+    assert_eq!(row(&dbs[1], 4), "a4");
+    assert_eq!(conflicts(&dbs[1])[0]["winner"], "skip");
+    // Still unsettled next time (nothing ships), until one node changes the row again.
+    exchange_ok(&dbs, "skip");
+    assert_eq!(row(&dbs[1], 3), "b");
+    dbs[1].psql("UPDATE t SET v = 'b again' WHERE id = 3");
+    exchange_ok(&dbs, "skip");
+    assert_eq!(row(&dbs[0], 3), "b again");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+}
+
+#[test]
+fn a_custom_function_can_merge_the_two_rows() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_custom", 2);
+    for db in &dbs {
+        db.psql(
+            "CREATE FUNCTION merge_v(l jsonb, r jsonb, ln text, rn text) RETURNS jsonb
+             LANGUAGE sql AS $$
+               SELECT jsonb_set(l, '{v}', to_jsonb(least(l->>'v', r->>'v') || '+' || greatest(l->>'v', r->>'v')))
+             $$",
+        );
+    }
+    exchange_ok(&dbs, "custom:public.merge_v");
+    dbs[0].psql("UPDATE t SET v = 'x' WHERE id = 3");
+    dbs[1].psql("UPDATE t SET v = 'y' WHERE id = 3");
+    let report = exchange_ok(&dbs, "custom:public.merge_v");
+    assert_eq!(row(&dbs[0], 3), "x+y", "{report}");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(conflicts(&dbs[1])[0]["winner"], "merged");
+}
+
+#[test]
+fn three_nodes_in_a_full_mesh_converge_and_stay_quiet() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_mesh", 3);
+    for (i, db) in dbs.iter().enumerate() {
+        let base = 1000 * (i + 1);
+        db.psql(&format!(
+            "INSERT INTO t SELECT g, 'n{i}' FROM generate_series({base}, {base} + 9) g;
+             UPDATE t SET v = 'by {i}' WHERE id = {};
+             DELETE FROM t WHERE id = {};",
+            10 + i,
+            50 + i
+        ));
+    }
+    let report = exchange_ok(&dbs, "latest");
+    assert_eq!(
+        report["directions"].as_array().unwrap().len(),
+        6,
+        "{report}"
+    );
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(contents(&dbs[1]), contents(&dbs[2]));
+    let again = exchange_ok(&dbs, "latest");
+    assert_eq!(again["rows"], 0, "{again}");
+}
+
+#[test]
+fn bad_node_lists_and_rules_are_refused_before_anything_changes() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_bad", 2);
+    let a = format!("a={}", dbs[0].dsn());
+    let b = format!("b={}", dbs[1].dsn());
+    // No rule; an unknown rule; prefer: an unknown node; one node; a bare DSN.
+    pgferry(&["sync", "--once", "--node", &a, "--node", &b]).expect(2);
+    let r = pgferry(&[
+        "sync",
+        "--once",
+        "--node",
+        &a,
+        "--node",
+        &b,
+        "--conflict",
+        "newest",
+    ])
+    .expect(2);
+    assert!(r.stderr.contains("prefer:NODE"), "{}", r.stderr);
+    let r = pgferry(&[
+        "sync",
+        "--once",
+        "--node",
+        &a,
+        "--node",
+        &b,
+        "--conflict",
+        "prefer:z",
+    ])
+    .expect(1);
+    assert!(r.stderr.contains("prefer:z"), "{}", r.stderr);
+    pgferry(&["sync", "--once", "--node", &a, "--conflict", "latest"]).expect(1);
+    pgferry(&[
+        "sync",
+        "--once",
+        "--node",
+        &dbs[0].dsn(),
+        "--node",
+        &b,
+        "--conflict",
+        "latest",
+    ])
+    .expect(2);
+    // A table captured on one node only.
+    dbs[0].psql("CREATE TABLE only_a (id int PRIMARY KEY)");
+    dbs[1].psql("CREATE TABLE only_a (id int PRIMARY KEY)");
+    pgferry(&[
+        "install",
+        "--source",
+        &dbs[0].dsn(),
+        "--table",
+        "public.only_a",
+    ])
+    .expect(0);
+    let r = exchange(&dbs, "latest", &[]).expect(1);
+    assert!(
+        r.stderr.contains("only_a") && r.stderr.contains("node b"),
+        "{}",
+        r.stderr
+    );
+    assert!(conflicts(&dbs[0]).is_empty());
+}
