@@ -65,6 +65,15 @@ pub struct SyncSpec {
     pub options: SyncOptions,
     /// The longest wait between two polls of the source while it is idle.
     pub poll_interval: Duration,
+    /// A direction of a two-way sync (see [`crate::two_way::Mesh::specs`]).
+    pub two_way: Option<TwoWay>,
+}
+
+/// The two-way sync a [`SyncSpec`] belongs to, and which of its nodes is the source.
+#[derive(Clone, Debug)]
+pub struct TwoWay {
+    pub mesh: Arc<crate::two_way::Mesh>,
+    pub source: String,
 }
 
 impl SyncSpec {
@@ -376,8 +385,30 @@ async fn follow(
     }
     let info: SourceInfo = crate::source_info(&src, &spec.tables).await?;
     let prepared = crate::prepare_target(&src, &info, dsn, &spec.options).await?;
-    backoff.recovered(&spec.name, &label);
     let mut dst = prepared.session;
+    let exchange = match &spec.two_way {
+        Some(tw) => {
+            let peers = tw.mesh.peers(&tw.source);
+            Some(
+                crate::two_way::direction(
+                    crate::two_way::End {
+                        session: &mut src,
+                        name: &tw.source,
+                    },
+                    &info,
+                    crate::two_way::End {
+                        session: &mut dst,
+                        name: &peers[index],
+                    },
+                    prepared.registered.replica_role,
+                    &tw.mesh,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    backoff.recovered(&spec.name, &label);
     let mut previous = prepared.registered.applied.clone();
     let name = prepared.entry.name;
     let ids: Vec<i32> = info.tables.keys().copied().collect();
@@ -402,7 +433,12 @@ async fn follow(
     // Sequences are carried forward on the same beat (not after every round: that was four
     // more statements between two rounds), every sequence once per connection, so none that a
     // round touched before a reconnection stays behind.
-    let mut unadvanced: Vec<&crate::registry::CapturedSequence> = info.sequences.iter().collect();
+    // Two-way syncs copy no sequence: that would hand out the same values on two nodes.
+    let mut unadvanced: Vec<&crate::registry::CapturedSequence> = if exchange.is_some() {
+        Vec::new()
+    } else {
+        info.sequences.iter().collect()
+    };
     loop {
         if (unacked.is_some() || !unadvanced.is_empty())
             && (last_ack.elapsed() >= ACK_EVERY || cancel.is_cancelled())
@@ -459,7 +495,7 @@ async fn follow(
             replica_role: prepared.registered.replica_role,
             versions: (src.server_version, dst.server_version),
             split_above: spec.options.split_rounds_above,
-            two_way: None,
+            two_way: exchange.as_ref(),
         };
         let outcome = {
             let round = crate::round_with_retries(&mut src, &probe, &mut dst, &ctx);
@@ -498,6 +534,10 @@ async fn follow(
             ];
             metrics::counter!("pgferry_rows_applied_total", &labels).increment(t.rows);
             metrics::counter!("pgferry_changes_applied_total", &labels).increment(t.changes);
+            if !t.conflicts.is_empty() {
+                metrics::counter!("pgferry_conflicts_total", &labels)
+                    .increment(t.conflicts.len() as u64);
+            }
         }
         if changes > 0 {
             last_change = Instant::now();

@@ -90,46 +90,60 @@ pub fn validate(nodes: &[Node], rules: &Rules) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// A node connected and ready to exchange.
-pub(crate) struct Prepared {
-    pub name: String,
-    pub dsn: Dsn,
-    pub session: Session,
-    pub probe: Session,
-    pub info: SourceInfo,
-    /// `track_commit_timestamp` is on.
-    pub commit_ts: bool,
+/// A two-way sync as the daemon runs it: one [`crate::daemon::SyncSpec`] per node (the node as
+/// source, every other as target), each carrying this.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    /// Every node of the sync, in order (`prefer:` between two other nodes: the first listed).
+    pub nodes: Vec<Node>,
+    pub rules: Rules,
 }
 
-/// Connects to a node and prepares it: capture installed, the replica role allowed, the
-/// two-way additions to its schema made.
-pub(crate) async fn prepare(node: &Node) -> Result<Prepared, SyncError> {
-    let mut session = Session::connect(&node.dsn, "sync").await?;
-    let probe = Session::connect(&node.dsn, "sync probe").await?;
-    let info = crate::source_info(&session, &[]).await?;
-    if !target::may_set_replica_role(&session).await? {
-        return Err(SyncError::TwoWayNeedsReplicaRole {
-            node: node.name.clone(),
-        });
+impl Mesh {
+    /// The daemon's syncs of this mesh: per node, a sync named `NAME:NODE` replicating the
+    /// node to every other.
+    pub fn specs(
+        self,
+        name: &str,
+        poll_interval: Duration,
+    ) -> Result<Vec<crate::daemon::SyncSpec>, SyncError> {
+        validate(&self.nodes, &self.rules)?;
+        let mesh = std::sync::Arc::new(self);
+        Ok(mesh
+            .nodes
+            .iter()
+            .map(|n| crate::daemon::SyncSpec {
+                name: format!("{name}:{}", n.name),
+                source: n.dsn.clone(),
+                targets: mesh
+                    .nodes
+                    .iter()
+                    .filter(|o| o.name != n.name)
+                    .map(|o| o.dsn.clone())
+                    .collect(),
+                tables: Vec::new(),
+                options: crate::SyncOptions::default(),
+                poll_interval,
+                two_way: Some(crate::daemon::TwoWay {
+                    mesh: mesh.clone(),
+                    source: n.name.clone(),
+                }),
+            })
+            .collect())
     }
-    add_schema(&mut session).await?;
-    let commit_ts: bool = session
-        .client
-        .query_one(
-            "SELECT pg_catalog.current_setting('track_commit_timestamp')::bool",
-            &[],
-        )
-        .await
-        .map_err(session.on_err("reading track_commit_timestamp"))?
-        .get(0);
-    Ok(Prepared {
-        name: node.name.clone(),
-        dsn: node.dsn.clone(),
-        session,
-        probe,
-        info,
-        commit_ts,
-    })
+
+    /// The names of the targets of `source`'s sync, in the order of its targets.
+    pub fn peers(&self, source: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|o| o.name != source)
+            .map(|o| o.name.clone())
+            .collect()
+    }
+
+    fn order(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
 }
 
 /// Adds what two-way syncs need to the node's schema pgferry, once.
@@ -167,68 +181,88 @@ async fn add_schema(s: &mut Session) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Refuses nodes whose captured tables differ: every table captured on one node must be
-/// captured, with the same key, on every other.
-pub(crate) fn check_tables(nodes: &[Prepared]) -> Result<(), SyncError> {
-    for a in nodes {
-        for b in nodes {
-            if a.name == b.name {
-                continue;
-            }
-            for t in a.info.tables.values() {
-                let Some(other) = b.info.tables.values().find(|o| o.name == t.name) else {
-                    return Err(SyncError::NotCapturedOnPeer {
-                        table: t.name.human(),
-                        node: b.name.clone(),
-                    });
-                };
-                let shape = |k: &crate::registry::CapturedTable| {
-                    k.key
-                        .iter()
-                        .map(|(c, ty, _)| format!("{} {ty}", c.human()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                if shape(t) != shape(other) {
-                    return Err(SyncError::KeyMismatch {
-                        table: t.name.human(),
-                        this: a.name.clone(),
-                        this_key: shape(t),
-                        other: b.name.clone(),
-                        other_key: shape(other),
-                    });
-                }
-            }
+/// Whether `track_commit_timestamp` is on.
+async fn commit_ts(s: &Session) -> Result<bool, SyncError> {
+    Ok(s.client
+        .query_one(
+            "SELECT pg_catalog.current_setting('track_commit_timestamp')::bool",
+            &[],
+        )
+        .await
+        .map_err(s.on_err("reading track_commit_timestamp"))?
+        .get(0))
+}
+
+/// One end of a direction: its session, name and what it captures.
+pub(crate) struct End<'a> {
+    pub session: &'a mut Session,
+    pub name: &'a str,
+}
+
+/// Refuses `b` unless it captures every table `a` replicates, with the same key.
+fn same_tables(a: (&str, &SourceInfo), b: (&str, &SourceInfo)) -> Result<(), SyncError> {
+    let shape = |k: &crate::registry::CapturedTable| {
+        k.key
+            .iter()
+            .map(|(c, ty, _)| format!("{} {ty}", c.human()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for t in a.1.tables.values() {
+        let Some(other) = b.1.tables.values().find(|o| o.name == t.name) else {
+            return Err(SyncError::NotCapturedOnPeer {
+                table: t.name.human(),
+                node: b.0.to_owned(),
+            });
+        };
+        if shape(t) != shape(other) {
+            return Err(SyncError::KeyMismatch {
+                table: t.name.human(),
+                this: a.0.to_owned(),
+                this_key: shape(t),
+                other: b.0.to_owned(),
+                other_key: shape(other),
+            });
         }
     }
     Ok(())
 }
 
-/// The conflict context of the direction `from` → `to`.
-pub(crate) fn exchange(
-    from: &Prepared,
-    to: &Prepared,
-    to_node_id: &str,
-    to_version: u32,
-    rules: &Rules,
-    order: &[String],
-) -> Exchange {
-    Exchange {
-        local: to.name.clone(),
-        remote: from.name.clone(),
-        order: order.to_vec(),
-        local_node_id: to_node_id.to_owned(),
-        rules: rules.clone(),
-        local_dialect: Dialect::new(to_version),
-        local_tables: to
-            .info
-            .tables
-            .values()
-            .map(|t| (t.name.to_string(), t.clone()))
-            .collect::<BTreeMap<_, _>>(),
-        local_time: conflict::time_expr(to.commit_ts),
-        remote_time: conflict::time_expr(from.commit_ts),
+/// Prepares the direction `from` → `to` of a two-way sync and returns its conflict context:
+/// the replica role on `to` (`to_replica_role`, as registration found it), the two-way
+/// additions on both nodes, every table `from` replicates captured on `to` with the same key.
+pub(crate) async fn direction(
+    from: End<'_>,
+    from_info: &SourceInfo,
+    to: End<'_>,
+    to_replica_role: bool,
+    mesh: &Mesh,
+) -> Result<Exchange, SyncError> {
+    if !to_replica_role {
+        return Err(SyncError::TwoWayNeedsReplicaRole {
+            node: to.name.to_owned(),
+        });
     }
+    add_schema(from.session).await?;
+    add_schema(to.session).await?;
+    let to_info = crate::source_info(to.session, &[]).await?;
+    same_tables((from.name, from_info), (to.name, &to_info))?;
+    let (from_ts, to_ts) = (commit_ts(from.session).await?, commit_ts(to.session).await?);
+    Ok(Exchange {
+        local: to.name.to_owned(),
+        remote: from.name.to_owned(),
+        order: mesh.order(),
+        local_node_id: to_info.node_id.clone(),
+        rules: mesh.rules.clone(),
+        local_dialect: Dialect::new(to.session.server_version),
+        local_tables: to_info
+            .tables
+            .into_values()
+            .map(|t| (t.name.to_string(), t))
+            .collect::<BTreeMap<_, _>>(),
+        local_time: conflict::time_expr(to_ts),
+        remote_time: conflict::time_expr(from_ts),
+    })
 }
 
 /// One exchange round trip: for every ordered pair of nodes, one round applying the changes of
@@ -236,61 +270,74 @@ pub(crate) fn exchange(
 /// are purged. Sequences are not copied.
 pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeReport, SyncError> {
     validate(nodes, rules)?;
+    let mesh = Mesh {
+        nodes: nodes.to_vec(),
+        rules: rules.clone(),
+    };
     let started = Instant::now();
-    let mut prepared = Vec::with_capacity(nodes.len());
+    let mut sources = Vec::with_capacity(nodes.len());
     for n in nodes {
-        prepared.push(prepare(n).await?);
+        let session = Session::connect(&n.dsn, "sync").await?;
+        let probe = Session::connect(&n.dsn, "sync probe").await?;
+        let info = crate::source_info(&session, &[]).await?;
+        sources.push((session, probe, info));
     }
-    check_tables(&prepared)?;
-    let order: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    // Every pair checked before anything is applied.
+    for (i, a) in sources.iter().enumerate() {
+        for (j, b) in sources.iter().enumerate() {
+            if i != j {
+                same_tables((&nodes[i].name, &a.2), (&nodes[j].name, &b.2))?;
+            }
+        }
+    }
     let mut report = ExchangeReport {
-        nodes: order.clone(),
+        nodes: mesh.order(),
         directions: Vec::new(),
         rows: 0,
         conflicts: 0,
         purged: 0,
         seconds: 0.0,
     };
-    for from in 0..prepared.len() {
-        for to in 0..prepared.len() {
+    for from in 0..nodes.len() {
+        for to in 0..nodes.len() {
             if from == to {
                 continue;
             }
             let d_started = Instant::now();
+            let (src, probe, info) = &mut sources[from];
             let crate::PreparedTarget {
                 session: mut dst,
                 registered: reg,
                 entry,
-            } = crate::prepare_target(
-                &prepared[from].session,
-                &prepared[from].info,
-                &prepared[to].dsn,
-                &crate::SyncOptions::default(),
+            } = crate::prepare_target(src, info, &nodes[to].dsn, &crate::SyncOptions::default())
+                .await?;
+            let ex = direction(
+                End {
+                    session: src,
+                    name: &nodes[from].name,
+                },
+                info,
+                End {
+                    session: &mut dst,
+                    name: &nodes[to].name,
+                },
+                reg.replica_role,
+                &mesh,
             )
             .await?;
-            let ex = exchange(
-                &prepared[from],
-                &prepared[to],
-                &reg.node_id,
-                dst.server_version,
-                rules,
-                &order,
-            );
-            let src = &mut prepared[from];
             let ctx = round::RoundContext {
-                dialect: src.info.dialect,
-                source_node: &src.info.node_id,
+                dialect: info.dialect,
+                source_node: &info.node_id,
                 previous: reg.applied.as_deref(),
-                tables: &src.info.tables,
-                skipped: &src.info.skipped,
+                tables: &info.tables,
+                skipped: &info.skipped,
                 replica_role: true,
-                versions: (src.session.server_version, dst.server_version),
+                versions: (src.server_version, dst.server_version),
                 split_above: None,
                 two_way: Some(&ex),
             };
-            let outcome =
-                crate::round_with_retries(&mut src.session, &src.probe, &mut dst, &ctx).await?;
-            target::acknowledge(&src.session, &entry.name, &outcome.snapshot).await?;
+            let outcome = crate::round_with_retries(src, probe, &mut dst, &ctx).await?;
+            target::acknowledge(src, &entry.name, &outcome.snapshot).await?;
             let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
             let conflicts: Vec<Decision> = outcome
                 .tables
@@ -300,8 +347,8 @@ pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeRepo
             report.rows += rows;
             report.conflicts += conflicts.len();
             report.directions.push(DirectionReport {
-                from: src.name.clone(),
-                to: prepared[to].name.clone(),
+                from: nodes[from].name.clone(),
+                to: nodes[to].name.clone(),
                 snapshot: outcome.snapshot,
                 tables: outcome.tables,
                 rows,
@@ -310,9 +357,47 @@ pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeRepo
             });
         }
     }
-    for p in &prepared {
-        report.purged += crate::purge::purge(&p.session, true).await?;
+    for (session, _, _) in &sources {
+        report.purged += crate::purge::purge(session, true).await?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Everything that would stop a two-way sync, every problem at once: each node reachable with
+/// capture installed and the replica role allowed, and the same tables captured with the same
+/// key on every node.
+pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
+    let mut problems = Vec::new();
+    let mut infos = Vec::new();
+    for n in &mesh.nodes {
+        let found = async {
+            let s = Session::connect(&n.dsn, "check").await?;
+            let info = crate::source_info(&s, &[]).await?;
+            let role = target::may_set_replica_role(&s).await?;
+            Ok::<_, SyncError>((info, role))
+        }
+        .await;
+        match found {
+            Ok((info, role)) => {
+                if !role {
+                    problems.push(SyncError::TwoWayNeedsReplicaRole {
+                        node: n.name.clone(),
+                    });
+                }
+                infos.push((n.name.as_str(), info));
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    for (i, a) in infos.iter().enumerate() {
+        for (j, b) in infos.iter().enumerate() {
+            if i != j {
+                if let Err(e) = same_tables((a.0, &a.1), (b.0, &b.1)) {
+                    problems.push(e);
+                }
+            }
+        }
+    }
+    problems
 }

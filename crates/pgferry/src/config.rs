@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgferry_core::{Dsn, TablePattern};
+use pgferry_sync::conflict::{Rule, Rules};
 use pgferry_sync::daemon::SyncSpec;
 use pgferry_sync::SyncOptions;
 use serde::Deserialize;
@@ -37,8 +38,16 @@ struct NodeFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SyncFile {
-    source: String,
+    /// One-way: the source node and its targets.
+    source: Option<String>,
+    #[serde(default)]
     targets: Vec<String>,
+    /// Two-way: every node of the sync, and the conflict rule (with per-table overrides).
+    #[serde(default)]
+    nodes: Vec<String>,
+    conflict: Option<String>,
+    #[serde(default)]
+    conflict_tables: BTreeMap<String, String>,
     #[serde(default)]
     tables: Vec<String>,
     poll_interval: Option<String>,
@@ -128,13 +137,88 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 }
             }
         };
-        let source = node("source", &sync.source, &mut problems);
+        let poll_interval = match sync.poll_interval.as_deref().map(parse_duration) {
+            None => DEFAULT_POLL_INTERVAL,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                problems.push(format!("sync {name}: poll_interval: {e}"));
+                DEFAULT_POLL_INTERVAL
+            }
+        };
+        if !sync.nodes.is_empty() {
+            if sync.source.is_some() || !sync.targets.is_empty() {
+                problems.push(format!(
+                    "sync {name}: give nodes (two-way) or source and targets (one-way), not both"
+                ));
+            }
+            if !sync.tables.is_empty() || sync.split_rounds_above.is_some() {
+                problems.push(format!(
+                    "sync {name}: tables and split_rounds_above are for one-way syncs (a two-way sync replicates every captured table)"
+                ));
+            }
+            let mut members = Vec::new();
+            for n in &sync.nodes {
+                if let Some(dsn) = node("node", n, &mut problems) {
+                    members.push(pgferry_sync::two_way::Node {
+                        name: n.clone(),
+                        dsn,
+                    });
+                }
+            }
+            let rules = match sync.conflict.as_deref().map(Rule::parse) {
+                None => {
+                    problems.push(format!(
+                        "sync {name}: conflict: a two-way sync needs a rule (prefer:NODE, latest, abort, skip or custom:FUNCTION)"
+                    ));
+                    None
+                }
+                Some(Err(e)) => {
+                    problems.push(format!("sync {name}: conflict: {e}"));
+                    None
+                }
+                Some(Ok(r)) => Some(Rules::new(r)),
+            };
+            let mut overrides = Vec::new();
+            for (pattern, rule) in &sync.conflict_tables {
+                match Rules::parse_override(&format!("{pattern}={rule}")) {
+                    Ok(o) => overrides.push(o),
+                    Err(e) => problems.push(format!("sync {name}: conflict_tables: {e}")),
+                }
+            }
+            if let Some(mut rules) = rules {
+                rules.tables = overrides;
+                if members.len() == sync.nodes.len() {
+                    match (pgferry_sync::two_way::Mesh {
+                        nodes: members,
+                        rules,
+                    })
+                    .specs(name, poll_interval)
+                    {
+                        Ok(specs) => syncs.extend(specs),
+                        Err(e) => problems.push(format!("sync {name}: {e}")),
+                    }
+                }
+            }
+            continue;
+        }
+        if sync.conflict.is_some() || !sync.conflict_tables.is_empty() {
+            problems.push(format!(
+                "sync {name}: conflict rules are for two-way syncs (give nodes instead of source and targets)"
+            ));
+        }
+        let Some(source_name) = &sync.source else {
+            problems.push(format!(
+                "sync {name}: give source and targets (one-way) or nodes (two-way)"
+            ));
+            continue;
+        };
+        let source = node("source", source_name, &mut problems);
         if sync.targets.is_empty() {
             problems.push(format!("sync {name}: targets: give at least one node"));
         }
         let mut targets = Vec::new();
         for t in &sync.targets {
-            if *t == sync.source {
+            if t == source_name {
                 problems.push(format!(
                     "sync {name}: node {t} is both the source and a target"
                 ));
@@ -150,14 +234,6 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 Err(e) => problems.push(format!("sync {name}: tables: {e}")),
             }
         }
-        let poll_interval = match sync.poll_interval.as_deref().map(parse_duration) {
-            None => DEFAULT_POLL_INTERVAL,
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                problems.push(format!("sync {name}: poll_interval: {e}"));
-                DEFAULT_POLL_INTERVAL
-            }
-        };
         if let Some(source) = source {
             syncs.push(SyncSpec {
                 name: name.clone(),
@@ -169,6 +245,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     split_rounds_above: sync.split_rounds_above,
                 },
                 poll_interval,
+                two_way: None,
             });
         }
     }
@@ -264,6 +341,56 @@ mod tests {
             "poll_interval",
         ] {
             assert!(all.contains(needle), "{needle:?} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_two_way_sync_becomes_one_sync_per_node() {
+        let c = parse(
+            r#"
+            [nodes.a]
+            dsn = "host=a dbname=app"
+            [nodes.b]
+            dsn = "host=b dbname=app"
+            [nodes.c]
+            dsn = "host=c dbname=app"
+            [syncs.mesh]
+            nodes = ["a", "b", "c"]
+            conflict = "latest"
+            conflict_tables = { "public.accounts" = "prefer:a" }
+            "#,
+            &env,
+        )
+        .unwrap_or_else(|p| panic!("{p:?}"));
+        let names: Vec<&str> = c.syncs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["mesh:a", "mesh:b", "mesh:c"]);
+        assert!(c.syncs.iter().all(|s| s.targets.len() == 2));
+        let tw = c.syncs[1].two_way.as_ref().unwrap();
+        assert_eq!(tw.source, "b");
+        assert_eq!(tw.mesh.rules.tables.len(), 1);
+        let problems = parse(
+            r#"
+            [nodes.a]
+            dsn = "host=a dbname=app"
+            [syncs.mesh]
+            nodes = ["a", "z"]
+            source = "a"
+            [syncs.one]
+            source = "a"
+            targets = ["a"]
+            conflict = "latest"
+            "#,
+            &env,
+        )
+        .unwrap_err();
+        let all = problems.join("\n");
+        for needle in [
+            "sync mesh: give nodes (two-way) or source",
+            "sync mesh: node \"z\" is not a node",
+            "sync mesh: conflict: a two-way sync needs a rule",
+            "sync one: conflict rules are for two-way syncs",
+        ] {
+            assert!(all.contains(needle), "{needle:?} not in {all}");
         }
     }
 

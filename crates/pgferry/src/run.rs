@@ -18,7 +18,7 @@ use crate::output;
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The configuration file (TOML: nodes and syncs; see docs/daemon.md).
-    #[arg(long, value_name = "FILE", required_unless_present = "source", conflicts_with_all = ["source", "targets"])]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["source", "nodes"], conflicts_with_all = ["source", "targets", "nodes"])]
     pub config: Option<PathBuf>,
     /// Without --config: the captured source.
     #[arg(long, value_name = "DSN", requires = "targets")]
@@ -26,6 +26,17 @@ pub struct RunArgs {
     /// Without --config: a target. Repeatable.
     #[arg(long = "target", value_name = "DSN")]
     pub targets: Vec<String>,
+    /// Without --config: a node of a two-way (multi-node) sync, NAME=DSN; give two or more.
+    /// Every node's changes are applied to every other, conflicts decided by --conflict
+    /// (see `pgferry sync --help`). Instead of --source/--target.
+    #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
+    pub nodes: Vec<String>,
+    /// Two-way: prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
+    #[arg(long, value_name = "RULE", requires = "nodes")]
+    pub conflict: Option<String>,
+    /// Two-way: a rule for some tables, TABLE=RULE. Repeatable; the first match wins.
+    #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
+    pub conflict_tables: Vec<String>,
     /// Without --config: the sync's identity (default: its targets' names, sorted), which
     /// keys the lock that keeps a second daemon for the same sync on standby.
     #[arg(long, value_name = "NAME", conflicts_with = "config")]
@@ -66,6 +77,21 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
             .map(|c| c.syncs)
             .map_err(|problems| Failure::usage(problems.join("\n")));
     }
+    if !args.nodes.is_empty() {
+        let mesh = pgferry_sync::two_way::Mesh {
+            nodes: crate::two_way::nodes(&args.nodes)?,
+            rules: crate::two_way::rules(args.conflict.as_deref(), &args.conflict_tables)?,
+        };
+        return mesh
+            .specs(
+                args.name.as_deref().unwrap_or("two-way"),
+                args.poll_interval,
+            )
+            .map_err(|e| {
+                let class = e.class();
+                Failure::new(e, class)
+            });
+    }
     let source = parse_dsn(args.source.as_deref().unwrap_or_default())?;
     let targets = args
         .targets
@@ -86,6 +112,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
             split_rounds_above: args.split_rounds_above,
         },
         poll_interval: args.poll_interval,
+        two_way: None,
     }])
 }
 
@@ -314,6 +341,27 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
                     chain(&e)
                 ));
             }
+        }
+    }
+    let mut meshes: Vec<&std::sync::Arc<pgferry_sync::two_way::Mesh>> = Vec::new();
+    for sync in &config.syncs {
+        if let Some(tw) = &sync.two_way {
+            if !meshes.iter().any(|m| std::sync::Arc::ptr_eq(m, &tw.mesh)) {
+                meshes.push(&tw.mesh);
+            }
+        }
+    }
+    for mesh in meshes {
+        let names: Vec<&str> = mesh.nodes.iter().map(|n| n.name.as_str()).collect();
+        let found = pgferry_sync::two_way::check(mesh).await;
+        if found.is_empty() {
+            checked.push(format!(
+                "two-way nodes {}: same tables captured, replica role allowed",
+                names.join(", ")
+            ));
+        }
+        for e in found {
+            problems.push(format!("two-way nodes {}: {}", names.join(", "), chain(&e)));
         }
     }
     problems.dedup();
