@@ -161,6 +161,26 @@ pub enum SyncError {
         #[source]
         cause: Box<SyncError>,
     },
+
+    #[error(
+        "sequences cannot be partitioned between the nodes; nothing was changed on any node\n{}",
+        crate::sequence_partition::describe(refusals)
+    )]
+    SequencePartitionRefused {
+        refusals: Vec<crate::sequence_partition::Refusal>,
+    },
+
+    #[error("nodes {first} and {second} are the same database, or one is a restored copy still carrying the other's capture (node {node_id}); nothing was changed\n\
+             fix: list each node once; clean a restored copy (`pgferry clean --db …`) and install its own capture (`pgferry install`)")]
+    SameNodeTwice {
+        first: String,
+        second: String,
+        node_id: String,
+    },
+
+    #[error("sequence partitioning needs two nodes or more and an increment no smaller than their number: got {nodes} node(s) and INCREMENT BY {increment}; nothing was changed\n\
+             fix: list every node of the two-way sync, always in the same order (an increment larger than the node count leaves room for nodes added later)")]
+    PartitionIncrement { nodes: usize, increment: i64 },
 }
 
 impl SyncError {

@@ -25,6 +25,7 @@ mod registry;
 pub mod round;
 mod schema;
 mod sequence;
+pub mod sequence_partition;
 pub mod status;
 mod target;
 pub mod two_way;
