@@ -12,7 +12,7 @@ ALTER TABLE pgferry.delta ALTER COLUMN changed_at SET DEFAULT pg_catalog.clock_t
 
 -- Every conflict this node decided while applying a peer's changes, in the round's
 -- transaction: the keys of the group (a key change links two keys), both sides' row images and
--- change times, the rule and the winner (a node name, or 'skip').
+-- change times, the rule and the winner (a node name, 'merged' or 'skip').
 CREATE TABLE IF NOT EXISTS pgferry.conflict (
     conflict_id bigserial PRIMARY KEY,
     decided_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS pgferry.conflict (
     local_changed_at timestamptz,
     remote_changed_at timestamptz,
     rule text NOT NULL,
-    winner text NOT NULL
+    winner text NOT NULL,
+    -- 'key' (one key changed on both nodes) or 'unique:INDEX' (two keys whose rows collide in
+    -- another unique index; keys holds the remote's key first)
+    kind text NOT NULL DEFAULT 'key'
 );
 CREATE INDEX IF NOT EXISTS conflict_decided_at ON pgferry.conflict (decided_at);

@@ -15,7 +15,9 @@ const SCHEMA: &str = "
     CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);
     CREATE TABLE \"Other Table\" (a text, b int, note text, PRIMARY KEY (a, b));
     INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
-    INSERT INTO \"Other Table\" SELECT 'k' || g, g, 'n' FROM generate_series(1, 20) g;";
+    INSERT INTO \"Other Table\" SELECT 'k' || g, g, 'n' FROM generate_series(1, 20) g;
+    CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
+    INSERT INTO users SELECT g, 'u' || g || '@x', 'n' FROM generate_series(1, 20) g;";
 
 /// Databases with the same schema and rows, capture installed on each.
 fn nodes<'c>(cluster: &'c Cluster, prefix: &str, n: usize) -> Vec<TestDb<'c>> {
@@ -527,4 +529,46 @@ fn check_validates_a_two_way_configuration() {
         .expect(1)
         .json();
     assert!(bad["problems"].to_string().contains("only_b"), "{bad}");
+}
+
+fn emails(db: &TestDb<'_>) -> String {
+    db.psql("SELECT string_agg(id || '=' || email, ' ' ORDER BY id) FROM users WHERE id > 20 OR email LIKE 'same%'")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_unique_clash_beyond_the_key_is_settled_by_the_rule() {
+    let cluster = Cluster::shared();
+    for (rule, expect) in [
+        ("prefer:a", "3=same2@x 21=same@x"),
+        ("prefer:b", "4=same2@x 22=same@x"),
+    ] {
+        let dbs = nodes(cluster, &format!("tw_clash_{}", &rule[7..]), 2);
+        exchange_ok(&dbs, rule);
+        // Two keys inserted with one email; two rows updated to one email.
+        dbs[0].psql("INSERT INTO users VALUES (21, 'same@x', 'a'); UPDATE users SET email = 'same2@x' WHERE id = 3");
+        dbs[1].psql("INSERT INTO users VALUES (22, 'same@x', 'b'); UPDATE users SET email = 'same2@x' WHERE id = 4");
+        let report = exchange_ok(&dbs, rule);
+        assert_eq!(contents(&dbs[0]), contents(&dbs[1]), "{rule}: {report}");
+        assert_eq!(emails(&dbs[0]), expect, "{rule}: {report}");
+        let recorded = conflicts(&dbs[1]);
+        assert_eq!(recorded.len(), 2, "{recorded:?}");
+        assert!(
+            recorded
+                .iter()
+                .all(|c| c["kind"] == "unique:users_email_key"),
+            "{recorded:?}"
+        );
+        // The losing row is kept in the record.
+        assert!(
+            recorded
+                .iter()
+                .any(|c| c.to_string().contains("\"name\":\"b\"")
+                    && c.to_string().contains("\"name\":\"a\"")),
+            "{recorded:?}"
+        );
+        let again = exchange_ok(&dbs, rule);
+        assert_eq!(again["rows"], 0, "{again}");
+    }
 }

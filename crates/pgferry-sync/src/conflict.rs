@@ -144,8 +144,11 @@ pub struct Decision {
     pub local: String,
     pub remote: String,
     pub rule: String,
-    /// A node name, or `skip`.
+    /// A node name, `merged` or `skip`.
     pub winner: String,
+    /// `key` (the same key changed on both nodes) or `unique:INDEX` (two keys whose rows
+    /// collide in a unique index).
+    pub kind: String,
 }
 
 /// What a round of a two-way sync needs to find and decide conflicts.
@@ -219,6 +222,18 @@ struct Group {
     outcome: Outcome,
     winner: String,
     rule: String,
+    /// A unique clash: the unique index, the remote's key and the local key whose rows
+    /// collide in it (None: a conflict on the key itself).
+    clash: Option<(String, Key, Key)>,
+}
+
+impl Group {
+    fn kind(&self) -> String {
+        match &self.clash {
+            Some((index, _, _)) => format!("unique:{index}"),
+            None => "key".into(),
+        }
+    }
 }
 
 /// The decisions of one table of a round, and what they ask of the apply.
@@ -230,6 +245,11 @@ pub(crate) struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// Adds the decisions of `other`.
+    pub fn extend(&mut self, other: Plan) {
+        self.groups.extend(other.groups);
     }
 
     /// Keys the bulk apply must leave alone (the local node keeps its rows).
@@ -251,6 +271,7 @@ impl Plan {
                 remote: ex.remote.clone(),
                 rule: g.rule.clone(),
                 winner: g.winner.clone(),
+                kind: g.kind(),
             })
             .collect()
     }
@@ -297,11 +318,11 @@ pub(crate) fn key_tuple(table: &CapturedTable, alias: &str) -> String {
 }
 
 /// The row `t`'s key in its recorded text form.
-fn key_text(table: &CapturedTable) -> String {
+fn key_text(table: &CapturedTable, alias: &str) -> String {
     let items: Vec<String> = table
         .key
         .iter()
-        .map(|(c, _, form)| form.capture_expr(&format!("t.{c}")))
+        .map(|(c, _, form)| form.capture_expr(&format!("{alias}.{c}")))
         .collect();
     format!("ARRAY[{}]::pg_catalog.text[]", items.join(", "))
 }
@@ -482,14 +503,10 @@ pub(crate) async fn plan(
             outcome: Outcome::Skip,
             winner: String::new(),
             rule: rule.to_string(),
+            clash: None,
         };
         g.outcome = decide(ttx, ex, &rule, &g, local_t, target_label).await?;
-        g.winner = match g.outcome {
-            Outcome::Remote => ex.remote.clone(),
-            Outcome::Local => ex.local.clone(),
-            Outcome::Merged => "merged".into(),
-            Outcome::Skip => "skip".into(),
-        };
+        g.winner = winner(ex, &g.outcome);
         tracing::info!(
             table = %human,
             keys = ?g.keys,
@@ -502,6 +519,250 @@ pub(crate) async fn plan(
         plan.groups.push(g);
     }
     Ok(plan)
+}
+
+fn winner(ex: &Exchange, outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Remote => ex.remote.clone(),
+        Outcome::Local => ex.local.clone(),
+        Outcome::Merged => "merged".into(),
+        Outcome::Skip => "skip".into(),
+    }
+}
+
+/// What [`clashes`] needs of the round's apply of one table.
+pub(crate) struct Incoming<'a> {
+    /// The typed keys the round applies, as a relation, and its parameters.
+    pub relation: &'a str,
+    pub params: &'a [(&'a (dyn ToSql + Sync), Type)],
+    /// Keys the local node keeps (decided before).
+    pub excluded: &'a [Key],
+    /// The columns copied, and the source's COPY of the rows the round applies.
+    pub columns: &'a [pgferry_core::Ident],
+    pub rows_sql: &'a str,
+}
+
+/// Unique clashes of one table: a row the round would copy in and a local row of another key
+/// that the round leaves in place, equal in a unique index other than the key's. Each pair is
+/// decided like a conflict (the remote's change of its key against the local node's change of
+/// the other key). Called after the table's apply failed on a unique index (rolled back to a
+/// savepoint), so a round without clashes pays nothing for the check.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn clashes(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    remote_t: &CapturedTable,
+    local_t: &CapturedTable,
+    inc: &Incoming<'_>,
+    pending: &str,
+    unshipped: &str,
+    labels: Labels<'_>,
+) -> Result<Plan, SyncError> {
+    let (source_label, target_label) = labels;
+    let name = &local_t.name;
+    let human = name.human();
+    let stage = format!("pgferry_clash_{}", local_t.table_id);
+    let cols = inc
+        .columns
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    ttx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} (LIKE {name}) ON COMMIT DROP"
+    ))
+    .await
+    .map_err(q(target_label, format!("staging the rows of {human}")))?;
+    crate::copy::pass_through(
+        stx,
+        inc.rows_sql,
+        ttx,
+        &format!("COPY pg_temp.{stage} ({cols}) FROM STDIN"),
+    )
+    .await
+    .map_err(q(target_label, format!("staging the rows of {human}")))?;
+    // Unique indexes on plain columns, other than the key's.
+    let indexes = ttx
+        .query(
+            "SELECT c.relname::text, pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_catalog.pg_index i
+               JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = pg_catalog.to_regclass($1) AND i.indisunique
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+              GROUP BY c.relname ORDER BY 1",
+            &[&name.to_string()],
+        )
+        .await
+        .map_err(q(target_label, format!("reading the unique indexes of {human}")))?;
+    let key: BTreeSet<&str> = local_t.key.iter().map(|(c, _, _)| c.as_str()).collect();
+    let kcols: Vec<String> = local_t
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("k.{c}"))
+        .collect();
+    let mut pairs: Vec<(String, Key, Key)> = Vec::new();
+    for r in &indexes {
+        let index: String = r.get(0);
+        let columns: Vec<String> = r.get(1);
+        if columns.iter().map(String::as_str).collect::<BTreeSet<_>>() == key {
+            continue;
+        }
+        let on: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let c = pgferry_core::Ident::new(c.as_str());
+                format!("i.{c} = t.{c}")
+            })
+            .collect();
+        let kept = if inc.excluded.is_empty() {
+            String::new()
+        } else {
+            format!(" OR {}", key_in(local_t, inc.excluded))
+        };
+        let sql = format!(
+            "SELECT DISTINCT {}, {} FROM pg_temp.{stage} AS i JOIN {name} AS t ON {}
+              WHERE {} <> {}
+                AND ({} NOT IN (SELECT {} FROM {} AS k){kept})",
+            key_text(local_t, "i"),
+            key_text(local_t, "t"),
+            on.join(" AND "),
+            key_tuple(local_t, "t"),
+            key_tuple(local_t, "i"),
+            key_tuple(local_t, "t"),
+            kcols.join(", "),
+            inc.relation,
+        );
+        let rows = ttx
+            .query_typed(&sql, inc.params)
+            .await
+            .map_err(q(target_label, format!("looking for clashes in {index}")))?;
+        for row in rows {
+            pairs.push((index.clone(), row.get(0), row.get(1)));
+        }
+    }
+    let mut plan = Plan::default();
+    if pairs.is_empty() {
+        return Ok(plan);
+    }
+    let rule = ex.rules.for_table(&local_t.name).clone();
+    for (index, remote_key, local_key) in pairs {
+        let (l, r, li, ri) = tokio::try_join!(
+            async {
+                ttx.query(
+                    &changes_sql(
+                        local_t.table_id,
+                        unshipped,
+                        &ex.local_time,
+                        std::slice::from_ref(&local_key),
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(q(target_label, format!("reading local changes to {human}")))
+            },
+            async {
+                stx.query(
+                    &changes_sql(
+                        remote_t.table_id,
+                        pending,
+                        &ex.remote_time,
+                        std::slice::from_ref(&remote_key),
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(q(source_label, format!("reading the changes to {human}")))
+            },
+            images(ttx, local_t, std::slice::from_ref(&local_key), target_label),
+            images(
+                stx,
+                remote_t,
+                std::slice::from_ref(&remote_key),
+                source_label
+            )
+        )?;
+        let mut g = Group {
+            keys: vec![remote_key.clone(), local_key.clone()],
+            local_keys: BTreeSet::from([local_key.clone()]),
+            remote_keys: BTreeSet::from([remote_key.clone()]),
+            local: to_changes(&l),
+            remote: to_changes(&r),
+            local_rows: serde_json::Value::Array(li.into_values().collect()),
+            remote_rows: serde_json::Value::Array(ri.into_values().collect()),
+            outcome: Outcome::Skip,
+            winner: String::new(),
+            rule: rule.to_string(),
+            clash: Some((index, remote_key, local_key)),
+        };
+        g.outcome = match decide(ttx, ex, &rule, &g, local_t, target_label).await? {
+            // A merged row cannot settle two keys wanting one value.
+            Outcome::Merged => return Err(SyncError::CustomConflict {
+                function: rule.to_string(),
+                table: human,
+                reason:
+                    "it merged the rows of a unique clash (two keys): return one of the two images"
+                        .into(),
+            }),
+            o => o,
+        };
+        g.winner = winner(ex, &g.outcome);
+        tracing::info!(
+            table = %human,
+            keys = ?g.keys,
+            kind = %g.kind(),
+            rule = %g.rule,
+            winner = %g.winner,
+            "unique clash decided"
+        );
+        plan.groups.push(g);
+    }
+    Ok(plan)
+}
+
+/// Removes, before the table is applied again, the local row that lost each clash of `plan`:
+/// the local key's row when the remote's row wins, the remote's key's row when the local one
+/// wins (the round then leaves that key out).
+pub(crate) async fn settle_clashes(
+    ttx: &Transaction<'_>,
+    local_t: &CapturedTable,
+    plan: &Plan,
+    label: &str,
+) -> Result<(), SyncError> {
+    let lost: Vec<Key> = plan
+        .groups
+        .iter()
+        .filter_map(|g| {
+            let (_, remote_key, local_key) = g.clash.as_ref()?;
+            match g.outcome {
+                Outcome::Remote => Some(local_key.clone()),
+                Outcome::Local | Outcome::Merged => Some(remote_key.clone()),
+                Outcome::Skip => None,
+            }
+        })
+        .collect();
+    if lost.is_empty() {
+        return Ok(());
+    }
+    ttx.execute(
+        &format!(
+            "DELETE FROM {} AS t WHERE {}",
+            local_t.name,
+            key_in(local_t, &lost)
+        ),
+        &[],
+    )
+    .await
+    .map_err(q(
+        label,
+        format!(
+            "removing the rows that lost a clash in {}",
+            local_t.name.human()
+        ),
+    ))?;
+    Ok(())
 }
 
 /// Groups the changes of both sides by linked keys; keeps the groups both sides changed.
@@ -563,7 +824,7 @@ async fn images(
 ) -> Result<BTreeMap<Key, serde_json::Value>, SyncError> {
     let sql = format!(
         "SELECT {}, pg_catalog.to_jsonb(t)::text FROM {} AS t WHERE {}",
-        key_text(table),
+        key_text(table, "t"),
         table.name,
         key_in(table, keys)
     );
@@ -739,6 +1000,20 @@ pub(crate) async fn carry_out(
         .join(", ");
     for g in &plan.groups {
         let group_keys: Vec<Key> = g.keys.clone();
+        if let Some((_, remote_key, local_key)) = &g.clash {
+            // The losing row is gone here (see [`settle_clashes`]); its key is recorded as
+            // changed, so it goes on every node.
+            let lost = match g.outcome {
+                Outcome::Remote => Some(local_key),
+                Outcome::Local | Outcome::Merged => Some(remote_key),
+                Outcome::Skip => None,
+            };
+            if let Some(k) = lost {
+                reship(ttx, ex, local_t, std::slice::from_ref(k), target_label).await?;
+            }
+            record(ttx, ex, &human, g, target_label).await?;
+            continue;
+        }
         match g.outcome {
             Outcome::Remote => {
                 // Keys only the local node changed take the remote's rows too.
@@ -783,17 +1058,7 @@ pub(crate) async fn carry_out(
             }
             Outcome::Local | Outcome::Merged => {
                 // The group's keys are recorded as changed here, so the local state ships.
-                let sql = format!(
-                    "INSERT INTO pgferry.delta (xid, table_id, op, key)
-                     SELECT {}, {}, 'U', x.key FROM {}",
-                    ex.local_dialect.current_xid(),
-                    local_t.table_id,
-                    keys_relation(&group_keys)
-                );
-                ttx.execute(&sql, &[]).await.map_err(q(
-                    target_label,
-                    format!("recording the kept rows of {human}"),
-                ))?;
+                reship(ttx, ex, local_t, &group_keys, target_label).await?;
             }
             Outcome::Skip => {
                 drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
@@ -801,6 +1066,29 @@ pub(crate) async fn carry_out(
         }
         record(ttx, ex, &human, g, target_label).await?;
     }
+    Ok(())
+}
+
+/// Records `keys` as changed on the local node, in the round's transaction: the local state of
+/// those keys ships to every peer.
+async fn reship(
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    local_t: &CapturedTable,
+    keys: &[Key],
+    label: &str,
+) -> Result<(), SyncError> {
+    let sql = format!(
+        "INSERT INTO pgferry.delta (xid, table_id, op, key)
+         SELECT {}, {}, 'U', x.key FROM {}",
+        ex.local_dialect.current_xid(),
+        local_t.table_id,
+        keys_relation(keys)
+    );
+    ttx.execute(&sql, &[]).await.map_err(q(
+        label,
+        format!("recording the kept rows of {}", local_t.name.human()),
+    ))?;
     Ok(())
 }
 
@@ -850,12 +1138,13 @@ async fn record(
     let (lr, rr) = (g.local_rows.to_string(), g.remote_rows.to_string());
     let (lo, ro) = (ops(&g.local), ops(&g.remote));
     let (lt, rt) = (latest(&g.local), latest(&g.remote));
+    let kind = g.kind();
     ttx.execute(
         "INSERT INTO pgferry.conflict (table_name, keys, local_node, remote_node, local_ops, remote_ops,
-                                       local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner)
+                                       local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner, kind)
          VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb,
-                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12)",
-        &[&table, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner],
+                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12, $13)",
+        &[&table, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner, &kind],
     )
     .await
     .map_err(q(label, "recording a conflict"))?;
@@ -881,6 +1170,8 @@ pub struct Record {
     pub rule: String,
     /// A node name, `merged` or `skip`.
     pub winner: String,
+    /// `key` or `unique:INDEX`.
+    pub kind: String,
 }
 
 /// Which conflicts [`list`] returns.
@@ -922,7 +1213,7 @@ pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>,
         .query(
             &format!(
                 "SELECT conflict_id, {}, table_name, keys::text, local_node, remote_node, local_ops, remote_ops,
-                        local_rows::text, remote_rows::text, {}, {}, rule, winner
+                        local_rows::text, remote_rows::text, {}, {}, rule, winner, kind
                    FROM pgferry.conflict
                   WHERE decided_at >= COALESCE($1::text::timestamptz, '-infinity')
                     AND decided_at >= COALESCE(pg_catalog.now() - pg_catalog.make_interval(secs => $2::float8), '-infinity')
@@ -953,6 +1244,7 @@ pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>,
             remote_changed_at: r.get(11),
             rule: r.get(12),
             winner: r.get(13),
+            kind: r.get(14),
         })
         .collect())
 }

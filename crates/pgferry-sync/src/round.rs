@@ -408,8 +408,10 @@ async fn begin_target<'a>(
     // The round is acknowledged to the source after it commits, and the source may then purge
     // what it applied: the commit must be durable even where the target runs with
     // synchronous_commit off, or a crash could lose a round the source no longer holds.
+    // `pgferry.apply`: a target frozen by a cutover lets this transaction's rows through (a
+    // database cut over with --reverse follows the new one; `sql/freeze_apply.sql`).
     let settings = format!(
-        "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on{}",
+        "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on; SET LOCAL pgferry.apply = 'on'{}",
         if ctx.replica_role {
             "; SET LOCAL session_replication_role = replica"
         } else {
@@ -422,7 +424,7 @@ async fn begin_target<'a>(
         async {
             ttx.batch_execute(&settings).await.map_err(tgt(
                 label,
-                "setting the round's work_mem, synchronous_commit and replica role",
+                "setting the round's work_mem, synchronous_commit, apply mark and replica role",
             ))
         },
         async {
@@ -585,7 +587,7 @@ async fn apply_table(
     // changes included) is deleted. A small round passes its keys as parameters; a large one
     // streams them into a temporary table (never collected in pgferry's memory).
     let small = small_keys.is_some();
-    let (keys, mut delete_sql, key_values) = if let Some(rows) = small_keys {
+    let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
         let sql = format!(
             "DELETE FROM {name} AS t USING ({}) AS k WHERE {}",
             t.keys_from_params(),
@@ -658,36 +660,93 @@ async fn apply_table(
                 .await?;
         }
     }
-    let excluded = plan.excluded();
-    let keep = if excluded.is_empty() {
-        String::new()
-    } else {
-        format!(" AND NOT {}", crate::conflict::key_in(t, &excluded))
-    };
-    delete_sql.push_str(&keep);
-    let rows_sql = format!(
+    let base_delete = delete_sql;
+    let rows_sql = |keep: &str| {
+        format!(
             "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
                    (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'){keep}) TO STDOUT",
             cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
             new = t.restore("d.key"),
-        );
-    // The source starts on the rows while the target deletes.
-    let delete = async {
-        if small {
-            ttx.execute_typed(&delete_sql, &params).await.map(|_| ())
-        } else {
-            ttx.batch_execute(&delete_sql).await
-        }
+        )
     };
-    let rows = pass_through_after(stx, &rows_sql, ttx, &copy_in, delete)
-        .await
-        .map_err(|e| match e {
-            PassError::First(e) => tgt(
-                target_label,
-                format!("deleting the pending keys of {human}"),
-            )(e),
-            PassError::Copy(e) => tgt(target_label, format!("copying the rows of {human}"))(e),
-        })?;
+    // Two-way: the delete and the copy run under a savepoint; a unique index other than the
+    // key refusing a row (two nodes gave two keys the same value) is a clash, decided like a
+    // conflict, and the table is applied again.
+    let mut clash_checked = two_way.is_none();
+    let rows = loop {
+        let excluded = plan.excluded();
+        let keep = if excluded.is_empty() {
+            String::new()
+        } else {
+            format!(" AND NOT {}", crate::conflict::key_in(t, &excluded))
+        };
+        let delete_sql = format!("{base_delete}{keep}");
+        let rows_sql = rows_sql(&keep);
+        // The source starts on the rows while the target deletes.
+        let delete = async {
+            let savepoint = async {
+                if clash_checked {
+                    Ok(())
+                } else {
+                    ttx.batch_execute("SAVEPOINT pgferry_apply").await
+                }
+            };
+            let delete = async {
+                if small {
+                    ttx.execute_typed(&delete_sql, &params).await.map(|_| ())
+                } else {
+                    ttx.batch_execute(&delete_sql).await
+                }
+            };
+            tokio::try_join!(savepoint, delete).map(|_| ())
+        };
+        let failed = match pass_through_after(stx, &rows_sql, ttx, &copy_in, delete).await {
+            Ok(rows) => break rows,
+            Err(e) => e,
+        };
+        let unique = |e: &tokio_postgres::Error| {
+            e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+        };
+        let clash = match (&failed, two_way, local_t) {
+            (PassError::Copy(e), Some((ex, unshipped)), Some(lt))
+                if !clash_checked && unique(e) =>
+            {
+                clash_checked = true;
+                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_apply")
+                    .await
+                    .map_err(tgt(target_label, format!("starting {human} over")))?;
+                let relation = if small {
+                    format!("({})", t.keys_from_params())
+                } else {
+                    format!("pg_temp.{keys_table}")
+                };
+                let incoming = crate::conflict::Incoming {
+                    relation: &relation,
+                    params: if small { &params } else { &[] },
+                    excluded: &excluded,
+                    columns: &columns,
+                    rows_sql: &rows_sql,
+                };
+                let clashes = crate::conflict::clashes(
+                    stx, ttx, ex, t, lt, &incoming, pending, unshipped, labels,
+                )
+                .await?;
+                (!clashes.is_empty()).then_some((clashes, lt))
+            }
+            _ => None,
+        };
+        let Some((clashes, lt)) = clash else {
+            return Err(match failed {
+                PassError::First(e) => tgt(
+                    target_label,
+                    format!("deleting the pending keys of {human}"),
+                )(e),
+                PassError::Copy(e) => tgt(target_label, format!("copying the rows of {human}"))(e),
+            });
+        };
+        crate::conflict::settle_clashes(ttx, lt, &clashes, target_label).await?;
+        plan.extend(clashes);
+    };
     if large {
         stx.batch_execute("SET LOCAL enable_nestloop = on")
             .await
