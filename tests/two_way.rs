@@ -572,3 +572,46 @@ fn a_unique_clash_beyond_the_key_is_settled_by_the_rule() {
         assert_eq!(again["rows"], 0, "{again}");
     }
 }
+
+#[test]
+fn sequence_partition_gives_each_node_its_own_values() {
+    let cluster = Cluster::shared();
+    let dbs: Vec<TestDb<'_>> = (0..2)
+        .map(|i| {
+            let db = cluster.create_database(&format!("tw_seq_{i}"));
+            db.psql("CREATE TABLE s (id serial PRIMARY KEY, v text); INSERT INTO s (v) SELECT 'x' FROM generate_series(1, 5)");
+            pgferry(&["install", "--source", &db.dsn()]).expect(0);
+            db
+        })
+        .collect();
+    // Both nodes would hand out 6 next: pgferry check says so.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgferry.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[nodes.a]\ndsn = {:?}\n[nodes.b]\ndsn = {:?}\n[syncs.mesh]\nnodes = [\"a\", \"b\"]\nconflict = \"latest\"\n",
+            dbs[0].dsn(),
+            dbs[1].dsn()
+        ),
+    )
+    .unwrap();
+    let check = pgferry(&["check", "--config", &file.display().to_string(), "--json"])
+        .expect(1)
+        .json();
+    assert!(
+        check["problems"]
+            .to_string()
+            .contains("--sequence-partition"),
+        "{check}"
+    );
+    exchange(&dbs, "latest", &["--sequence-partition"]).expect(0);
+    for db in &dbs {
+        db.psql("INSERT INTO s (v) SELECT 'y' FROM generate_series(1, 10)");
+    }
+    let report = exchange_ok(&dbs, "latest");
+    assert_eq!(report["conflicts"], 0, "{report}");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(dbs[0].psql("SELECT count(*) FROM s").trim(), "25");
+    pgferry(&["check", "--config", &file.display().to_string()]).expect(0);
+}

@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// Two-way: a rule for some tables, TABLE=RULE. Repeatable; the first match wins.
     #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
     pub conflict_tables: Vec<String>,
+    /// Two-way: at start, give every node its own interleaved sequence values (see
+    /// `pgferry sync --help`).
+    #[arg(long, requires = "nodes")]
+    pub sequence_partition: bool,
     /// Without --config: the sync's identity (default: its targets' names, sorted), which
     /// keys the lock that keeps a second daemon for the same sync on standby.
     #[arg(long, value_name = "NAME", conflicts_with = "config")]
@@ -118,6 +122,10 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
 
 pub async fn run(args: RunArgs) -> Result<Code, Failure> {
     let specs = specs(&args)?;
+    if !args.nodes.is_empty() {
+        let nodes = crate::two_way::nodes(&args.nodes)?;
+        crate::two_way::sequences(&nodes, args.sequence_partition, false).await?;
+    }
     let root = CancellationToken::new();
     let mut states: Vec<StateReceiver> = Vec::new();
     let tracker = tokio_util::task::TaskTracker::new();
@@ -353,7 +361,20 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
     }
     for mesh in meshes {
         let names: Vec<&str> = mesh.nodes.iter().map(|n| n.name.as_str()).collect();
-        let found = pgferry_sync::two_way::check(mesh).await;
+        let mut found: Vec<String> = pgferry_sync::two_way::check(mesh)
+            .await
+            .iter()
+            .map(|e| chain(e))
+            .collect();
+        let pairs: Vec<(String, pgferry_core::Dsn)> = mesh
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.dsn.clone()))
+            .collect();
+        match pgferry_sync::sequence_partition::collisions(&pairs).await {
+            Ok(list) => found.extend(list.iter().map(|c| c.to_string().replace('\n', " "))),
+            Err(e) => found.push(chain(&e)),
+        }
         if found.is_empty() {
             checked.push(format!(
                 "two-way nodes {}: same tables captured, replica role allowed",
@@ -361,7 +382,7 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
             ));
         }
         for e in found {
-            problems.push(format!("two-way nodes {}: {}", names.join(", "), chain(&e)));
+            problems.push(format!("two-way nodes {}: {e}", names.join(", ")));
         }
     }
     problems.dedup();

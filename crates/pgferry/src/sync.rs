@@ -28,6 +28,12 @@ pub struct SyncArgs {
     /// Repeatable; the first match wins, other tables follow --conflict.
     #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
     pub conflict_tables: Vec<String>,
+    /// Two-way: before exchanging, give every node its own interleaved sequence values (the
+    /// same INCREMENT BY N on every node, node i starting at a value ≡ i mod N, above every
+    /// value handed out); sequences already partitioned are left alone
+    /// (docs/sequences-two-way.md).
+    #[arg(long, requires = "nodes")]
+    pub sequence_partition: bool,
     /// Apply every change committed on the source before the command started, then exit.
     /// (Continuous replication is `pgferry run`.)
     #[arg(long)]

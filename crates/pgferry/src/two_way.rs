@@ -58,9 +58,47 @@ pub fn rules(conflict: Option<&str>, tables: &[String]) -> Result<Rules, Failure
     Ok(rules)
 }
 
+/// With `partition`, partitions the nodes' sequences (reported on stderr, or stdout's JSON
+/// is left alone); without, warns about sequences that could hand out the same values.
+pub async fn sequences(nodes: &[Node], partition: bool, quiet: bool) -> Result<(), Failure> {
+    let pairs: Vec<(String, pgferry_core::Dsn)> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.dsn.clone()))
+        .collect();
+    if partition {
+        let report = pgferry_sync::sequence_partition::partition(&pairs, false)
+            .await
+            .map_err(fail)?;
+        tracing::info!(
+            sequences = report.sequences.len() / nodes.len().max(1),
+            changed = report.changed,
+            increment = report.increment,
+            "sequences partitioned"
+        );
+        if !quiet {
+            eprintln!(
+                "sequences: {} partitioned with INCREMENT BY {} ({} changed)",
+                report.sequences.len() / nodes.len().max(1),
+                report.increment,
+                report.changed
+            );
+        }
+        return Ok(());
+    }
+    for c in pgferry_sync::sequence_partition::collisions(&pairs)
+        .await
+        .map_err(fail)?
+    {
+        tracing::warn!("{}", c.to_string().replace('\n', "; "));
+    }
+    Ok(())
+}
+
 pub async fn sync(a: &SyncArgs) -> Result<Code, Failure> {
     let nodes = nodes(&a.nodes)?;
     let rules = rules(a.conflict.as_deref(), &a.conflict_tables)?;
+    pgferry_sync::two_way::validate(&nodes, &rules).map_err(fail)?;
+    sequences(&nodes, a.sequence_partition, a.json).await?;
     let report = pgferry_sync::two_way::exchange_once(&nodes, &rules)
         .await
         .map_err(fail)?;
