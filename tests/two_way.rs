@@ -247,6 +247,18 @@ fn skip_leaves_each_node_its_row_until_a_later_change() {
     assert_eq!(row(&dbs[1], 3), "b");
     assert_eq!(row(&dbs[1], 4), "a4");
     assert_eq!(conflicts(&dbs[1])[0]["winner"], "skip");
+    // verify lists the key as unsettled, and finds the nodes otherwise equal.
+    let v = pgferry(&[
+        "verify",
+        "--source",
+        &dbs[0].dsn(),
+        "--target",
+        &dbs[1].dsn(),
+        "--json",
+    ])
+    .expect(0)
+    .json();
+    assert!(v["tables"].to_string().contains("unsettled"), "{v}");
     // Still unsettled next time (nothing ships), until one node changes the row again.
     exchange_ok(&dbs, "skip");
     assert_eq!(row(&dbs[1], 3), "b");

@@ -71,6 +71,10 @@ pub struct TableVerdict {
     pub differences: Vec<Difference>,
     /// Differences beyond those listed.
     pub more_differences: u64,
+    /// Two-way syncs: differing keys a `skip` conflict rule left unsettled (recorded in
+    /// `pgferry.conflict` on either node); they do not make the table different.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unsettled: Vec<Difference>,
     pub seconds: f64,
 }
 
@@ -161,6 +165,21 @@ pub async fn verify(
         .flatten()
         .collect();
     verdicts.sort_by(|a, b| a.table.cmp(&b.table));
+    let mut skipped = skipped_keys(&stx, &slabel).await?;
+    skipped.extend(skipped_keys(&ttx, &tlabel).await?);
+    if !skipped.is_empty() {
+        for v in &mut verdicts {
+            let (unsettled, rest): (Vec<Difference>, Vec<Difference>) = v
+                .differences
+                .drain(..)
+                .partition(|d| skipped.contains(&(v.table.clone(), d.key.clone())));
+            v.differences = rest;
+            if !unsettled.is_empty() && v.differences.is_empty() && v.more_differences == 0 {
+                v.equal = true;
+            }
+            v.unsettled = unsettled;
+        }
+    }
     drop((stx, ttx));
     Ok(VerifyReport {
         source: slabel,
@@ -170,6 +189,53 @@ pub async fn verify(
         tables: verdicts,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Keys a `skip` conflict rule left unsettled, recorded on one node of a two-way sync, as
+/// (table, key as [`Difference`] shows it).
+async fn skipped_keys(
+    tx: &Transaction<'_>,
+    label: &str,
+) -> Result<std::collections::BTreeSet<(String, String)>, SyncError> {
+    let two_way: bool = tx
+        .query_one(
+            "SELECT pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(q(label, "looking for conflict records"))?
+        .get(0);
+    if !two_way {
+        return Ok(Default::default());
+    }
+    let rows = tx
+        .query(
+            "SELECT c.table_name, k.key::text
+               FROM pgferry.conflict c, pg_catalog.jsonb_array_elements(c.keys) AS k(key)
+              WHERE c.winner = 'skip'",
+            &[],
+        )
+        .await
+        .map_err(q(label, "reading skipped conflicts"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let table: String = r.get(0);
+            let key: Vec<Option<String>> = serde_json::from_str(&r.get::<_, String>(1)).ok()?;
+            let shown = if key.len() == 1 {
+                key[0].clone().unwrap_or_default()
+            } else {
+                format!(
+                    "({})",
+                    key.iter()
+                        .map(|v| v.clone().unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            };
+            Some((table, shown))
+        })
+        .collect())
 }
 
 struct Ctx {
@@ -376,6 +442,7 @@ async fn compare(
             equal: true,
             differences: Vec::new(),
             more_differences: 0,
+            unsettled: Vec::new(),
             seconds: started.elapsed().as_secs_f64(),
         });
     }
@@ -429,6 +496,7 @@ async fn compare(
         equal: s_sum == t_sum,
         differences,
         more_differences: more,
+        unsettled: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -92,6 +92,12 @@ fn print(r: &VerifyReport) {
         if t.more_differences > 0 {
             println!("      … and {} more", t.more_differences);
         }
+        for d in &t.unsettled {
+            println!(
+                "      {}: key {} (left unsettled by a skip conflict rule: see `pgferry conflicts`)",
+                d.kind, d.key
+            );
+        }
     }
     println!(
         "{} in {:.2} s",
