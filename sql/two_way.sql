@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS pgferry.conflict (
     winner text NOT NULL,
     -- 'key' (one key changed on both nodes) or 'unique:INDEX' (two keys whose rows collide in
     -- another unique index; keys holds the remote's key first)
-    kind text NOT NULL DEFAULT 'key'
+    kind text NOT NULL DEFAULT 'key',
+    -- the table's schema and name as in pgferry.captured_table (table_name is for people)
+    schema_name text NOT NULL,
+    relation_name text NOT NULL,
+    -- a skip settled by `pgferry conflicts resolve` (NULL: open, or settled by a later change)
+    settled_at timestamptz,
+    settled_by text
 );
 CREATE INDEX IF NOT EXISTS conflict_decided_at ON pgferry.conflict (decided_at);

@@ -266,6 +266,45 @@ fn skip_leaves_each_node_its_row_until_a_later_change() {
     exchange_ok(&dbs, "skip");
     assert_eq!(row(&dbs[0], 3), "b again");
     assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    // Or until `pgferry conflicts resolve` keeps one side: here the remote node's (a).
+    dbs[0].psql("UPDATE t SET v = 'a5' WHERE id = 5");
+    dbs[1].psql("UPDATE t SET v = 'b5' WHERE id = 5");
+    exchange_ok(&dbs, "skip");
+    let open = conflicts(&dbs[1]);
+    let id = open.last().unwrap()["conflict_id"].to_string();
+    let b = dbs[1].dsn();
+    // Keeping a needs a's connection.
+    pgferry(&[
+        "conflicts",
+        "resolve",
+        "--db",
+        &b,
+        "--id",
+        &id,
+        "--keep",
+        "a",
+    ])
+    .expect(1);
+    let a = format!("a={}", dbs[0].dsn());
+    pgferry(&[
+        "conflicts",
+        "resolve",
+        "--db",
+        &b,
+        "--id",
+        &id,
+        "--keep",
+        "a",
+        "--node",
+        &a,
+    ])
+    .expect(0);
+    exchange_ok(&dbs, "skip");
+    assert_eq!(row(&dbs[1], 5), "a5");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert!(conflicts(&dbs[1]).last().unwrap()["settled_by"]
+        .to_string()
+        .contains("kept a"));
 }
 
 #[test]

@@ -1011,7 +1011,7 @@ pub(crate) async fn carry_out(
             if let Some(k) = lost {
                 reship(ttx, ex, local_t, std::slice::from_ref(k), target_label).await?;
             }
-            record(ttx, ex, &human, g, target_label).await?;
+            record(ttx, ex, local_t, g, target_label).await?;
             continue;
         }
         match g.outcome {
@@ -1064,7 +1064,7 @@ pub(crate) async fn carry_out(
                 drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
             }
         }
-        record(ttx, ex, &human, g, target_label).await?;
+        record(ttx, ex, local_t, g, target_label).await?;
     }
     Ok(())
 }
@@ -1130,10 +1130,15 @@ fn ops(changes: &[Change]) -> String {
 async fn record(
     ttx: &Transaction<'_>,
     ex: &Exchange,
-    table: &str,
+    table: &CapturedTable,
     g: &Group,
     label: &str,
 ) -> Result<(), SyncError> {
+    let (human, schema, relation) = (
+        table.name.human(),
+        table.name.schema.as_str(),
+        table.name.name.as_str(),
+    );
     let keys = serde_json::to_string(&g.keys).unwrap_or_else(|_| "[]".into());
     let (lr, rr) = (g.local_rows.to_string(), g.remote_rows.to_string());
     let (lo, ro) = (ops(&g.local), ops(&g.remote));
@@ -1141,10 +1146,11 @@ async fn record(
     let kind = g.kind();
     ttx.execute(
         "INSERT INTO pgferry.conflict (table_name, keys, local_node, remote_node, local_ops, remote_ops,
-                                       local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner, kind)
+                                       local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner, kind,
+                                       schema_name, relation_name)
          VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb,
-                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12, $13)",
-        &[&table, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner, &kind],
+                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12, $13, $14, $15)",
+        &[&human, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner, &kind, &schema, &relation],
     )
     .await
     .map_err(q(label, "recording a conflict"))?;
@@ -1172,6 +1178,9 @@ pub struct Record {
     pub winner: String,
     /// `key` or `unique:INDEX`.
     pub kind: String,
+    /// When `pgferry conflicts resolve` settled a skip, and how.
+    pub settled_at: Option<String>,
+    pub settled_by: Option<String>,
 }
 
 /// Which conflicts [`list`] returns.
@@ -1213,14 +1222,15 @@ pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>,
         .query(
             &format!(
                 "SELECT conflict_id, {}, table_name, keys::text, local_node, remote_node, local_ops, remote_ops,
-                        local_rows::text, remote_rows::text, {}, {}, rule, winner, kind
+                        local_rows::text, remote_rows::text, {}, {}, rule, winner, kind, {}, settled_by
                    FROM pgferry.conflict
                   WHERE decided_at >= COALESCE($1::text::timestamptz, '-infinity')
                     AND decided_at >= COALESCE(pg_catalog.now() - pg_catalog.make_interval(secs => $2::float8), '-infinity')
                   ORDER BY conflict_id",
                 ts("decided_at"),
                 ts("local_changed_at"),
-                ts("remote_changed_at")
+                ts("remote_changed_at"),
+                ts("settled_at")
             ),
             &[&time, &ago],
         )
@@ -1245,8 +1255,120 @@ pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>,
             rule: r.get(12),
             winner: r.get(13),
             kind: r.get(14),
+            settled_at: r.get(15),
+            settled_by: r.get(16),
         })
         .collect())
+}
+
+/// What `pgferry conflicts resolve` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Resolved {
+    pub conflict_id: i64,
+    pub table: String,
+    pub keys: Vec<Key>,
+    /// The node whose rows now ship to the other.
+    pub kept: String,
+    /// Whether the record was already settled (nothing done).
+    pub already_settled: bool,
+}
+
+/// Settles conflict `id` recorded on `db` (typically a `skip`): the rows of its keys on node
+/// `keep` ship to the other node at the next exchange, as if changed there now. `keep` is the
+/// record's local node (`db` itself) or its remote node, reached at `remote`.
+pub async fn resolve(
+    db: &pgferry_core::Dsn,
+    id: i64,
+    keep: &str,
+    remote: Option<&pgferry_core::Dsn>,
+) -> Result<Resolved, SyncError> {
+    let mut s = pgferry_core::Session::connect(db, "conflicts resolve").await?;
+    let label = s.target.clone();
+    let bad = |reason: String| SyncError::TwoWayConfig { reason };
+    let row = s
+        .client
+        .query_opt(
+            "SELECT local_node, remote_node, schema_name, relation_name, keys::text, table_name,
+                    settled_at IS NOT NULL
+               FROM pgferry.conflict WHERE conflict_id = $1 AND pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
+            &[&id],
+        )
+        .await
+        .map_err(q(&label, "reading the conflict"))?
+        .ok_or_else(|| bad(format!("no conflict #{id} is recorded on {label} (see `pgferry conflicts --db …`)")))?;
+    let (local, remote_node): (String, String) = (row.get(0), row.get(1));
+    let (schema, relation): (String, String) = (row.get(2), row.get(3));
+    let keys: Vec<Key> = serde_json::from_str(&row.get::<_, String>(4)).unwrap_or_default();
+    let table: String = row.get(5);
+    let mut out = Resolved {
+        conflict_id: id,
+        table,
+        keys: keys.clone(),
+        kept: keep.to_owned(),
+        already_settled: row.get(6),
+    };
+    if out.already_settled {
+        return Ok(out);
+    }
+    let mut other;
+    let on: &mut pgferry_core::Session = if keep == local {
+        &mut s
+    } else if keep == remote_node {
+        let dsn = remote.ok_or_else(|| {
+            bad(format!(
+                "conflict #{id} is between {local} (this database) and {remote_node}: to keep {remote_node}'s rows, give its connection with --node {remote_node}=DSN"
+            ))
+        })?;
+        other = pgferry_core::Session::connect(dsn, "conflicts resolve").await?;
+        &mut other
+    } else {
+        return Err(bad(format!(
+            "conflict #{id} is between {local} and {remote_node}: --keep names one of them"
+        )));
+    };
+    let on_label = on.target.clone();
+    let dialect = Dialect::new(on.server_version);
+    let tx = on
+        .client
+        .transaction()
+        .await
+        .map_err(q(&on_label, "starting the resolution"))?;
+    let table_id: Option<i32> = tx
+        .query_opt(
+            "SELECT table_id FROM pgferry.captured_table WHERE schema_name = $1 AND table_name = $2",
+            &[&schema, &relation],
+        )
+        .await
+        .map_err(q(&on_label, "finding the captured table"))?
+        .map(|r| r.get(0));
+    let table_id = table_id.ok_or_else(|| SyncError::NotCapturedOnPeer {
+        table: out.table.clone(),
+        node: keep.to_owned(),
+    })?;
+    tx.execute(
+        &format!(
+            "INSERT INTO pgferry.delta (xid, table_id, op, key) SELECT {}, {table_id}, 'U', x.key FROM {}",
+            dialect.current_xid(),
+            keys_relation(&keys)
+        ),
+        &[],
+    )
+    .await
+    .map_err(q(&on_label, "recording the kept rows"))?;
+    tx.commit()
+        .await
+        .map_err(q(&on_label, "committing the resolution"))?;
+    let by = format!("pgferry conflicts resolve: kept {keep}");
+    s.client
+        .execute(
+            "UPDATE pgferry.conflict SET settled_at = pg_catalog.clock_timestamp(), settled_by = $2
+              WHERE conflict_id = $1",
+            &[&id, &by],
+        )
+        .await
+        .map_err(q(&label, "marking the conflict settled"))?;
+    out.already_settled = false;
+    Ok(out)
 }
 
 #[cfg(test)]

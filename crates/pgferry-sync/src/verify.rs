@@ -212,7 +212,7 @@ async fn skipped_keys(
         .query(
             "SELECT c.table_name, k.key::text
                FROM pgferry.conflict c, pg_catalog.jsonb_array_elements(c.keys) AS k(key)
-              WHERE c.winner = 'skip'",
+              WHERE c.winner = 'skip' AND c.settled_at IS NULL",
             &[],
         )
         .await

@@ -146,11 +146,14 @@ pub async fn sync(a: &SyncArgs) -> Result<Code, Failure> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ConflictsArgs {
+    #[command(subcommand)]
+    pub action: Option<ConflictsAction>,
     /// The node whose decisions to list (each node records the conflicts it decided while
     /// applying its peers' changes).
-    #[arg(long, value_name = "DSN")]
-    pub db: String,
+    #[arg(long, value_name = "DSN", required = true)]
+    pub db: Option<String>,
     /// Only conflicts decided since then: a time (`2026-11-27 10:00+00`) or a duration back
     /// from now (`10m`, `2h`, `90s`).
     #[arg(long, value_name = "T")]
@@ -160,8 +163,70 @@ pub struct ConflictsArgs {
     pub json: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum ConflictsAction {
+    /// Settle a recorded conflict (typically one a skip rule left open): the rows of its keys
+    /// on the node named by --keep ship to the other node at the next exchange.
+    Resolve {
+        /// The node holding the record (where `pgferry conflicts --db` lists it).
+        #[arg(long, value_name = "DSN")]
+        db: String,
+        /// The conflict's number (`#N` in the list, conflict_id in JSON).
+        #[arg(long)]
+        id: i64,
+        /// The node whose rows win: the record's local node (the --db node) or its remote one.
+        #[arg(long, value_name = "NODE")]
+        keep: String,
+        /// The remote node's connection, NAME=DSN, when --keep names it.
+        #[arg(long = "node", value_name = "NAME=DSN")]
+        node: Option<String>,
+        /// Print JSON on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 pub async fn conflicts(a: ConflictsArgs) -> Result<Code, Failure> {
-    let dsn = parse_dsn(&a.db)?;
+    if let Some(ConflictsAction::Resolve {
+        db,
+        id,
+        keep,
+        node,
+        json,
+    }) = a.action
+    {
+        let db = parse_dsn(&db)?;
+        let remote = match node {
+            Some(n) => {
+                let mut list = nodes(&[n])?;
+                let n = list.remove(0);
+                if n.name != keep {
+                    return Err(Failure::usage(format!(
+                        "--node names {}, but --keep is {keep}",
+                        n.name
+                    )));
+                }
+                Some(n.dsn)
+            }
+            None => None,
+        };
+        let done = pgferry_sync::conflict::resolve(&db, id, &keep, remote.as_ref())
+            .await
+            .map_err(fail)?;
+        if json {
+            output::json(&done);
+        } else if done.already_settled {
+            println!("conflict #{id} was already settled; nothing done");
+        } else {
+            println!(
+                "conflict #{id} ({} keys {}): {keep}'s rows ship to the other node at the next exchange",
+                done.table,
+                pgferry_sync::conflict::show_keys(&done.keys)
+            );
+        }
+        return Ok(Code::Ok);
+    }
+    let dsn = parse_dsn(a.db.as_deref().unwrap_or_default())?;
     let since = match a.since.as_deref() {
         None => Since::All,
         Some(t) => match ago(t) {
