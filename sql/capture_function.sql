@@ -1,5 +1,5 @@
 -- The capture function of one table (pgferry schema version 1), generated at install from one
--- of two bodies, chosen per table:
+-- of three bodies, chosen per table:
 --   capture_statement.plpgsql  ordinary tables outside any inheritance tree: statement-level
 --       AFTER INSERT/UPDATE/DELETE triggers read the keys from transition tables (one INSERT ...
 --       SELECT per statement, so a bulk statement pays per statement, not per row), plus a
@@ -10,6 +10,10 @@
 --       trigger. Row triggers are inherited by partitions (also those attached later) and fire
 --       for rows a statement on a parent touches in a child; statement triggers do neither.
 --       A row moved between partitions arrives as DELETE plus INSERT, each with the key.
+--   capture_row_delta.plpgsql  tables with delta columns (sql/delta_columns.sql), whatever their
+--       kind: capture_row.plpgsql that also records the delta columns' old and new values
+--       (@DELTA_OLD@, @DELTA_NEW@: numeric[] over OLD and NEW), which transition tables cannot
+--       pair when an UPDATE changes keys.
 -- Placeholders: @FUNCTION@ (qualified name), @BODY@ (the body, passed as a quoted literal so
 -- no column name can break out of it), and in the bodies @TABLE_ID@, @CURRENT_XID@, and
 -- @KEY_NEW@, @KEY_OLD@, @KEY_N@, @KEY_O@: text[] key expressions over NEW, OLD and the

@@ -493,3 +493,340 @@ fn statement_capture_for_plain_tables_row_capture_for_inheritance_trees() {
         ]
     );
 }
+
+/// Capture rows of `table` as `op key old_key delta_old delta_new`, in capture order.
+fn delta_values(db: &pgferry_testkit::TestDb<'_>, table: &str) -> Vec<String> {
+    db.psql(&format!(
+        "SELECT d.op::text || ' ' || coalesce(d.key::text, '-') || ' ' || coalesce(d.old_key::text, '-')
+                || ' ' || coalesce(d.delta_old::text, '-') || ' ' || coalesce(d.delta_new::text, '-')
+           FROM pgferry.delta d JOIN pgferry.captured_table t USING (table_id)
+          WHERE t.table_name = '{table}'
+          ORDER BY d.xid, d.ctid"
+    ))
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// `CREATE TABLE` of a table with delta-column candidates, under hostile names.
+const ACCOUNTS: &str = "CREATE SCHEMA \"Sch\"\"ema. *x\";
+     CREATE TABLE \"Sch\"\"ema. *x\".\"Acct $x$\" (
+         id int PRIMARY KEY, note text, \"Bal ance\" numeric(12, 2), hits bigint NOT NULL DEFAULT 0,
+         small smallint, f float8, r real, day date, \"Mixed\" integer);
+     CREATE TABLE other (id int PRIMARY KEY, v int);";
+
+#[test]
+fn delta_columns_record_old_and_new_values_of_those_columns_only() {
+    let db = Cluster::shared().create_database("delta_cols");
+    db.psql(ACCOUNTS);
+    let table = "\"Sch\"\"ema. *x\".\"Acct $x$\"";
+    // Given out of the table's column order, and once twice: recorded in column order, once.
+    let (hits, bal) = (format!("{table}.hits"), format!("{table}.\"Bal ance\""));
+    let args = [
+        "install",
+        "--source",
+        &db.dsn(),
+        "--table",
+        "public.other",
+        "--delta-column",
+        &hits,
+        "--delta-column",
+        &bal,
+        "--delta-column",
+        &hits,
+    ];
+    let dry = pgferry(&[&args[..], &["--dry-run"]].concat()).expect(0);
+    assert!(dry.stdout.contains("delta_old numeric[]"), "{}", dry.stdout);
+    assert!(dry.stdout.contains("delta_columns"), "{}", dry.stdout);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "0"
+    );
+
+    // Selected though --table names another table only.
+    let report = pgferry(&[&args[..], &["--json"]].concat()).expect(0).json();
+    let added = report["added"].as_array().unwrap();
+    assert_eq!(added.len(), 2, "{report}");
+    let acct = added
+        .iter()
+        .find(|t| t["table"]["name"] == "Acct $x$")
+        .unwrap();
+    assert_eq!(acct["mode"], "row", "{report}");
+    assert_eq!(
+        acct["delta_columns"],
+        serde_json::json!(["Bal ance", "hits"])
+    );
+    let other = added
+        .iter()
+        .find(|t| t["table"]["name"] == "other")
+        .unwrap();
+    assert_eq!(other["mode"], "statement");
+    assert_eq!(other["delta_columns"], serde_json::json!([]));
+    assert_eq!(
+        db.psql("SELECT table_name || ' ' || coalesce(delta_columns::text, '-') FROM pgferry.captured_table ORDER BY 1").trim_end(),
+        "Acct $x$ {\"Bal ance\",hits}\nother -"
+    );
+    assert_eq!(
+        db.psql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = '\"Sch\"\"ema. *x\".\"Acct $x$\"'::regclass ORDER BY 1"
+        ).trim_end(),
+        "pgferry_capture\npgferry_truncate"
+    );
+
+    db.psql(&format!(
+        "INSERT INTO {table} (id, note, \"Bal ance\", hits) VALUES (1, 'a', 10.50, 3), (2, 'b', NULL, 0);
+         UPDATE {table} SET \"Bal ance\" = \"Bal ance\" - 2.5, hits = hits + 1 WHERE id = 1;
+         UPDATE {table} SET id = 3, hits = 7 WHERE id = 2;
+         UPDATE {table} SET note = 'c', day = '2026-01-01';
+         DELETE FROM {table} WHERE id = 1;
+         INSERT INTO other VALUES (1, 1); UPDATE other SET v = 2; DELETE FROM other;"
+    ));
+    assert_eq!(
+        delta_values(&db, "Acct $x$"),
+        [
+            "I {1} - - {10.50,3}",
+            "I {2} - - {NULL,0}",
+            "U {1} - {10.50,3} {8.00,4}",
+            // A key change: one row with the pair, and the values before and after.
+            "U {3} {2} {NULL,0} {NULL,7}",
+            "U {1} - {8.00,4} {8.00,4}",
+            "U {3} - {NULL,7} {NULL,7}",
+            "D {1} - {8.00,4} -",
+        ]
+    );
+    // Other tables keep their capture: no delta values.
+    assert_eq!(
+        delta_values(&db, "other"),
+        ["I {1} - - -", "U {1} - - -", "D {1} - - -"]
+    );
+
+    // The same declaration again changes nothing.
+    let before = catalog_listing(&db);
+    let again = pgferry(&args).expect(0);
+    assert!(again.stdout.contains("no new table"), "{}", again.stdout);
+    assert!(
+        again
+            .stdout
+            .contains("already captured: 2 table(s), unchanged"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(before, catalog_listing(&db));
+
+    // A partitioned table is captured as a whole: a partition's column is pointed at its parent;
+    // the parent's delta columns follow a row moved between partitions.
+    db.psql(
+        "CREATE TABLE m (id int, region text, qty int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');",
+    );
+    let part = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--delta-column",
+        "m_eu.qty",
+    ])
+    .expect(1);
+    assert!(
+        part.stderr.contains("partition of public.m") && part.stderr.contains("public.m_eu.qty"),
+        "{}",
+        part.stderr
+    );
+    pgferry(&["install", "--source", &db.dsn(), "--delta-column", "m.qty"]).expect(0);
+    db.psql("INSERT INTO m VALUES (1, 'eu', 5); UPDATE m SET region = 'us', qty = 4;");
+    assert_eq!(
+        delta_values(&db, "m"),
+        ["I {1,eu} - - {5}", "D {1,eu} - {5} -", "I {1,us} - - {4}"]
+    );
+}
+
+#[test]
+fn delta_columns_on_a_captured_table_regenerate_its_capture_and_cleanup_finds_it() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_database("delta_again");
+    db.psql(ACCOUNTS);
+    let pristine = catalog_listing(&db);
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    let table = "\"Sch\"\"ema. *x\".\"Acct $x$\"";
+    db.psql(&format!(
+        "INSERT INTO {table} (id, hits, small) VALUES (1, 1, 1)"
+    ));
+
+    // Statement capture gives way to row capture with the delta columns, in one transaction.
+    let (hits, small) = (format!("{table}.hits"), format!("{table}.small"));
+    let run = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--delta-column",
+        &hits,
+        "--json",
+    ])
+    .expect(0)
+    .json();
+    assert_eq!(run["added"].as_array().unwrap().len(), 0, "{run}");
+    let changed = &run["delta_columns_changed"][0];
+    assert_eq!(changed["table"]["name"], "Acct $x$", "{run}");
+    assert_eq!(changed["delta_columns"], serde_json::json!(["hits"]));
+    assert_eq!(changed["previous"], serde_json::json!([]));
+    assert_eq!(changed["previous_mode"], "statement");
+    assert_eq!(
+        db.psql(&format!(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = '{}'::regclass ORDER BY 1",
+            table.replace('\'', "''")
+        ))
+        .trim_end(),
+        "pgferry_capture\npgferry_truncate"
+    );
+    assert_eq!(
+        db.scalar("SELECT capture_mode || ' ' || delta_columns::text FROM pgferry.captured_table WHERE table_name = 'Acct $x$'"),
+        "row {hits}"
+    );
+    db.psql(&format!("UPDATE {table} SET hits = hits + 1, small = 2"));
+    assert_eq!(
+        delta_values(&db, "Acct $x$"),
+        ["I {1} - - -", "U {1} - {1} {2}"]
+    );
+
+    // Re-declaring the same changes nothing; a different set for the table replaces it.
+    let listing = catalog_listing(&db);
+    let same = pgferry(&["install", "--source", &db.dsn(), "--delta-column", &hits]).expect(0);
+    assert!(!same.stdout.contains("regenerated"), "{}", same.stdout);
+    assert_eq!(listing, catalog_listing(&db));
+    let more = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--delta-column",
+        &small,
+        "--delta-column",
+        &hits,
+    ])
+    .expect(0);
+    assert!(
+        more.stdout
+            .contains("delta columns: hits, small (were: hits); capture regenerated"),
+        "{}",
+        more.stdout
+    );
+    db.psql(&format!("UPDATE {table} SET small = small + 1"));
+    assert_eq!(
+        delta_values(&db, "Acct $x$").last().unwrap(),
+        "U {1} - {2,2} {2,3}"
+    );
+    // A dropped trigger of a table with delta columns is recreated with them.
+    db.psql(&format!("DROP TRIGGER pgferry_capture ON {table}"));
+    let repaired = pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    assert!(
+        repaired
+            .stdout
+            .contains("repaired missing trigger pgferry_capture"),
+        "{}",
+        repaired.stdout
+    );
+    db.psql(&format!("DELETE FROM {table}"));
+    assert_eq!(
+        delta_values(&db, "Acct $x$").last().unwrap(),
+        "D {1} - {2,3} -"
+    );
+
+    // A restored copy is cleaned completely.
+    let copy = cluster.create_database("delta_again_copy");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    common::dump(&db, file.path());
+    common::restore(file.path(), &copy);
+    pgferry(&["clean", "--db", &copy.dsn(), "--watch", "0.5"]).expect(0);
+    assert_eq!(catalog_listing(&copy), pristine);
+
+    // A one-way sync reads the capture as before.
+    let target = cluster.create_database("delta_again_t");
+    common::copy_schema(&db, &target);
+    db.psql(&format!(
+        "INSERT INTO {table} (id, hits, small) VALUES (5, 50, 5)"
+    ));
+    common::sync_json(&db, &target);
+    assert_eq!(common::contents(&db), common::contents(&target));
+
+    // Uninstall leaves nothing.
+    pgferry(&["uninstall", "--source", &db.dsn()]).expect(0);
+    assert_eq!(catalog_listing(&db), pristine);
+}
+
+#[test]
+fn unusable_delta_columns_are_all_named_and_nothing_changes() {
+    let db = Cluster::shared().create_database("delta_refused");
+    db.psql(ACCOUNTS);
+    let table = "\"Sch\"\"ema. *x\".\"Acct $x$\"";
+    let bad = [
+        format!("{table}.nope"),
+        format!("{table}.mixed"),
+        format!("{table}.note"),
+        format!("{table}.f"),
+        format!("{table}.r"),
+        format!("{table}.day"),
+        format!("{table}.id"),
+        "nosuch.qty".to_owned(),
+    ];
+    let check = |db: &pgferry_testkit::TestDb<'_>| {
+        let mut args = vec!["install", "--source", &db.dsn()]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        for b in &bad {
+            args.push("--delta-column".into());
+            args.push(b.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = catalog_listing(db);
+        let run = pgferry(&args).expect(1);
+        let err = &run.stderr;
+        let t = "\"Sch\"\"ema. *x\".\"Acct $x$\"";
+        for needle in [
+            format!("{t}.nope: {t} has no column nope"),
+            format!("{t}.mixed: {t} has no column mixed (did you mean \"Mixed\"?"),
+            format!("{t}.note is of type text: only smallint, integer, bigint and numeric"),
+            format!("{t}.f is of type double precision: floating-point"),
+            format!("{t}.r is of type real: floating-point"),
+            format!("{t}.day is of type date"),
+            format!("{t}.id: it is part of the replication key of {t}"),
+            "public.nosuch.qty: there is no table public.nosuch".to_owned(),
+            "8 delta column(s) cannot be used".to_owned(),
+            "nothing was installed".to_owned(),
+        ] {
+            assert!(err.contains(&needle), "missing {needle:?} in:\n{err}");
+        }
+        assert_eq!(
+            before,
+            catalog_listing(db),
+            "a refused install changed the catalog"
+        );
+    };
+    // Refused on a fresh source: no schema made.
+    check(&db);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'"),
+        "0"
+    );
+    // And on a captured one: its capture untouched.
+    pgferry(&["install", "--source", &db.dsn()]).expect(0);
+    check(&db);
+
+    // Malformed names are usage errors.
+    for text in ["qty", "a.b.c.d", "a..c", "my table.c"] {
+        let run = pgferry(&["install", "--source", &db.dsn(), "--delta-column", text]).expect(2);
+        assert!(run.stderr.contains("delta column"), "{}", run.stderr);
+    }
+    // An excluded table cannot also have delta columns.
+    let both = pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--exclude",
+        "other",
+        "--delta-column",
+        "other.v",
+    ])
+    .expect(1);
+    assert!(both.stderr.contains("--exclude other"), "{}", both.stderr);
+}

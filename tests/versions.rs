@@ -13,6 +13,7 @@ fn capture_round_trip(major: &str) {
     let db = cluster.create_database("versions");
     load_hostile(&db);
     db.psql(partitioned_m(bin.major()));
+    db.psql("CREATE TABLE acct (id int PRIMARY KEY, bal numeric, n bigint)");
     let before = catalog_listing(&db);
     let report = pgferry(&["install", "--source", &db.dsn(), "--json"])
         .expect(0)
@@ -59,6 +60,33 @@ fn capture_round_trip(major: &str) {
             "public.t* I {2026-01-02T03:04:05+00:00,01} -".to_owned(),
             truncated.to_owned(),
         ]
+    );
+    // Delta columns added to a captured table: the schema gains its columns, and the table's
+    // statement capture gives way to a row capture that records them.
+    pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--delta-column",
+        "acct.n",
+        "--delta-column",
+        "public.acct.bal",
+    ])
+    .expect(0);
+    db.psql(
+        "INSERT INTO acct VALUES (1, 1.5, NULL);
+         UPDATE acct SET id = 2, bal = bal + 1, n = 3;
+         DELETE FROM acct;",
+    );
+    assert_eq!(
+        db.psql(
+            "SELECT d.op::text || ' ' || d.key::text || ' ' || coalesce(d.old_key::text, '-') || ' '
+                    || coalesce(d.delta_old::text, '-') || ' ' || coalesce(d.delta_new::text, '-')
+               FROM pgferry.delta d JOIN pgferry.captured_table t USING (table_id)
+              WHERE t.table_name = 'acct' ORDER BY d.xid, d.ctid"
+        )
+        .trim_end(),
+        "I {1} - - {1.5,NULL}\nU {2} {1} {1.5,NULL} {2.5,3}\nD {2} - {2.5,3} -"
     );
     pgferry(&["uninstall", "--source", &db.dsn()]).expect(0);
     assert_eq!(before, catalog_listing(&db));

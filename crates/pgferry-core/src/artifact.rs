@@ -35,7 +35,7 @@ impl CaptureMode {
                 "pgferry_delete",
                 "pgferry_key_change",
             ],
-            CaptureMode::Row => &["pgferry_capture"],
+            CaptureMode::Row => &[ROW_TRIGGER],
         }
     }
 
@@ -86,6 +86,37 @@ pub fn capture_function(table: &QualifiedName) -> QualifiedName {
     QualifiedName {
         schema: Ident::new(SCHEMA),
         name: generated_name("capture_", table.name.as_str(), &hashed),
+    }
+}
+
+/// The trigger of a table captured in [`CaptureMode::Row`], which is also how a table with delta
+/// columns is captured whatever its kind.
+pub const ROW_TRIGGER: &str = "pgferry_capture";
+
+/// The SQL expression, over a row `alias` of `pgferry.captured_table`, of the table's delta
+/// columns as `text[]` in their recorded order: empty when it has none, and also on a schema
+/// installed before delta columns existed (`sql/delta_columns.sql` adds the column only when
+/// a delta column is first declared), so readers need not look at the catalog first.
+pub fn delta_columns_expr(alias: &str) -> String {
+    format!(
+        "ARRAY(SELECT x.c FROM pg_catalog.jsonb_array_elements_text(\
+           COALESCE(NULLIF(pg_catalog.to_jsonb({alias}) OPERATOR(pg_catalog.->) 'delta_columns', 'null'::pg_catalog.jsonb), '[]'::pg_catalog.jsonb)) \
+           WITH ORDINALITY AS x(c, n) ORDER BY x.n)"
+    )
+}
+
+/// Whether a column whose base type is `base_type` (`pg_type.typname` of the domain's base
+/// type) can be a delta column, whose concurrent changes merge by adding differences: exact
+/// integer and decimal types only, recorded as `numeric`.
+pub fn delta_column_type(base_type: &str) -> Result<(), String> {
+    match base_type {
+        "int2" | "int4" | "int8" | "numeric" => Ok(()),
+        "float4" | "float8" => Err(
+            "floating-point arithmetic is not exact, so merged changes would not add up to the \
+             exact total; make the column numeric"
+                .into(),
+        ),
+        _ => Err("only smallint, integer, bigint and numeric columns can be delta columns".into()),
     }
 }
 

@@ -217,6 +217,47 @@ pub async fn user_tables(
     Ok(tables)
 }
 
+/// A column of a user table.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ColumnInfo {
+    pub name: Ident,
+    /// `format_type()` of the column, for messages.
+    pub sql_type: String,
+    /// `pg_type.typname` of the column's type, or of its base type for a domain.
+    pub base_type: String,
+}
+
+/// The columns of `table` (neither dropped nor system columns), in the table's column order;
+/// empty when there is no such table.
+pub async fn table_columns(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+    target: &str,
+) -> Result<Vec<ColumnInfo>, Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), bt.typname::text
+               FROM pg_catalog.pg_attribute a
+               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+               JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&table.schema.as_str(), &table.name.as_str()],
+        )
+        .await
+        .map_err(|e| q("reading columns", target, e))?;
+    Ok(rows
+        .iter()
+        .map(|r| ColumnInfo {
+            name: Ident::new(r.get::<_, String>(0)),
+            sql_type: r.get(1),
+            base_type: r.get(2),
+        })
+        .collect())
+}
+
 /// A sequence used by a table: owned by one of its columns (serial, identity) or named in a
 /// column default.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

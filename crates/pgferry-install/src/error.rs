@@ -17,6 +17,11 @@ pub enum InstallError {
             problems.len(), problems.join("; "))]
     UnsupportedKey { problems: Vec<String> },
 
+    #[error("{} delta column(s) cannot be used: {}\n\
+             fix: name numeric (smallint, integer, bigint or numeric) columns outside the replication key of tables pgferry captures as a whole, as SCHEMA.TABLE.COLUMN; nothing was installed",
+            problems.len(), problems.join("; "))]
+    DeltaColumns { problems: Vec<String> },
+
     #[error("pattern {pattern} matches no table{hint}; nothing was installed")]
     NoMatch { pattern: String, hint: String },
 

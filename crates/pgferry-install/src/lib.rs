@@ -13,13 +13,16 @@
 //!   waits for writers already in the table, so a dump started after install sees every change
 //!   that the capture does not hold.
 //! - Re-running adds newly matched tables and repairs missing pgferry triggers; it changes
-//!   nothing else.
+//!   nothing else, except the capture of tables whose delta columns it is told to change
+//!   ([`delta_column`]), regenerated in the same transaction.
 
+mod delta_column;
 mod error;
 mod plan;
 
+pub use delta_column::DeltaColumn;
 pub use error::InstallError;
-pub use plan::{schema_statements, AddedTable, InstallOptions, InstallReport};
+pub use plan::{schema_statements, AddedTable, DeltaColumnsChange, InstallOptions, InstallReport};
 
 use std::time::Duration;
 
@@ -36,6 +39,10 @@ pub const CAPTURE_FUNCTION_SQL: &str = include_str!("../../../sql/capture_functi
 pub const CAPTURE_STATEMENT_SQL: &str = include_str!("../../../sql/capture_statement.plpgsql");
 /// Body of a row-mode capture function.
 pub const CAPTURE_ROW_SQL: &str = include_str!("../../../sql/capture_row.plpgsql");
+/// Body of the capture function of a table with delta columns (row mode).
+pub const CAPTURE_ROW_DELTA_SQL: &str = include_str!("../../../sql/capture_row_delta.plpgsql");
+/// What the schema gains when a delta column is first declared (idempotent).
+pub const DELTA_COLUMNS_SQL: &str = include_str!("../../../sql/delta_columns.sql");
 
 /// Fills the per-version placeholders of an SQL template.
 pub fn render(sql: &str, dialect: Dialect) -> String {

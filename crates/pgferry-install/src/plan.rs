@@ -1,11 +1,11 @@
 //! Planning an install: which tables, which SQL, all read inside the install transaction.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use pgferry_core::artifact::{
-    self, CaptureMode, Dialect, KeyForm, SCHEMA, SCHEMA_VERSION, TRUNCATE_FUNCTION,
-    TRUNCATE_TRIGGER,
+    self, delta_column_type, delta_columns_expr, CaptureMode, Dialect, KeyForm, SCHEMA,
+    SCHEMA_VERSION, TRUNCATE_FUNCTION, TRUNCATE_TRIGGER,
 };
 use pgferry_core::catalog::{self, Key, TableInfo, TableKind};
 use pgferry_core::ident::literal;
@@ -15,8 +15,8 @@ use tokio_postgres::types::Oid;
 use tokio_postgres::Transaction;
 
 use crate::{
-    render, InstallError, CAPTURE_FUNCTION_SQL, CAPTURE_ROW_SQL, CAPTURE_STATEMENT_SQL,
-    SCHEMA_V1_SQL,
+    render, DeltaColumn, InstallError, CAPTURE_FUNCTION_SQL, CAPTURE_ROW_DELTA_SQL,
+    CAPTURE_ROW_SQL, CAPTURE_STATEMENT_SQL, DELTA_COLUMNS_SQL, SCHEMA_V1_SQL,
 };
 
 /// What to install.
@@ -30,6 +30,11 @@ pub struct InstallOptions {
     pub dry_run: bool,
     /// How long to wait for a table lock before giving up (a long transaction holding one).
     pub lock_timeout: Duration,
+    /// Delta columns (see [`crate::delta_column`]). A table named here is captured even if
+    /// `tables` does not select it; for a table named here, these are its delta columns from
+    /// now on (a captured table whose set changes gets its capture regenerated). Tables not
+    /// named keep theirs.
+    pub delta_columns: Vec<DeltaColumn>,
 }
 
 impl Default for InstallOptions {
@@ -39,6 +44,7 @@ impl Default for InstallOptions {
             exclude: Vec::new(),
             dry_run: false,
             lock_timeout: Duration::from_secs(10),
+            delta_columns: Vec::new(),
         }
     }
 }
@@ -54,6 +60,19 @@ pub struct AddedTable {
     /// Partitions covered through this table (when partitioned).
     pub partitions: Vec<QualifiedName>,
     pub sequences: Vec<QualifiedName>,
+    /// Its delta columns, in the order `pgferry.delta.delta_old`/`delta_new` hold them.
+    pub delta_columns: Vec<Ident>,
+}
+
+/// A captured table whose delta columns install changed: its capture function and triggers
+/// were regenerated (row mode).
+#[derive(Clone, Debug, Serialize)]
+pub struct DeltaColumnsChange {
+    pub table: QualifiedName,
+    pub delta_columns: Vec<Ident>,
+    pub previous: Vec<Ident>,
+    /// The capture mode before (a statement-mode table moves to row mode).
+    pub previous_mode: CaptureMode,
 }
 
 /// What install did (or, with `dry_run`, would do).
@@ -65,6 +84,8 @@ pub struct InstallReport {
     pub added: Vec<AddedTable>,
     /// Tables that matched and were captured already.
     pub already_captured: Vec<QualifiedName>,
+    /// Captured tables (among `already_captured`) whose delta columns changed.
+    pub delta_columns_changed: Vec<DeltaColumnsChange>,
     /// Partitions attached since the last install that got their TRUNCATE trigger now.
     pub new_partitions: Vec<QualifiedName>,
     /// pgferry triggers found missing on captured tables and recreated.
@@ -85,6 +106,7 @@ struct Registered {
     table_id: i32,
     mode: CaptureMode,
     columns: Vec<(Ident, String, KeyForm)>,
+    delta_columns: Vec<Ident>,
 }
 
 /// The units of capture: tables captured as a whole.
@@ -151,6 +173,8 @@ pub(crate) async fn plan(
     let schema_exists = catalog::schema_exists(tx, SCHEMA, target).await?;
     let mut registered: HashMap<QualifiedName, Registered> = HashMap::new();
     let mut next_id = 1;
+    // Whether sql/delta_columns.sql has been applied.
+    let mut has_delta_schema = false;
     if schema_exists {
         let has_install: bool = tx
             .query_one(
@@ -174,11 +198,24 @@ pub(crate) async fn plan(
                 known: SCHEMA_VERSION,
             });
         }
-        for r in tx
-            .query(
-                "SELECT table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_mode FROM pgferry.captured_table",
+        has_delta_schema = tx
+            .query_one(
+                "SELECT count(*) = 3 FROM pg_catalog.pg_attribute
+                  WHERE NOT attisdropped
+                    AND (attrelid = pg_catalog.to_regclass('pgferry.captured_table') AND attname = 'delta_columns'
+                         OR attrelid = pg_catalog.to_regclass('pgferry.delta') AND attname IN ('delta_old', 'delta_new'))",
                 &[],
             )
+            .await
+            .map_err(|e| q("looking for delta columns in the pgferry schema", e))?
+            .get(0);
+        let sql = format!(
+            "SELECT c.table_id, c.schema_name, c.table_name, c.key_columns, c.key_types, c.key_forms, c.capture_mode, {}
+               FROM pgferry.captured_table c",
+            delta_columns_expr("c")
+        );
+        for r in tx
+            .query(&sql, &[])
             .await
             .map_err(|e| q("reading captured tables", e))?
         {
@@ -195,8 +232,17 @@ pub(crate) async fn plan(
                         .zip(r.get::<_, Vec<String>>(4))
                         .zip(r.get::<_, Vec<String>>(5))
                         .map(|((c, ty), f)| {
-                            (Ident::new(c), ty, KeyForm::parse(&f).unwrap_or(KeyForm::Text))
+                            (
+                                Ident::new(c),
+                                ty,
+                                KeyForm::parse(&f).unwrap_or(KeyForm::Text),
+                            )
                         })
+                        .collect(),
+                    delta_columns: r
+                        .get::<_, Vec<String>>(7)
+                        .into_iter()
+                        .map(Ident::new)
                         .collect(),
                 },
             );
@@ -206,6 +252,53 @@ pub(crate) async fn plan(
     let tables = catalog::user_tables(tx, server_version, target).await?;
     let (units, covered) = capture_units(&tables, dialect);
     let unit_set: BTreeSet<usize> = units.iter().copied().collect();
+
+    // Tables named by --delta-column: captured whatever the patterns select, unless excluded.
+    let mut declared: BTreeMap<QualifiedName, Vec<&DeltaColumn>> = BTreeMap::new();
+    for d in &opts.delta_columns {
+        let cols = declared.entry(d.table.clone()).or_default();
+        if !cols.contains(&d) {
+            cols.push(d);
+        }
+    }
+    let mut delta_problems: Vec<String> = Vec::new();
+    let mut declared_units: BTreeMap<usize, Vec<&DeltaColumn>> = BTreeMap::new();
+    for (name, cols) in &declared {
+        let named: Vec<String> = cols.iter().map(|d| d.human()).collect();
+        let named = named.join(", ");
+        match tables.iter().position(|t| &t.name == name) {
+            None => delta_problems.push(format!("{named}: there is no table {}", name.human())),
+            Some(i) if !unit_set.contains(&i) => {
+                let whole = covered
+                    .iter()
+                    .find(|(_, d)| d.contains(&i))
+                    .map(|(u, _)| tables[*u].name.human());
+                delta_problems.push(match whole {
+                    Some(o) => format!(
+                        "{named}: {} is a partition of {o}, which is captured as a whole: declare the column on {o}",
+                        name.human()
+                    ),
+                    None => format!(
+                        "{named}: {} is partitioned and its partitions are captured one by one: declare the column on each partition",
+                        name.human()
+                    ),
+                });
+            }
+            Some(i) => match opts
+                .exclude
+                .iter()
+                .find(|p| p.matches(name.schema.as_str(), name.name.as_str()))
+            {
+                Some(p) => delta_problems.push(format!(
+                    "{named}: {} is left out by --exclude {p}: drop one of the two",
+                    name.human()
+                )),
+                None => {
+                    declared_units.insert(i, cols.clone());
+                }
+            },
+        }
+    }
 
     // Select by patterns.
     let selected: Vec<usize> = units
@@ -219,7 +312,8 @@ pub(crate) async fn plan(
             } else {
                 opts.tables.iter().any(|p| p.matches(s, n))
             };
-            included && !opts.exclude.iter().any(|p| p.matches(s, n))
+            (included && !opts.exclude.iter().any(|p| p.matches(s, n)))
+                || declared_units.contains_key(&i)
         })
         .collect();
     for p in opts.tables.iter().chain(&opts.exclude) {
@@ -250,11 +344,66 @@ pub(crate) async fn plan(
         });
     }
 
+    // Each declared table's delta columns, in the table's column order: numeric, outside the key.
+    let mut wanted: HashMap<QualifiedName, Vec<Ident>> = HashMap::new();
+    for (&i, cols) in &declared_units {
+        let t = &tables[i];
+        let columns = catalog::table_columns(tx, &t.name, target).await?;
+        let key: Vec<&Ident> = match registered.get(&t.name) {
+            Some(r) => r.columns.iter().map(|c| &c.0).collect(),
+            None => t
+                .key
+                .iter()
+                .flat_map(|k| k.columns.iter().map(|c| &c.name))
+                .collect(),
+        };
+        let names: BTreeSet<&Ident> = cols.iter().map(|d| &d.column).collect();
+        for d in cols {
+            let Some(c) = columns.iter().find(|c| c.name == d.column) else {
+                let near = columns
+                    .iter()
+                    .find(|c| c.name.as_str().to_lowercase() == d.column.as_str().to_lowercase())
+                    .map(|c| format!(" (did you mean {}? quote names as SQL does)", c.name))
+                    .unwrap_or_default();
+                delta_problems.push(format!(
+                    "{}: {} has no column {}{near}",
+                    d.human(),
+                    t.name.human(),
+                    d.column.human()
+                ));
+                continue;
+            };
+            if key.contains(&&c.name) {
+                delta_problems.push(format!(
+                    "{}: it is part of the replication key of {} (a key identifies the row, it cannot merge); declare another column",
+                    d.human(),
+                    t.name.human()
+                ));
+            } else if let Err(why) = delta_column_type(&c.base_type) {
+                delta_problems.push(format!("{} is of type {}: {why}", d.human(), c.sql_type));
+            }
+        }
+        wanted.insert(
+            t.name.clone(),
+            columns
+                .iter()
+                .filter(|c| names.contains(&c.name))
+                .map(|c| c.name.clone())
+                .collect(),
+        );
+    }
+    if !delta_problems.is_empty() {
+        return Err(InstallError::DeltaColumns {
+            problems: delta_problems,
+        });
+    }
+
     let mut report = InstallReport {
         dry_run: opts.dry_run,
         created_schema: !schema_exists,
         added: Vec::new(),
         already_captured: Vec::new(),
+        delta_columns_changed: Vec::new(),
         new_partitions: Vec::new(),
         repaired: Vec::new(),
         missing_tables: Vec::new(),
@@ -310,6 +459,12 @@ pub(crate) async fn plan(
     if !schema_exists {
         stmts.extend(schema_statements(tx, dialect, target).await?);
     }
+    if !wanted.is_empty() && !has_delta_schema {
+        stmts.push((
+            "add delta columns to schema pgferry".into(),
+            DELTA_COLUMNS_SQL.to_owned(),
+        ));
+    }
 
     let sequences = catalog::table_sequences(tx, target).await?;
     for &i in &selected {
@@ -322,12 +477,18 @@ pub(crate) async fn plan(
             .collect();
         if let Some(reg) = registered.get(&t.name) {
             report.already_captured.push(t.name.clone());
+            let change = wanted.get(&t.name).filter(|w| **w != reg.delta_columns);
             let capture = Capture {
                 table: &t.name,
                 function: artifact::capture_function(&t.name),
                 table_id: reg.table_id,
-                mode: reg.mode,
+                mode: if change.is_some() {
+                    CaptureMode::Row
+                } else {
+                    reg.mode
+                },
                 columns: reg.columns.clone(),
+                delta_columns: change.unwrap_or(&reg.delta_columns).clone(),
             };
             let missing: Vec<&str> = reg
                 .mode
@@ -336,7 +497,59 @@ pub(crate) async fn plan(
                 .copied()
                 .filter(|name| !has_trigger(&t.name, name))
                 .collect();
-            if !missing.is_empty() {
+            if let Some(w) = change {
+                // Regenerate the capture: statement triggers (if any) give way to the row
+                // trigger, whose function records the delta columns; all in this transaction,
+                // so every write is captured by the old capture or the new.
+                if !t.can_trigger {
+                    needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
+                }
+                if reg.mode != CaptureMode::Row {
+                    for name in reg.mode.triggers() {
+                        if has_trigger(&t.name, name) {
+                            stmts.push((
+                                format!(
+                                    "drop trigger {name} on {} (now row capture)",
+                                    t.name.human()
+                                ),
+                                format!("DROP TRIGGER {} ON {}", Ident::new(*name), t.name),
+                            ));
+                        }
+                    }
+                }
+                stmts.push((
+                    format!(
+                        "regenerate the capture function of {} with delta columns",
+                        t.name.human()
+                    ),
+                    capture.function_sql(dialect, true),
+                ));
+                for (name, sql) in capture.triggers_sql(dialect) {
+                    if !has_trigger(&t.name, name) {
+                        stmts.push((format!("trigger {name} on {}", t.name.human()), sql));
+                        if missing.contains(&name) {
+                            report
+                                .repaired
+                                .push(format!("{name} on {}", t.name.human()));
+                        }
+                    }
+                }
+                stmts.push((
+                    format!("record the delta columns of {}", t.name.human()),
+                    format!(
+                        "UPDATE pgferry.captured_table SET capture_mode = {}, delta_columns = {} WHERE table_id = {}",
+                        literal(CaptureMode::Row.as_str()),
+                        text_array(w.iter().map(|c| c.as_str().to_owned())),
+                        reg.table_id
+                    ),
+                ));
+                report.delta_columns_changed.push(DeltaColumnsChange {
+                    table: t.name.clone(),
+                    delta_columns: w.clone(),
+                    previous: reg.delta_columns.clone(),
+                    previous_mode: reg.mode,
+                });
+            } else if !missing.is_empty() {
                 if !t.can_trigger {
                     needs_trigger_priv.push(format!("{} (owner {})", t.name.human(), t.owner));
                 }
@@ -404,7 +617,12 @@ pub(crate) async fn plan(
         }
         let id = next_id;
         next_id += 1;
-        let mode = if t.kind == TableKind::Ordinary && t.parent.is_none() && !t.inheritance {
+        let delta_columns = wanted.get(&t.name).cloned().unwrap_or_default();
+        let mode = if t.kind == TableKind::Ordinary
+            && t.parent.is_none()
+            && !t.inheritance
+            && delta_columns.is_empty()
+        {
             CaptureMode::Statement
         } else {
             CaptureMode::Row
@@ -419,8 +637,22 @@ pub(crate) async fn plan(
                 .iter()
                 .map(|c| (c.name.clone(), c.sql_type.clone(), c.form))
                 .collect(),
+            delta_columns,
         };
         let cols = &capture.columns;
+        // Registered with delta columns only when it has some: without any, the registry
+        // keeps the shape of schema version 1 (sql/delta_columns.sql may not have been applied).
+        let (delta_col, delta_value) = if capture.delta_columns.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (
+                ", delta_columns".to_owned(),
+                format!(
+                    ", {}",
+                    text_array(capture.delta_columns.iter().map(|c| c.as_str().to_owned()))
+                ),
+            )
+        };
         stmts.push((
             format!("capture function of {}", t.name.human()),
             capture.function_sql(dialect, false),
@@ -428,8 +660,8 @@ pub(crate) async fn plan(
         stmts.push((
             format!("register {}", t.name.human()),
             format!(
-                "INSERT INTO pgferry.captured_table (table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_function, capture_mode, partitioned)
-                 VALUES ({id}, {}, {}, {}, {}, {}, {}, {}, {})",
+                "INSERT INTO pgferry.captured_table (table_id, schema_name, table_name, key_columns, key_types, key_forms, capture_function, capture_mode, partitioned{delta_col})
+                 VALUES ({id}, {}, {}, {}, {}, {}, {}, {}, {}{delta_value})",
                 literal(t.name.schema.as_str()),
                 literal(t.name.name.as_str()),
                 text_array(cols.iter().map(|c| c.0.as_str().to_owned())),
@@ -477,6 +709,7 @@ pub(crate) async fn plan(
             key: cols.iter().map(|c| c.0.clone()).collect(),
             partitions: descendants.iter().map(|d| d.name.clone()).collect(),
             sequences: seqs,
+            delta_columns: capture.delta_columns.clone(),
         });
     }
     if !needs_trigger_priv.is_empty() {
@@ -507,6 +740,38 @@ fn key_array(record: &str, cols: &[(Ident, String, KeyForm)]) -> String {
     format!("ARRAY[{}]", parts.join(", "))
 }
 
+/// `ARRAY[record.c1::numeric, …]`: the delta columns' values as `pgferry.delta` records them.
+fn delta_array(record: &str, cols: &[Ident]) -> String {
+    let parts: Vec<String> = cols
+        .iter()
+        .map(|c| format!("{record}.{c}::pg_catalog.numeric"))
+        .collect();
+    format!("ARRAY[{}]", parts.join(", "))
+}
+
+/// Fills the `@NAME@` placeholders of a body in one pass, so that no value (they hold column
+/// names) is searched for placeholders in turn: a column named `@KEY_OLD@` stays a column name.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find('@') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        match values.iter().find(|(p, _)| tail.starts_with(p)) {
+            Some((p, v)) => {
+                out.push_str(v);
+                rest = &tail[p.len()..];
+            }
+            None => {
+                out.push('@');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The capture of one table: its function and triggers, rendered from `sql/`.
 struct Capture<'a> {
     table: &'a QualifiedName,
@@ -514,20 +779,32 @@ struct Capture<'a> {
     table_id: i32,
     mode: CaptureMode,
     columns: Vec<(Ident, String, KeyForm)>,
+    /// Non-empty only in row mode.
+    delta_columns: Vec<Ident>,
 }
 
 impl Capture<'_> {
     fn function_sql(&self, dialect: Dialect, replace: bool) -> String {
         let template = match self.mode {
-            CaptureMode::Statement => CAPTURE_STATEMENT_SQL,
-            CaptureMode::Row => CAPTURE_ROW_SQL,
+            CaptureMode::Statement => {
+                debug_assert!(self.delta_columns.is_empty(), "delta columns need row mode");
+                CAPTURE_STATEMENT_SQL
+            }
+            CaptureMode::Row if self.delta_columns.is_empty() => CAPTURE_ROW_SQL,
+            CaptureMode::Row => CAPTURE_ROW_DELTA_SQL,
         };
-        let body = render(template, dialect)
-            .replace("@TABLE_ID@", &self.table_id.to_string())
-            .replace("@KEY_NEW@", &key_array("NEW", &self.columns))
-            .replace("@KEY_OLD@", &key_array("OLD", &self.columns))
-            .replace("@KEY_N@", &key_array("n", &self.columns))
-            .replace("@KEY_O@", &key_array("o", &self.columns));
+        let mut values = vec![
+            ("@TABLE_ID@", self.table_id.to_string()),
+            ("@KEY_NEW@", key_array("NEW", &self.columns)),
+            ("@KEY_OLD@", key_array("OLD", &self.columns)),
+            ("@KEY_N@", key_array("n", &self.columns)),
+            ("@KEY_O@", key_array("o", &self.columns)),
+        ];
+        if !self.delta_columns.is_empty() {
+            values.push(("@DELTA_OLD@", delta_array("OLD", &self.delta_columns)));
+            values.push(("@DELTA_NEW@", delta_array("NEW", &self.delta_columns)));
+        }
+        let body = fill(&render(template, dialect), &values);
         let sql = CAPTURE_FUNCTION_SQL
             .lines()
             .filter(|l| !l.starts_with("--"))
@@ -645,4 +922,22 @@ pub async fn schema_statements(
             ),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_filled_once() {
+        let cols = [Ident::new("@KEY_OLD@"), Ident::new("x@")];
+        let values = [
+            ("@KEY_OLD@", delta_array("OLD", &cols)),
+            ("@KEY_O@", "o".to_owned()),
+        ];
+        assert_eq!(
+            fill("a @KEY_OLD@ b @KEY_O@ @ c@", &values),
+            "a ARRAY[OLD.\"@KEY_OLD@\"::pg_catalog.numeric, OLD.\"x@\"::pg_catalog.numeric] b o @ c@"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! The source's registry of captured tables and sequences, as the sync engine needs it.
 
-use pgferry_core::artifact::KeyForm;
+use pgferry_core::artifact::{delta_columns_expr, KeyForm};
 use pgferry_core::{Ident, QualifiedName};
 use tokio_postgres::GenericClient;
 
@@ -11,6 +11,13 @@ pub struct CapturedTable {
     pub name: QualifiedName,
     /// Key columns: name, SQL type (`format_type`), text form in the capture.
     pub key: Vec<(Ident, String, KeyForm)>,
+    /// Delta columns (two-way syncs: they merge instead of overwriting), in the order of the
+    /// `numeric[]` values `pgferry.delta.delta_old` and `delta_new` hold for this table's
+    /// capture rows; empty for most tables, and on a source installed before delta columns
+    /// existed. See `pgferry_install::DeltaColumn`.
+    // Read by the two-way merge in `conflict`, which lands separately.
+    #[allow(dead_code)]
+    pub delta_columns: Vec<Ident>,
 }
 
 impl CapturedTable {
@@ -88,12 +95,13 @@ pub async fn captured_tables(
     client: &impl GenericClient,
     target: &str,
 ) -> Result<Vec<CapturedTable>, pgferry_core::Error> {
+    let sql = format!(
+        "SELECT c.table_id, c.schema_name, c.table_name, c.key_columns, c.key_types, c.key_forms, {}
+           FROM pgferry.captured_table c ORDER BY c.table_id",
+        delta_columns_expr("c")
+    );
     let rows = client
-        .query(
-            "SELECT table_id, schema_name, table_name, key_columns, key_types, key_forms
-               FROM pgferry.captured_table ORDER BY table_id",
-            &[],
-        )
+        .query(&sql, &[])
         .await
         .map_err(|e| pgferry_core::Error::Query {
             context: "reading pgferry.captured_table".into(),
@@ -117,6 +125,11 @@ pub async fn captured_tables(
                         KeyForm::parse(&f).unwrap_or(KeyForm::Text),
                     )
                 })
+                .collect(),
+            delta_columns: r
+                .get::<_, Vec<String>>(6)
+                .into_iter()
+                .map(Ident::new)
                 .collect(),
         })
         .collect())

@@ -1,7 +1,7 @@
 //! `pgferry install` and `pgferry uninstall`.
 
 use pgferry_core::{Dsn, ErrorClass, TablePattern};
-use pgferry_install::{InstallError, InstallOptions};
+use pgferry_install::{DeltaColumn, InstallError, InstallOptions};
 
 use crate::exit::{Code, Failure};
 use crate::{output, ChangeArgs};
@@ -20,6 +20,14 @@ pub struct InstallArgs {
     /// Leave out tables matching PATTERN. Repeatable.
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
+    /// Declare a delta column for two-way syncs: concurrent changes on two nodes merge
+    /// (local + remote new - remote old) instead of one overwriting the other; the capture
+    /// records its old and new values. SCHEMA.TABLE.COLUMN, or TABLE.COLUMN in schema public;
+    /// smallint, integer, bigint or numeric, outside the key. Repeatable. The table is captured
+    /// even if --table does not select it; the columns named for a table become its delta
+    /// columns (an already captured table gets its capture regenerated).
+    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = DeltaColumn::parse)]
+    pub delta_columns: Vec<DeltaColumn>,
     #[command(flatten)]
     pub change: ChangeArgs,
 }
@@ -63,6 +71,7 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
         exclude: parse_patterns(&a.exclude)?,
         dry_run: a.change.dry_run,
         lock_timeout: a.change.lock_timeout(),
+        delta_columns: a.delta_columns,
     };
     let report = pgferry_install::install(&dsn, &opts)
         .await
@@ -99,13 +108,26 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
             let s: Vec<String> = t.sequences.iter().map(|s| s.human()).collect();
             line.push_str(&format!("  sequences: {}", s.join(", ")));
         }
+        if !t.delta_columns.is_empty() {
+            line.push_str(&format!("  delta columns: {}", names(&t.delta_columns)));
+        }
         println!("{line}");
     }
-    if !report.already_captured.is_empty() {
+    for c in &report.delta_columns_changed {
+        let was = if c.previous.is_empty() {
+            "none".to_owned()
+        } else {
+            names(&c.previous)
+        };
         println!(
-            "already captured: {} table(s), unchanged",
-            report.already_captured.len()
+            "  ~ {}  delta columns: {} (were: {was}); capture regenerated",
+            c.table.human(),
+            names(&c.delta_columns)
         );
+    }
+    let unchanged = report.already_captured.len() - report.delta_columns_changed.len();
+    if unchanged > 0 {
+        println!("already captured: {unchanged} table(s), unchanged");
     }
     for p in &report.new_partitions {
         println!("  + TRUNCATE capture on new partition {}", p.human());
@@ -117,6 +139,13 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
         println!("  ? {} is registered but no longer exists", m.human());
     }
     Ok(Code::Ok)
+}
+
+fn names(list: &[pgferry_core::Ident]) -> String {
+    list.iter()
+        .map(|c| c.human())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn uninstall(a: UninstallArgs) -> Result<Code, Failure> {
