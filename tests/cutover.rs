@@ -2,7 +2,9 @@
 //! (the writers' commits all reach the target, their next write is refused, whatever role or
 //! `session_replication_role`), failure injected at each step inside the freeze (the source is
 //! writable again and nothing is lost), a lock held by a writer, a target killed inside the
-//! freeze, a daemon taken over, dry run and refusals.
+//! freeze, a daemon taken over, dry run and refusals; the way back (`cutover --reverse`, writes
+//! on the new database replicated to the frozen old one, a cutover back losing none), its
+//! refusals and its undo.
 
 mod common;
 
@@ -12,7 +14,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{digest, dump, pgferry, restore, sync_json, verify_run, wait_for, Conn, Daemon};
+use common::{
+    digest, dump, pgferry, restore, sync_json, sync_run, verify_run, wait_for, Conn, Daemon,
+};
 use pgferry_testkit::{Cluster, PgBin, TestDb};
 
 const SCHEMA: &str = "
@@ -148,8 +152,13 @@ fn cutover(source: &TestDb<'_>, target: &TestDb<'_>, extra: &[&str]) -> common::
     pgferry(&args)
 }
 
-/// `pgferry cutover … --json` with `PGFERRY_FAILPOINT` set.
-fn cutover_failing_at(source: &TestDb<'_>, target: &TestDb<'_>, failpoint: &str) -> common::Run {
+/// `pgferry cutover … --json` followed by `extra`, with `PGFERRY_FAILPOINT` set.
+fn cutover_failing_at(
+    source: &TestDb<'_>,
+    target: &TestDb<'_>,
+    failpoint: &str,
+    extra: &[&str],
+) -> common::Run {
     let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
         .args([
             "cutover",
@@ -159,6 +168,7 @@ fn cutover_failing_at(source: &TestDb<'_>, target: &TestDb<'_>, failpoint: &str)
             &target.dsn(),
             "--json",
         ])
+        .args(extra)
         .env("PGFERRY_LOG", "warn")
         .env("PGFERRY_FAILPOINT", failpoint)
         .output()
@@ -289,7 +299,7 @@ fn failures_inside_the_freeze_leave_the_source_writable_and_lose_nothing() {
     writer.progress(20);
 
     for step in ["final round", "sequences", "check", "done"] {
-        let run = cutover_failing_at(&source, &target, step).expect(1);
+        let run = cutover_failing_at(&source, &target, step, &[]).expect(1);
         let report = run.json();
         assert_eq!(report["ok"], false, "{report}");
         assert_eq!(report["failed_step"], step, "{report}");
@@ -471,4 +481,267 @@ fn dry_run_and_refusals_change_nothing() {
     assert!(!has_pgferry(&fresh));
     assert_eq!(freeze_triggers(&source), "0");
     source.psql("INSERT INTO account VALUES (777, 0)");
+}
+
+/// The step names of a cutover report, in order.
+fn steps(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// The SQLSTATE of a write through `conn`, or None when it went through.
+fn write_refused(conn: &Conn, sql: &str) -> Option<String> {
+    conn.try_batch(sql)
+        .err()
+        .map(|e| e.code().map(|c| c.code().to_owned()).unwrap_or_default())
+}
+
+#[test]
+fn cutover_reverse_replicates_the_new_database_back_and_a_cutover_back_loses_nothing() {
+    let cluster = Cluster::shared();
+    let (old, new) = (
+        cluster.create_database("cw_old"),
+        cluster.create_database("cw_new"),
+    );
+    migrated(&old, &new);
+    let writer = Writer::start(&old.dsn());
+    writer.progress(30);
+
+    // Forth, with a way back: NEW captures, with OLD registered as its target, before the
+    // cutover is done (the applications are released).
+    let report = cutover(&old, &new, &["--reverse"]).expect(0).json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["source_state"], "cut over", "{report}");
+    let names = steps(&report);
+    let at = |s: &str| names.iter().position(|n| n == s).expect(s);
+    assert!(
+        at("check") < at("reverse") && at("reverse") < at("done"),
+        "{report}"
+    );
+    assert_eq!(
+        report["steps"][at("reverse")]["in_outage"],
+        true,
+        "{report}"
+    );
+    let back = &report["reverse"];
+    assert_eq!(
+        back["replicate"],
+        format!(
+            "pgferry run --source '{}' --target '{}'",
+            new.dsn(),
+            old.dsn()
+        ),
+        "{report}"
+    );
+    assert_eq!(
+        back["way_back"],
+        format!(
+            "pgferry cutover --source '{}' --target '{}'",
+            new.dsn(),
+            old.dsn()
+        ),
+        "{report}"
+    );
+    wait_for(Duration::from_secs(10), "a refused write", || {
+        writer.refused() > 0
+    });
+    writer.stop();
+    assert_eq!(digest(&old), digest(&new));
+    assert_eq!(
+        new.scalar("SELECT string_agg(schema_name || '.' || table_name, ',' ORDER BY 1, 2) FROM pgferry.captured_table"),
+        old.scalar("SELECT string_agg(schema_name || '.' || table_name, ',' ORDER BY 1, 2) FROM pgferry.captured_table")
+    );
+    let status = pgferry(&["status", "--source", &old.dsn(), "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(status["cutover"]["state"], "done", "{status}");
+    assert_eq!(
+        status["cutover"]["followed_by"],
+        new.scalar("SELECT node_id FROM pgferry.installation"),
+        "{status}"
+    );
+
+    // The application moves to NEW; its writes reach OLD through an ordinary one-way sync:
+    // first `sync --once`, then the daemon the report names.
+    let writer = Writer::start(&new.dsn());
+    writer.progress(30);
+    let once = sync_json(&new, &old);
+    assert!(once["rows"].as_u64().unwrap_or(0) > 0, "{once}");
+    // A TRUNCATE on NEW goes back too (through OLD's BEFORE TRUNCATE freeze triggers).
+    new.psql("TRUNCATE event");
+    let mut daemon = Daemon::following(&new.dsn(), &old.dsn());
+    daemon.wait_log("target connected", Duration::from_secs(30));
+    writer.progress(30);
+
+    // Meanwhile OLD refuses every application write (SQLSTATE 25006), also one that claims to
+    // be pgferry's apply from a role that may not use schema pgferry, and is not replicable.
+    old.psql(
+        "CREATE ROLE cw_app LOGIN PASSWORD 'app';
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO cw_app;
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO cw_app;",
+    );
+    let app = Conn::open(&old.dsn_as("cw_app", "app"));
+    for sql in [
+        "INSERT INTO account VALUES (1000, 0)",
+        "UPDATE account SET balance = balance + 1 WHERE id = 1",
+        "BEGIN; SET LOCAL pgferry.apply = 'on'; DELETE FROM movement; COMMIT",
+        "TRUNCATE movement CASCADE",
+    ] {
+        assert_eq!(write_refused(&app, sql).as_deref(), Some("25006"), "{sql}");
+        let _ = app.try_batch("ROLLBACK");
+    }
+    let err = old
+        .try_psql("INSERT INTO account VALUES (1000, 0)")
+        .expect_err("a write to OLD");
+    assert!(err.contains("frozen"), "{err}");
+    let refused = sync_run(&old, &new, &[]).expect(1);
+    assert!(refused.stderr.contains("cut over"), "{}", refused.stderr);
+
+    // Back: the cutover in the other direction, under the writer, the daemon taken over.
+    let report = cutover(&new, &old, &[]).expect(0).json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        report["daemons_taken_over"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    let names = steps(&report);
+    assert!(names.iter().any(|s| s == "return"), "{report}");
+    assert_eq!(
+        report["returned"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    wait_for(Duration::from_secs(10), "a refused write on NEW", || {
+        writer.refused() > 0
+    });
+    let made_on_new = writer.committed();
+    writer.stop();
+    assert!(made_on_new >= 60);
+    // Every write made on NEW is on OLD: the same rows, and no transfer lost or half-applied.
+    assert_eq!(digest(&old), digest(&new));
+    assert_eq!(old.scalar("SELECT sum(balance) FROM account"), "0");
+
+    // OLD is writable again (sequences carried back: no key clash), NEW frozen for good.
+    old.psql(
+        "INSERT INTO account VALUES (1000, 0);
+         INSERT INTO movement (account_id, amount) VALUES (1, 0);
+         INSERT INTO event (day, what) VALUES ('2026-01-02', 'back on the old system');",
+    );
+    assert_eq!(freeze_triggers(&old), "0");
+    assert_ne!(freeze_triggers(&new), "0");
+    let err = new
+        .try_psql("INSERT INTO account VALUES (2000, 0)")
+        .expect_err("a write to NEW");
+    assert!(err.contains("frozen"), "{err}");
+    let refused = sync_run(&new, &old, &[]).expect(1);
+    assert!(refused.stderr.contains("cut over"), "{}", refused.stderr);
+
+    // OLD's capture goes on, and replays nothing stale: it forgot the targets of its first
+    // life, so one coming back with old progress is refused (it needs a fresh copy) instead of
+    // missing the rows OLD took back uncaptured.
+    let status = pgferry(&["status", "--source", &old.dsn(), "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(status["cutover"]["state"], "unfrozen", "{status}");
+    assert_eq!(
+        status["targets"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    assert_eq!(status["capture_rows"], 3, "{status}");
+    let stale = sync_run(&old, &new, &[]).expect(1);
+    assert!(
+        stale.stderr.contains("cannot be registered"),
+        "{}",
+        stale.stderr
+    );
+
+    daemon.wait_log("was cut over", Duration::from_secs(30));
+    assert!(daemon.is_running(), "the daemon died");
+    let (code, _) = daemon.term(Duration::from_secs(10));
+    assert_eq!(code, 0, "{}", daemon.log());
+}
+
+#[test]
+fn reverse_refusals_and_failures_change_nothing() {
+    let cluster = Cluster::shared();
+    let (old, new, other) = (
+        cluster.create_database("cv_old"),
+        cluster.create_database("cv_new"),
+        cluster.create_database("cv_other"),
+    );
+    migrated(&old, &new);
+    let captured = |db: &TestDb<'_>| db.scalar("SELECT count(*) FROM pgferry.captured_table");
+    let capture_triggers = |db: &TestDb<'_>| {
+        db.scalar(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+              WHERE NOT t.tgisinternal AND p.pronamespace = 'pgferry'::regnamespace",
+        )
+    };
+    let untouched = |old: &TestDb<'_>, new: &TestDb<'_>| {
+        assert_eq!(freeze_triggers(old), "0");
+        assert_eq!(captured(new), "0");
+        assert_eq!(capture_triggers(new), "0");
+        assert_eq!(new.scalar("SELECT count(*) FROM pgferry.target"), "0");
+        assert_eq!(old.scalar("SELECT count(*) FROM pgferry.applied"), "0");
+        old.psql("UPDATE account SET balance = balance WHERE id = 1");
+    };
+
+    // Capture cannot be installed on NEW (a table without a key there): refused before the
+    // freeze, naming the table.
+    new.psql("ALTER TABLE account DROP CONSTRAINT account_pkey CASCADE");
+    let run = cutover(&old, &new, &["--reverse"]).expect(1);
+    assert!(run.stderr.contains("--reverse"), "{}", run.stderr);
+    assert!(run.stderr.contains("account"), "{}", run.stderr);
+    assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
+    assert_eq!(
+        old.scalar("SELECT to_regclass('pgferry.cutover') IS NULL"),
+        "t"
+    );
+    untouched(&old, &new);
+    new.psql("ALTER TABLE account ADD PRIMARY KEY (id)");
+
+    // One new database only.
+    let run = pgferry(&[
+        "cutover",
+        "--source",
+        &old.dsn(),
+        "--target",
+        &new.dsn(),
+        "--target",
+        &other.dsn(),
+        "--reverse",
+    ])
+    .expect(1);
+    assert!(run.stderr.contains("one --target"), "{}", run.stderr);
+
+    // A failure inside the outage after the reverse step: OLD writable again, and what the
+    // step installed and registered is gone.
+    let run = cutover_failing_at(&old, &new, "done", &["--reverse"]).expect(1);
+    let report = run.json();
+    assert_eq!(report["failed_step"], "done", "{report}");
+    assert_eq!(report["source_state"], "writable", "{report}");
+    untouched(&old, &new);
+
+    // A database cut over without --reverse is no way back, even when it follows the new one
+    // (pgferry's rounds get through a freeze).
+    let report = cutover(&old, &new, &[]).expect(0).json();
+    assert_eq!(report["ok"], true, "{report}");
+    pgferry(&["install", "--source", &new.dsn()]).expect(0);
+    new.psql("UPDATE account SET balance = balance + 5 WHERE id = 1; UPDATE account SET balance = balance - 5 WHERE id = 2");
+    sync_json(&new, &old);
+    assert_eq!(digest(&old), digest(&new));
+    let run = cutover(&new, &old, &[]).expect(1);
+    assert!(
+        run.stderr.contains("frozen by a cutover of its own"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(freeze_triggers(&new), "0");
+    assert_ne!(freeze_triggers(&old), "0");
 }

@@ -14,6 +14,7 @@ fn the_demo_migrates_under_load_and_reports_the_outage() {
         "pgferry clean",
         "pgferry sync",
         "pgferry cutover",
+        "--reverse",
         "write outage:",
         "old and new are equal",
         "pgferry verify",

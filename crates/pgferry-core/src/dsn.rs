@@ -74,6 +74,27 @@ impl Dsn {
         self
     }
 
+    /// The DSN as libpq `key=value` pairs, without its password: what a printed command may
+    /// carry (the password then comes from `PGPASSWORD` or `.pgpass`, as libpq reads them).
+    pub fn without_password(&self) -> String {
+        self.params
+            .iter()
+            .filter(|(k, _)| k != "password")
+            .map(|(k, v)| {
+                let plain = !v.is_empty()
+                    && !v
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '\'' || c == '\\');
+                if plain {
+                    format!("{k}={v}")
+                } else {
+                    format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The effective value: the DSN's, else the libpq environment variable's.
     fn effective(&self, key: &str, env: &str) -> Option<String> {
         self.get(key)
@@ -641,6 +662,26 @@ fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_password_reads_back_as_the_same_dsn_less_its_password() {
+        for text in [
+            "postgresql://ann:s3cret@db.example:6432/my%20db?sslmode=verify-full",
+            "host=/tmp dbname=shop user=x password=y",
+            r"host=h dbname='a\'b c\\d' application_name=''",
+        ] {
+            let dsn = Dsn::parse(text).unwrap();
+            let shown = dsn.without_password();
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("password"),
+                "{shown}"
+            );
+            let back = Dsn::parse(&shown).unwrap();
+            let mut expected = dsn.params.clone();
+            expected.retain(|(k, _)| k != "password");
+            assert_eq!(back.params, expected, "{shown}");
+        }
+    }
 
     #[test]
     fn url_and_kv_agree() {

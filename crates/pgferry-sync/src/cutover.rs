@@ -25,6 +25,14 @@
 //! Any failure from step 4 to step 8 unfreezes the source (it is writable again, and its
 //! capture goes on), so nothing is lost; targets keep whatever rounds they committed, each an
 //! exact source state, and go on from there.
+//!
+//! With `reverse` ([`crate::reverse`]), step 7 is followed, still inside the outage and before
+//! step 8, by the capture installed on the target and the source registered as its target, so
+//! that the target's writes flow back to the source from the moment applications may write
+//! them. A target frozen by a cutover of its own is refused, unless that cutover records this
+//! source as the database it follows back: then this cutover is the way back, and the target is
+//! unfrozen right after step 8, inside the outage (the source is then frozen for good, the
+//! target writable: a failure in between leaves both frozen, and says so).
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +67,9 @@ pub struct CutoverOptions {
     pub counts: bool,
     /// Check everything, freeze nothing.
     pub dry_run: bool,
+    /// Install capture on the (single) target and register the source as its target before
+    /// the applications are released: the way back ([`crate::reverse`]).
+    pub reverse: bool,
 }
 
 impl Default for CutoverOptions {
@@ -68,6 +79,7 @@ impl Default for CutoverOptions {
             max_lag: Duration::from_secs(30),
             counts: true,
             dry_run: false,
+            reverse: false,
         }
     }
 }
@@ -131,6 +143,13 @@ pub struct CutoverReport {
     pub left_behind: Vec<String>,
     /// Things that did not stop the cutover but need a look.
     pub warnings: Vec<String>,
+    /// `--reverse`: the way back that is now open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<crate::reverse::ReverseReport>,
+    /// Targets that were frozen following the source back, made writable at the end (the way
+    /// back).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub returned: Vec<String>,
     pub seconds: f64,
 }
 
@@ -142,6 +161,8 @@ struct Lane {
     name: String,
     replica_role: bool,
     applied: Option<String>,
+    /// Frozen, following the source back: unfrozen at the end (the way back).
+    returning: bool,
     report: CutoverTarget,
 }
 
@@ -170,8 +191,18 @@ pub async fn cutover(
         frozen_relations: 0,
         left_behind: Vec::new(),
         warnings: Vec::new(),
+        reverse: None,
+        returned: Vec::new(),
         seconds: 0.0,
     };
+    if opts.reverse && targets.len() != 1 {
+        return Err(SyncError::ReverseRefused {
+            reason: format!(
+                "it takes one --target (got {}): the old database follows one new database back",
+                targets.len()
+            ),
+        });
+    }
 
     // 1. Checks.
     let t = Instant::now();
@@ -194,6 +225,20 @@ pub async fn cutover(
     for dsn in targets {
         lanes.push(open_lane(source, dsn, &info).await?);
     }
+    let plan = match (opts.reverse, lanes.first()) {
+        (true, Some(l)) if l.returning => {
+            return Err(SyncError::ReverseRefused {
+                reason: format!(
+                    "{} follows {label} back, so this cutover is the way back itself; it returns to {} without --reverse",
+                    l.report.target, l.report.target
+                ),
+            })
+        }
+        (true, Some(_)) => {
+            Some(crate::reverse::preflight(&ctl, &info, &targets[0], opts.lock_timeout).await?)
+        }
+        _ => None,
+    };
     let ours: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
     report.left_behind = ctl
         .client
@@ -239,6 +284,19 @@ pub async fn cutover(
             )
         };
         step(&mut report, "daemons", t, false, Some(detail));
+        if plan.is_some() {
+            step(
+                &mut report,
+                "reverse",
+                Instant::now(),
+                false,
+                Some(format!(
+                    "would install capture on {} ({} tables) and register the source as its target",
+                    lanes[0].report.target,
+                    info.tables.len()
+                )),
+            );
+        }
         let slow = opts.lock_timeout.as_secs_f64() / 2.0;
         for h in freeze::lock_holders(&ctl, &tables, slow).await? {
             report.warnings.push(format!(
@@ -277,20 +335,27 @@ pub async fn cutover(
         true,
         Some(format!("{} relations refuse writes", frozen.relations)),
     );
+    let mut progress = crate::reverse::Progress::default();
+    let back = Back {
+        source,
+        plan: plan.as_ref(),
+    };
     let inside = inside_freeze(
         &mut lanes,
         &info,
         &ctl,
         frozen.cutover_id,
         opts,
+        (&back, &mut progress),
         &mut report,
     )
     .await;
     match inside {
         Ok(()) => {
-            report.outage_seconds = Some(outage.elapsed().as_secs_f64());
             report.source_state = "cut over";
             report.ok = true;
+            return_targets(&mut lanes, &label, &mut report).await;
+            report.outage_seconds = Some(outage.elapsed().as_secs_f64());
         }
         Err((at, t, e)) => {
             report.failed_step = Some(at);
@@ -315,6 +380,11 @@ pub async fn cutover(
                         s.ok = false;
                     }
                 }
+            }
+            if let (Some(plan), true) = (&plan, progress.started()) {
+                report
+                    .warnings
+                    .extend(crate::reverse::undo(&progress, plan, &ctl).await);
             }
             report.outage_seconds = Some(outage.elapsed().as_secs_f64());
             report.targets = lanes.into_iter().map(|l| l.report).collect();
@@ -344,13 +414,21 @@ pub async fn cutover(
     Ok(report)
 }
 
-/// Steps 5 to 8; on failure, the step that failed and why.
+/// What the reverse step needs: the source's DSN, and the checks `--reverse` made (None without
+/// it).
+struct Back<'a> {
+    source: &'a Dsn,
+    plan: Option<&'a crate::reverse::Plan>,
+}
+
+/// Steps 5 to 8 (and `--reverse`'s step before 8); on failure, the step that failed and why.
 async fn inside_freeze(
     lanes: &mut [Lane],
     info: &SourceInfo,
     ctl: &Session,
     cutover_id: i64,
     opts: &CutoverOptions,
+    (back, progress): (&Back<'_>, &mut crate::reverse::Progress),
     report: &mut CutoverReport,
 ) -> Result<(), (&'static str, Instant, SyncError)> {
     let t = Instant::now();
@@ -416,13 +494,83 @@ async fn inside_freeze(
         )),
     );
 
+    // --reverse: the target captures, with the source registered, before anyone may write to
+    // it (that is step 8).
+    if let Some(plan) = back.plan {
+        let t = Instant::now();
+        failpoint("reverse").await.map_err(|e| ("reverse", t, e))?;
+        let opened =
+            crate::reverse::open(plan, back.source, ctl, info, opts.lock_timeout, progress)
+                .await
+                .map_err(|e| ("reverse", t, e))?;
+        let detail = format!(
+            "{} captures {} tables ({} added); {} registered as its target",
+            opened.captured_on, opened.tables, opened.capture_added, opened.follower
+        );
+        report.reverse = Some(opened);
+        step(report, "reverse", t, true, Some(detail));
+    }
+
     let t = Instant::now();
     failpoint("done").await.map_err(|e| ("done", t, e))?;
-    freeze::mark_done(ctl, cutover_id)
+    let followed_by = back.plan.and(progress.target_node.as_deref());
+    freeze::mark_done(ctl, cutover_id, followed_by)
         .await
         .map_err(|e| ("done", t, e))?;
     step(report, "done", t, true, None);
     Ok(())
+}
+
+/// The way back, after step 8: every target that was frozen following the source back is
+/// unfrozen (and forgets its capture's stale targets and rows, [`freeze::unfreeze`]). The
+/// source is cut over by now, so a failure here cannot roll back: the report says which target
+/// is still frozen and how to unfreeze it.
+async fn return_targets(lanes: &mut [Lane], source_label: &str, report: &mut CutoverReport) {
+    let t = Instant::now();
+    let mut returned = Vec::new();
+    let mut failed = Vec::new();
+    for lane in lanes.iter_mut().filter(|l| l.returning) {
+        let note = format!("the way back: {source_label} was cut over to this database");
+        match freeze::unfreeze(&mut lane.dst, &note, false).await {
+            Ok((u, _)) => {
+                if !u.forgotten_targets.is_empty() {
+                    report.warnings.push(format!(
+                        "{}: its capture forgot its old targets ({}) and {} capture rows: they predate the writes it took back; give them a fresh copy to replicate to them again",
+                        lane.report.target,
+                        u.forgotten_targets.join(", "),
+                        u.capture_rows_dropped
+                    ));
+                }
+                returned.push(lane.report.target.clone());
+            }
+            Err(e) => failed.push((lane.report.target.clone(), e)),
+        }
+    }
+    if returned.is_empty() && failed.is_empty() {
+        return;
+    }
+    let detail = format!("writable again: {}", returned.join(", "));
+    report.returned = returned;
+    step(report, "return", t, true, Some(detail));
+    if !failed.is_empty() {
+        if let Some(s) = report.steps.last_mut() {
+            s.ok = false;
+        }
+        report.ok = false;
+        report.failed_step = Some("return");
+        report.error = Some(
+            failed
+                .iter()
+                .map(|(t, e)| format!("{t} could not be unfrozen: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        for (t, _) in &failed {
+            report.warnings.push(format!(
+                "{t} is STILL FROZEN although the source is cut over: run `pgferry unfreeze --source …` on it"
+            ));
+        }
+    }
 }
 
 /// Fault injection for the tests of failure at each step inside the freeze:
@@ -479,12 +627,15 @@ async fn open_lane(source: &Dsn, dsn: &Dsn, info: &SourceInfo) -> Result<Lane, S
     let probe = Session::connect(source, "cutover probe").await?;
     let prepared = prepare_target(&src, info, dsn, &crate::SyncOptions::default()).await?;
     let target = prepared.session.target.clone();
+    let returning =
+        crate::reverse::returning(&prepared.session, &info.node_id, &src.target).await?;
     Ok(Lane {
         src,
         probe,
         name: prepared.entry.name.clone(),
         replica_role: prepared.registered.replica_role,
         applied: prepared.registered.applied.clone(),
+        returning,
         dst: prepared.session,
         report: CutoverTarget {
             target,

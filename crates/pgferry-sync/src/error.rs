@@ -123,6 +123,25 @@ pub enum SyncError {
     #[error("another cutover of {source_db} is running; nothing was changed")]
     CutoverRunning { source_db: String },
 
+    #[error("cutover --reverse: capture cannot be installed on {target}, so its writes could not flow back to the old database; nothing was changed\nfix: `pgferry install --source … --dry-run` on it shows the same refusal: fix that, or cut over without --reverse")]
+    ReverseCapture {
+        target: String,
+        #[source]
+        cause: pgferry_install::InstallError,
+    },
+
+    #[error("cutover --reverse: {reason}; nothing was changed")]
+    ReverseRefused { reason: String },
+
+    #[error("target {target} is frozen by a cutover of its own ({state} since {at}) and {source_db} is not the database it follows back: a cutover hands the writes over to its targets, and this one refuses them; nothing was changed\n\
+             fix: the way back goes only to a database cut over with --reverse, from the database it follows; otherwise `pgferry unfreeze --source …` on it first (and give it a fresh copy if it no longer holds the source's state)")]
+    TargetFrozen {
+        target: String,
+        source_db: String,
+        state: String,
+        at: String,
+    },
+
     #[error("a pgferry daemon replicates from {source_db} ({holder}) and cutover may not end its session to take the sync over; nothing was changed\nfix: stop the daemon, or run cutover as a role that may signal it (a superuser, or a member of pg_signal_backend for a non-superuser daemon)")]
     DaemonRunning { source_db: String, holder: String },
 
@@ -188,6 +207,7 @@ impl SyncError {
         match self {
             SyncError::Core(e) => e.class(),
             SyncError::CopyInterrupted { cause, .. } => cause.class(),
+            SyncError::ReverseCapture { cause, .. } => cause.class(),
             SyncError::MissingPrivilege { .. } => ErrorClass::Privilege,
             SyncError::Install(e) => e.class(),
             SyncError::AnotherApplier { .. }

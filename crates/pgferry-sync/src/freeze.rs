@@ -25,6 +25,16 @@
 //! finished cutover is marked `done`: the source stays frozen and the sync engine refuses to
 //! replicate from it (a daemon left running would otherwise recreate what cutover removed on
 //! the targets).
+//!
+//! **pgferry's own apply sessions are let through** (`sql/freeze_apply.sql`, run after
+//! `sql/freeze.sql` so that its definition of the function stands): a round's target
+//! transaction sets `pgferry.apply = 'on'`, and a role that may use schema pgferry writing in
+//! such a transaction gets its rows through. That is what lets a database cut over with
+//! `cutover --reverse` follow the new one while it refuses its applications' writes
+//! ([`crate::reverse`]). Unfreezing such a database (the way back, or `pgferry unfreeze`) also
+//! forgets its capture's targets and rows: it took the new database's writes without capturing
+//! them (they were applied under the replica role), so none of its old targets may resume from
+//! it.
 
 use std::time::Duration;
 
@@ -38,6 +48,9 @@ use crate::SyncError;
 
 /// The SQL a freeze runs after locking: the cutover record and the triggers' function.
 const FREEZE_SQL: &str = include_str!("../../../sql/freeze.sql");
+/// Run right after [`FREEZE_SQL`]: the function lets pgferry's apply sessions through, and the
+/// cutover record gains who follows it back.
+const FREEZE_APPLY_SQL: &str = include_str!("../../../sql/freeze_apply.sql");
 /// The row trigger refusing INSERT, UPDATE and DELETE on a frozen table.
 pub const FREEZE_TRIGGER: &str = "pgferry_freeze";
 /// The statement trigger refusing TRUNCATE on a frozen table.
@@ -53,6 +66,9 @@ pub struct CutoverRecord {
     /// When the freeze committed (RFC 3339, UTC).
     pub frozen_at: String,
     pub finished_at: Option<String>,
+    /// The node replicating back into this database (`cutover --reverse`): the way back,
+    /// `pgferry cutover` from it to this database, is allowed.
+    pub followed_by: Option<String>,
 }
 
 /// The source's latest cutover, if it ever had one.
@@ -74,18 +90,21 @@ pub async fn latest_cutover(source: &Session) -> Result<Option<CutoverRecord>, S
         .query_opt(
             "SELECT cutover_id, state, targets,
                     pg_catalog.to_char(frozen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    pg_catalog.to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-               FROM pgferry.cutover ORDER BY cutover_id DESC LIMIT 1",
+                    pg_catalog.to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    pg_catalog.to_jsonb(c) ->> 'followed_by'
+               FROM pgferry.cutover c ORDER BY cutover_id DESC LIMIT 1",
             &[],
         )
         .await
         .map_err(source.on_err("reading the latest cutover"))?;
+    // followed_by through to_jsonb: a database frozen by an older pgferry lacks the column.
     Ok(row.map(|r| CutoverRecord {
         cutover_id: r.get(0),
         state: r.get(1),
         targets: r.get(2),
         frozen_at: r.get(3),
         finished_at: r.get(4),
+        followed_by: r.get(5),
     }))
 }
 
@@ -199,6 +218,9 @@ async fn finish_freeze(
     tx.batch_execute(FREEZE_SQL)
         .await
         .map_err(q(&label, "creating the freeze's function"))?;
+    tx.batch_execute(FREEZE_APPLY_SQL)
+        .await
+        .map_err(q(&label, "creating the freeze's function"))?;
     let holders = row_holders(&tx, tables, &label).await?;
     let function = pgferry_core::artifact::object("refuse_write");
     let execute = dialect.execute();
@@ -233,13 +255,19 @@ async fn finish_freeze(
     })
 }
 
-/// Marks a cutover done: the source stays frozen and no longer replicates.
-pub(crate) async fn mark_done(session: &Session, cutover_id: i64) -> Result<(), SyncError> {
+/// Marks a cutover done: the source stays frozen and no longer replicates. `followed_by`: the
+/// node that replicates back into it (`cutover --reverse`).
+pub(crate) async fn mark_done(
+    session: &Session,
+    cutover_id: i64,
+    followed_by: Option<&str>,
+) -> Result<(), SyncError> {
     session
         .client
         .execute(
-            "UPDATE pgferry.cutover SET state = 'done', finished_at = pg_catalog.clock_timestamp() WHERE cutover_id = $1",
-            &[&cutover_id],
+            "UPDATE pgferry.cutover SET state = 'done', finished_at = pg_catalog.clock_timestamp(), followed_by = $2
+              WHERE cutover_id = $1",
+            &[&cutover_id, &followed_by],
         )
         .await
         .map_err(session.on_err("recording the cutover as done"))?;
@@ -253,10 +281,17 @@ pub struct Unfrozen {
     pub triggers: usize,
     /// Cutover records marked `unfrozen`.
     pub cutovers: u64,
+    /// A database that followed another back (`cutover --reverse`): the targets its capture
+    /// forgot (see [`forget_capture`]).
+    pub forgotten_targets: Vec<String>,
+    /// Its capture rows dropped with them.
+    pub capture_rows_dropped: u64,
 }
 
 /// Makes the source writable again: drops every freeze trigger and marks its cutovers
-/// `unfrozen`, in one transaction, retrying while a lock is in the way (about 30 s).
+/// `unfrozen`, in one transaction, retrying while a lock is in the way (about 30 s). A database
+/// that followed another back since it was cut over also forgets its capture's targets and rows
+/// in that transaction ([`forget_capture`]).
 pub async fn unfreeze(
     session: &mut Session,
     note: &str,
@@ -285,6 +320,7 @@ async fn unfreeze_once(
     dry_run: bool,
 ) -> Result<(Unfrozen, Vec<String>), SyncError> {
     let label = session.target.clone();
+    let dialect = Dialect::new(session.server_version);
     let tx = session
         .client
         .transaction()
@@ -312,11 +348,25 @@ async fn unfreeze_once(
             pgferry_core::ident::literal(note)
         ));
     }
+    // Followed back since it was cut over: its capture's targets and rows are stale.
+    let followed = recorded
+        && tx
+            .query_one(
+                "SELECT coalesce(bool_or(c.state = 'done' AND pg_catalog.to_jsonb(c) ->> 'followed_by' IS NOT NULL), false)
+                   FROM (SELECT * FROM pgferry.cutover ORDER BY cutover_id DESC LIMIT 1) c",
+                &[],
+            )
+            .await
+            .map_err(q(&label, "reading the latest cutover"))?
+            .get::<_, bool>(0);
+    if followed {
+        statements.extend(forget_statements(dialect));
+    }
     if dry_run {
         return Ok((
             Unfrozen {
                 triggers: triggers.len(),
-                cutovers: 0,
+                ..Unfrozen::default()
             },
             statements,
         ));
@@ -336,6 +386,11 @@ async fn unfreeze_once(
     } else {
         0
     };
+    let (forgotten_targets, capture_rows_dropped) = if followed {
+        forget_capture(&tx, dialect, &label).await?
+    } else {
+        (Vec::new(), 0)
+    };
     tx.commit()
         .await
         .map_err(q(&label, "committing the unfreeze"))?;
@@ -343,9 +398,53 @@ async fn unfreeze_once(
         Unfrozen {
             triggers: triggers.len(),
             cutovers,
+            forgotten_targets,
+            capture_rows_dropped,
         },
         statements,
     ))
+}
+
+/// The statements of [`forget_capture`], for a dry run.
+fn forget_statements(dialect: Dialect) -> [String; 3] {
+    [
+        "DELETE FROM pgferry.target".to_owned(),
+        "DELETE FROM pgferry.delta".to_owned(),
+        format!(
+            "UPDATE pgferry.installation SET purged_below = {}",
+            dialect.current_xid()
+        ),
+    ]
+}
+
+/// Forgets the capture's targets and rows of a database returning to service after following
+/// another back (`cutover --reverse`). Its targets no longer follow it: the cutover released
+/// them, or left them behind. And since then it took the other database's writes under the
+/// replica role, uncaptured: a target resuming from its old progress would miss them, and its
+/// capture rows describe a past no target needs. So the registry is emptied, the rows deleted,
+/// and the purge horizon moved past them all, so that a target coming back is refused (it needs
+/// a fresh copy) instead of silently missing rows. Returns the targets and the rows dropped.
+pub(crate) async fn forget_capture(
+    tx: &tokio_postgres::Transaction<'_>,
+    dialect: Dialect,
+    label: &str,
+) -> Result<(Vec<String>, u64), SyncError> {
+    let [targets, delta, horizon] = forget_statements(dialect);
+    let forgotten = tx
+        .query(&format!("{targets} RETURNING name"), &[])
+        .await
+        .map_err(q(label, "forgetting the capture's targets"))?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let dropped = tx
+        .execute(&delta, &[])
+        .await
+        .map_err(q(label, "dropping the capture's rows"))?;
+    tx.execute(&horizon, &[])
+        .await
+        .map_err(q(label, "moving the purge horizon"))?;
+    Ok((forgotten, dropped))
 }
 
 /// Sessions holding locks on the `tables` (or their partitions) that a freeze must wait for,

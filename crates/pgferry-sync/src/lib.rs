@@ -22,6 +22,7 @@ pub mod freeze;
 pub mod initial;
 mod purge;
 mod registry;
+pub mod reverse;
 pub mod round;
 mod schema;
 mod sequence;

@@ -32,6 +32,13 @@ pub struct CutoverArgs {
     /// Check everything (capture, targets, lag, daemons), freeze nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Open a way back: before the applications are released, install capture on the (single)
+    /// target and register the source as its target, so the target's writes can be replicated
+    /// back (`pgferry run --source TARGET --target SOURCE`) while the source stays frozen for
+    /// applications; `pgferry cutover` in the other direction then returns without losing a
+    /// write. Needs the replica role on the source.
+    #[arg(long)]
+    pub reverse: bool,
     /// Print a JSON report on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -52,6 +59,7 @@ pub async fn cutover(a: CutoverArgs) -> Result<Code, Failure> {
         max_lag: seconds("--max-lag", a.max_lag)?,
         counts: !a.no_counts,
         dry_run: a.dry_run,
+        reverse: a.reverse,
     };
     let report = pgferry_sync::cutover::cutover(&source, &targets, &opts)
         .await
@@ -133,8 +141,23 @@ fn print(r: &CutoverReport) {
         return;
     }
     match (r.ok, r.outage_seconds) {
-        (true, Some(o)) => println!(
-            "cut over: write outage {o:.3} s; the source is frozen (read-only) for good; start the application on the target(s), then run `pgferry verify`"
+        (true, Some(o)) => {
+            println!(
+                "cut over: write outage {o:.3} s; the source is frozen (read-only) for good; start the application on the target(s), then run `pgferry verify`"
+            );
+            for t in &r.returned {
+                println!("the way back: {t} is writable again and takes the application's writes (its capture goes on)");
+            }
+            if let Some(b) = &r.reverse {
+                println!(
+                    "the way back is open: {} captures every write and {} (frozen for applications) is registered as its target; replicate them back now, and keep it running:\n  {}\nto return to the old database later without losing a write:\n  {}",
+                    b.captured_on, b.follower, b.replicate, b.way_back
+                );
+            }
+        }
+        _ if r.failed_step == Some("return") => println!(
+            "the cutover is done (the source is frozen for good), but the database it returns to is STILL FROZEN ({}): run `pgferry unfreeze --source …` on it",
+            r.error.as_deref().unwrap_or("?")
         ),
         _ => {
             println!(
@@ -165,7 +188,8 @@ pub struct UnfreezeArgs {
 }
 
 /// Makes a frozen source writable again (after an interrupted cutover, or to roll a finished
-/// one back): drops the freeze triggers and marks its cutovers `unfrozen`, in one transaction.
+/// one back): drops the freeze triggers and marks its cutovers `unfrozen`, in one transaction
+/// (a database that followed the new one back also forgets its capture's old targets and rows).
 pub async fn unfreeze(a: UnfreezeArgs) -> Result<Code, Failure> {
     let source = parse_dsn(&a.source)?;
     let mut s = Session::connect(&source, "unfreeze").await.map_err(|e| {
@@ -185,6 +209,8 @@ pub async fn unfreeze(a: UnfreezeArgs) -> Result<Code, Failure> {
             "dry_run": a.change.dry_run,
             "triggers": done.triggers,
             "cutovers": done.cutovers,
+            "forgotten_targets": done.forgotten_targets,
+            "capture_rows_dropped": done.capture_rows_dropped,
             "statements": statements,
         }));
     } else if a.change.dry_run {
@@ -198,6 +224,13 @@ pub async fn unfreeze(a: UnfreezeArgs) -> Result<Code, Failure> {
             "{}: writable again ({} freeze triggers dropped)",
             s.target, done.triggers
         );
+        if !done.forgotten_targets.is_empty() || done.capture_rows_dropped > 0 {
+            println!(
+                "  it had followed the new database back: its capture forgot its old targets ({}) and {} capture rows; stop any `pgferry run` replicating into it",
+                done.forgotten_targets.join(", "),
+                done.capture_rows_dropped
+            );
+        }
     }
     Ok(Code::Ok)
 }

@@ -242,6 +242,7 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
    pgferry clean    --db NEW                          # 4. strip the restored capture
    pgferry run      --source OLD --target NEW         # 5-7. keep NEW in step (or pgferry sync --once)
    pgferry cutover  --source OLD --target NEW         # 6-8. freeze OLD, final round, check: the outage
+   pgferry cutover  --source OLD --target NEW --reverse  # or with a way back: NEW's writes flow to OLD, a cutover back loses none
    pgferry verify   --source OLD --target NEW         # 9. every row, after the switch
 The clusters started for this demo are being removed."
     );

@@ -75,7 +75,8 @@ enum Command {
     /// Steps 6–8 of a migration: freeze every write on the source, drain every target to the
     /// final snapshot, set sequences, check what the final round touched and the row counts,
     /// and report the write outage (exit 0 cut over; 1 refused or rolled back, the source
-    /// writable and nothing lost; 6 failed with the source still frozen).
+    /// writable and nothing lost; 6 failed with the source still frozen). --reverse opens a way
+    /// back: the target's writes replicate to the frozen source, and a cutover back loses none.
     Cutover(cutover::CutoverArgs),
     /// Make a source frozen by a cutover writable again (after an interrupted cutover, or to
     /// roll a finished one back).
