@@ -569,6 +569,9 @@ fn cutover_reverse_replicates_the_new_database_back_and_a_cutover_back_loses_not
     // first `sync --once`, then the daemon the report names.
     let writer = Writer::start(&new.dsn());
     writer.progress(30);
+    // A row no one changes after it reaches OLD: writes to it there are refused for sure, where
+    // a row a round is replacing might be gone under an application's UPDATE (no row, no error).
+    new.psql("INSERT INTO account VALUES (999, 0)");
     let once = sync_json(&new, &old);
     assert!(once["rows"].as_u64().unwrap_or(0) > 0, "{once}");
     // A TRUNCATE on NEW goes back too (through OLD's BEFORE TRUNCATE freeze triggers).
@@ -587,8 +590,8 @@ fn cutover_reverse_replicates_the_new_database_back_and_a_cutover_back_loses_not
     let app = Conn::open(&old.dsn_as("cw_app", "app"));
     for sql in [
         "INSERT INTO account VALUES (1000, 0)",
-        "UPDATE account SET balance = balance + 1 WHERE id = 1",
-        "BEGIN; SET LOCAL pgferry.apply = 'on'; DELETE FROM movement; COMMIT",
+        "UPDATE account SET balance = balance + 1 WHERE id = 999",
+        "BEGIN; SET LOCAL pgferry.apply = 'on'; DELETE FROM account WHERE id = 999; COMMIT",
         "TRUNCATE movement CASCADE",
     ] {
         assert_eq!(write_refused(&app, sql).as_deref(), Some("25006"), "{sql}");
