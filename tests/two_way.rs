@@ -691,3 +691,211 @@ fn sequence_partition_gives_each_node_its_own_values() {
     assert_eq!(dbs[0].psql("SELECT count(*) FROM s").trim(), "25");
     pgferry(&["check", "--config", &file.display().to_string()]).expect(0);
 }
+
+#[test]
+fn a_delta_column_changed_on_both_nodes_keeps_both_changes() {
+    let cluster = Cluster::shared();
+    let dbs: Vec<TestDb<'_>> = (0..2)
+        .map(|i| {
+            let db = cluster.create_database(&format!("tw_delta_{i}"));
+            db.psql(
+                "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric(12,2), hits bigint);
+                 INSERT INTO accounts SELECT g, 'o' || g, 100, 0 FROM generate_series(1, 10) g;",
+            );
+            pgferry(&[
+                "install",
+                "--source",
+                &db.dsn(),
+                "--delta-column",
+                "public.accounts.balance",
+                "--delta-column",
+                "public.accounts.hits",
+            ])
+            .expect(0);
+            db
+        })
+        .collect();
+    exchange_ok(&dbs, "prefer:a");
+    // Two withdrawals on a, one on b, of the same account; the owner changed on b.
+    dbs[0].psql("UPDATE accounts SET balance = balance - 10, hits = hits + 1 WHERE id = 1");
+    dbs[0].psql("UPDATE accounts SET balance = balance - 5, hits = hits + 1 WHERE id = 1");
+    dbs[1].psql(
+        "UPDATE accounts SET balance = balance - 30, hits = hits + 1, owner = 'b' WHERE id = 1",
+    );
+    // Only one node changed account 2: no conflict, plain state.
+    dbs[1].psql("UPDATE accounts SET balance = balance + 7 WHERE id = 2");
+    let report = exchange_ok(&dbs, "prefer:a");
+    assert_eq!(report["conflicts"], 1, "{report}");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]), "{report}");
+    let one =
+        dbs[0].psql("SELECT owner || ' ' || balance || ' ' || hits FROM accounts WHERE id = 1");
+    // prefer:a keeps a's owner; both sides' withdrawals count: 100 - 15 - 30.
+    assert_eq!(one.trim(), "o1 55.00 3", "{report}");
+    assert_eq!(
+        dbs[1]
+            .psql("SELECT balance FROM accounts WHERE id = 2")
+            .trim(),
+        "107.00"
+    );
+    let again = exchange_ok(&dbs, "prefer:a");
+    assert_eq!(again["rows"], 0, "{again}");
+    // The same with latest, b's change being the later one.
+    dbs[0].psql("UPDATE accounts SET balance = balance - 1 WHERE id = 3");
+    dbs[1].psql("UPDATE accounts SET balance = balance - 2, owner = 'late b' WHERE id = 3");
+    exchange_ok(&dbs, "latest");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    let three = dbs[1].psql("SELECT owner || ' ' || balance FROM accounts WHERE id = 3");
+    assert_eq!(three.trim(), "late b 97.00");
+}
+
+#[test]
+fn a_delta_column_incremented_concurrently_on_both_nodes_ends_with_the_exact_total() {
+    let cluster = Cluster::shared();
+    let dbs: Vec<TestDb<'_>> = (0..2)
+        .map(|i| {
+            let db = cluster.create_database(&format!("tw_dcount_{i}"));
+            db.psql(
+                "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
+                 INSERT INTO counters SELECT g, 0, '' FROM generate_series(1, 5) g;",
+            );
+            pgferry(&[
+                "install",
+                "--source",
+                &db.dsn(),
+                "--delta-column",
+                "counters.hits",
+            ])
+            .expect(0);
+            db
+        })
+        .collect();
+    exchange_ok(&dbs, "latest");
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let (a, b) = (format!("a={}", dbs[0].dsn()), format!("b={}", dbs[1].dsn()));
+    let mut daemon = Daemon::start(
+        &[
+            "--node",
+            &a,
+            "--node",
+            &b,
+            "--conflict",
+            "latest",
+            "--poll-interval",
+            "10ms",
+        ],
+        &dir,
+        "daemon",
+    );
+    let writers: Vec<_> = dbs
+        .iter()
+        .enumerate()
+        .map(|(n, db)| {
+            let dsn = db.dsn();
+            thread::spawn(move || {
+                let conn = Conn::open(&dsn);
+                let mut done = 0u64;
+                for i in 0..400 {
+                    let sql = format!(
+                        "UPDATE counters SET hits = hits + 1, note = 'n{n}-{i}' WHERE id = {}",
+                        1 + (i * 3 + n) % 5
+                    );
+                    if conn.try_batch(&sql).is_ok() {
+                        done += 1;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                done
+            })
+        })
+        .collect();
+    let total: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let sum = |db: &TestDb<'_>| db.psql("SELECT sum(hits) FROM counters").trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(sum(&dbs[0]) == total.to_string() && contents(&dbs[0]) == contents(&dbs[1])) {
+        if Instant::now() > deadline {
+            panic!(
+                "total {total}: a {} b {}\n{}\n{}\nlog:\n{}\nconflicts b: {:?}",
+                sum(&dbs[0]),
+                sum(&dbs[1]),
+                contents(&dbs[0]),
+                contents(&dbs[1]),
+                daemon
+                    .log()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                conflicts(&dbs[1]).iter().rev().take(3).collect::<Vec<_>>()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _) = daemon.term(Duration::from_secs(10));
+    assert_eq!(code, 0, "{}", daemon.log());
+    exchange_ok(&dbs, "latest");
+    assert_eq!(sum(&dbs[1]), total.to_string());
+    assert!(conflicts(&dbs[0]).len() + conflicts(&dbs[1]).len() > 0);
+}
+
+#[test]
+fn a_delta_column_under_writers_and_repeated_exchanges_counts_every_increment() {
+    let cluster = Cluster::shared();
+    let dbs: Vec<TestDb<'_>> = (0..2)
+        .map(|i| {
+            let db = cluster.create_database(&format!("tw_dexp_{i}"));
+            db.psql(
+                "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
+                 INSERT INTO counters SELECT g, 0, '' FROM generate_series(1, 5) g;",
+            );
+            pgferry(&[
+                "install",
+                "--source",
+                &db.dsn(),
+                "--delta-column",
+                "counters.hits",
+            ])
+            .expect(0);
+            db
+        })
+        .collect();
+    exchange_ok(&dbs, "latest");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = dbs
+        .iter()
+        .enumerate()
+        .map(|(n, db)| {
+            let dsn = db.dsn();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let conn = Conn::open(&dsn);
+                let mut done = 0u64;
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let sql = format!(
+                        "UPDATE counters SET hits = hits + 1, note = 'n{n}-{i}' WHERE id = {}",
+                        1 + (i * 3 + n) % 5
+                    );
+                    if conn.try_batch(&sql).is_ok() {
+                        done += 1;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                done
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        exchange_ok(&dbs, "latest");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    exchange_ok(&dbs, "latest");
+    exchange_ok(&dbs, "latest");
+    let sum = |db: &TestDb<'_>| db.psql("SELECT sum(hits) FROM counters").trim().to_owned();
+    assert_eq!(
+        (sum(&dbs[0]), sum(&dbs[1])),
+        (total.to_string(), total.to_string())
+    );
+}

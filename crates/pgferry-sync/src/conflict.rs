@@ -225,6 +225,9 @@ struct Group {
     /// A unique clash: the unique index, the remote's key and the local key whose rows
     /// collide in it (None: a conflict on the key itself).
     clash: Option<(String, Key, Key)>,
+    /// Delta columns merged: what the losing side changed in each (the sum of its changes'
+    /// new − old), added to the winner's value on this node.
+    delta: Option<Vec<Option<String>>>,
 }
 
 impl Group {
@@ -504,9 +507,28 @@ pub(crate) async fn plan(
             winner: String::new(),
             rule: rule.to_string(),
             clash: None,
+            delta: None,
         };
         g.outcome = decide(ttx, ex, &rule, &g, local_t, target_label).await?;
         g.winner = winner(ex, &g.outcome);
+        if mergeable(&g, &rule, remote_t, local_t) {
+            // Counters: the winner's row, plus what the other side added to each delta column.
+            let (tx, table, cond, label) = match g.outcome {
+                Outcome::Local => (stx, remote_t, pending, source_label),
+                _ => (ttx, local_t, unshipped, target_label),
+            };
+            g.delta = Some(delta_sums(tx, table, cond, &g.keys[0], label).await?);
+            g.rule = format!(
+                "{} + delta({})",
+                g.rule,
+                local_t
+                    .delta_columns
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         tracing::info!(
             table = %human,
             keys = ?g.keys,
@@ -519,6 +541,64 @@ pub(crate) async fn plan(
         plan.groups.push(g);
     }
     Ok(plan)
+}
+
+/// Whether a group's delta columns merge: the table has some (declared alike on both nodes),
+/// the rule picks a side, and the group is one key that both sides only updated.
+fn mergeable(g: &Group, rule: &Rule, remote_t: &CapturedTable, local_t: &CapturedTable) -> bool {
+    !local_t.delta_columns.is_empty()
+        && local_t.delta_columns == remote_t.delta_columns
+        && matches!(rule, Rule::Prefer(_) | Rule::Latest)
+        && matches!(g.outcome, Outcome::Remote | Outcome::Local)
+        && g.keys.len() == 1
+        && g.local
+            .iter()
+            .chain(&g.remote)
+            .all(|c| c.op == "U" && c.old_key.is_none())
+}
+
+/// Per delta column of `table`, the sum of (new − old) over the capture rows of `key` matching
+/// `cond`: what that side added.
+async fn delta_sums(
+    tx: &Transaction<'_>,
+    table: &CapturedTable,
+    cond: &str,
+    key: &Key,
+    label: &str,
+) -> Result<Vec<Option<String>>, SyncError> {
+    let sums: Vec<String> = (1..=table.delta_columns.len())
+        .map(|i| {
+            format!(
+                "COALESCE(sum(COALESCE(d.delta_new[{i}], 0) - COALESCE(d.delta_old[{i}], 0)), 0)"
+            )
+        })
+        .collect();
+    let sql = format!(
+        "SELECT ARRAY[{}]::pg_catalog.text[] FROM pgferry.delta d
+          WHERE {cond} AND d.table_id = {} AND d.op = 'U' AND d.key IN (SELECT x.key FROM {})",
+        sums.join(", "),
+        table.table_id,
+        keys_relation(std::slice::from_ref(key))
+    );
+    Ok(tx
+        .query_one(&sql, &[])
+        .await
+        .map_err(q(
+            label,
+            format!("summing the delta columns of {}", table.name.human()),
+        ))?
+        .get(0))
+}
+
+/// Whether every delta column's sum is zero (the other side added nothing).
+fn all_zero(sums: &[Option<String>]) -> bool {
+    sums.iter().all(|v| {
+        v.as_deref().is_none_or(|n| {
+            n.trim_start_matches('-')
+                .chars()
+                .all(|c| c == '0' || c == '.')
+        })
+    })
 }
 
 fn winner(ex: &Exchange, outcome: &Outcome) -> String {
@@ -696,6 +776,7 @@ pub(crate) async fn clashes(
             winner: String::new(),
             rule: rule.to_string(),
             clash: Some((index, remote_key, local_key)),
+            delta: None,
         };
         g.outcome = match decide(ttx, ex, &rule, &g, local_t, target_label).await? {
             // A merged row cannot settle two keys wanting one value.
@@ -1054,15 +1135,51 @@ pub(crate) async fn carry_out(
                         format!("copying the remote rows of {human}"),
                     ))?;
                 }
-                drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+                // The losing change must not ship — but merged delta columns keep it: its
+                // capture rows carry what it added, which the other node may still need.
+                if g.delta.is_none() {
+                    drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+                }
             }
             Outcome::Local | Outcome::Merged => {
-                // The group's keys are recorded as changed here, so the local state ships.
-                reship(ttx, ex, local_t, &group_keys, target_label).await?;
+                // The group's keys are recorded as changed here, so the local state ships —
+                // unless both nodes already hold the same rows (and no delta column adds
+                // anything): shipping them would only start the exchange over.
+                let adds = g.delta.as_ref().is_some_and(|d| !all_zero(d));
+                if adds || g.outcome == Outcome::Merged || g.local_rows != g.remote_rows {
+                    reship(ttx, ex, local_t, &group_keys, target_label).await?;
+                }
             }
             Outcome::Skip => {
                 drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
             }
+        }
+        if let Some(sums) = &g.delta {
+            // The winner's row is here now; the other side's additions go on top, and the
+            // merged row ships to every node.
+            let set: Vec<String> = local_t
+                .delta_columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c} = t.{c} + ${}::text::pg_catalog.numeric", i + 1))
+                .collect();
+            let params: Vec<&(dyn ToSql + Sync)> =
+                sums.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            ttx.execute(
+                &format!(
+                    "UPDATE {name} AS t SET {} WHERE {}",
+                    set.join(", "),
+                    key_in(local_t, &group_keys)
+                ),
+                &params,
+            )
+            .await
+            .map_err(q(
+                target_label,
+                format!("merging the delta columns of {human}"),
+            ))?;
+            // Shipping: the local capture rows of the key are kept (above), so the merged
+            // row ships with what they added.
         }
         record(ttx, ex, local_t, g, target_label).await?;
     }

@@ -16,7 +16,6 @@ pub struct CapturedTable {
     /// capture rows; empty for most tables, and on a source installed before delta columns
     /// existed. See `pgferry_install::DeltaColumn`.
     // Read by the two-way merge in `conflict`, which lands separately.
-    #[allow(dead_code)]
     pub delta_columns: Vec<Ident>,
 }
 

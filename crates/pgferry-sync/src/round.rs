@@ -322,6 +322,81 @@ pub(crate) async fn run(
     }))
 }
 
+/// The apply of a two-way round's table: the rows at the round's snapshot are staged, then
+/// pending keys without a row are deleted, rows whose key exists are UPDATEd in place, and the
+/// others inserted. In place, not deleted and copied in: a local transaction waiting for a row
+/// the round locked then changes the round's version of the row (PostgreSQL follows an updated
+/// row to its new version), where after a delete and an insert its UPDATE would find no row and
+/// change nothing. `first` (the savepoint) runs first; `delete_sql` is the table's delete of its
+/// pending keys (with `params` when `small`).
+#[allow(clippy::too_many_arguments)]
+async fn merge_rows(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    t: &CapturedTable,
+    columns: &[pgferry_core::Ident],
+    rows_sql: &str,
+    first: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    delete_sql: &str,
+    small: bool,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<u64, PassError<tokio_postgres::Error>> {
+    let name = &t.name;
+    let stage = format!("pgferry_rows_{}", t.table_id);
+    let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    let on: Vec<String> = t
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("t.{c} = r.{c}"))
+        .collect();
+    let key_names: Vec<&str> = t.key.iter().map(|(c, _, _)| c.as_str()).collect();
+    let set: Vec<String> = columns
+        .iter()
+        .filter(|c| !key_names.contains(&c.as_str()))
+        .map(|c| format!("{c} = r.{c}"))
+        .collect();
+    first.await.map_err(PassError::First)?;
+    ttx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS pg_temp.{stage};
+         CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {} FROM {name} WITH NO DATA",
+        cols.join(", ")
+    ))
+    .await
+    .map_err(PassError::First)?;
+    let rows = pass_through(
+        stx,
+        rows_sql,
+        ttx,
+        &format!("COPY pg_temp.{stage} ({}) FROM STDIN", cols.join(", ")),
+    )
+    .await?;
+    let gone = format!(
+        "{delete_sql} AND NOT EXISTS (SELECT 1 FROM pg_temp.{stage} AS r WHERE {})",
+        on.join(" AND ")
+    );
+    if small {
+        ttx.execute_typed(&gone, params).await?;
+    } else {
+        ttx.batch_execute(&gone).await?;
+    }
+    let mut sql = String::new();
+    if !set.is_empty() {
+        sql.push_str(&format!(
+            "UPDATE {name} AS t SET {} FROM pg_temp.{stage} AS r WHERE {};",
+            set.join(", "),
+            on.join(" AND ")
+        ));
+    }
+    sql.push_str(&format!(
+        "INSERT INTO {name} ({c}) SELECT {c} FROM pg_temp.{stage} AS r
+          WHERE NOT EXISTS (SELECT 1 FROM {name} AS t WHERE {})",
+        on.join(" AND "),
+        c = cols.join(", ")
+    ));
+    ttx.batch_execute(&sql).await?;
+    Ok(rows)
+}
+
 /// Makes sure no TRUNCATE of `tables` slips under `snapshot`, the snapshot of `stx`: locks them
 /// `IN ACCESS SHARE MODE NOWAIT` in `stx` (a TRUNCATE now waits for the transaction), then
 /// checks from `probe`, a second source session, that no TRUNCATE of them committed after
@@ -692,7 +767,10 @@ async fn apply_table(
                 }
             };
             let delete = async {
-                if small {
+                if two_way.is_some() {
+                    // Two-way rounds delete after staging the rows (merge_rows).
+                    Ok(())
+                } else if small {
                     ttx.execute_typed(&delete_sql, &params).await.map(|_| ())
                 } else {
                     ttx.batch_execute(&delete_sql).await
@@ -700,7 +778,23 @@ async fn apply_table(
             };
             tokio::try_join!(savepoint, delete).map(|_| ())
         };
-        let failed = match pass_through_after(stx, &rows_sql, ttx, &copy_in, delete).await {
+        let applied = if two_way.is_some() {
+            merge_rows(
+                stx,
+                ttx,
+                t,
+                &columns,
+                &rows_sql,
+                delete,
+                &delete_sql,
+                small,
+                &params,
+            )
+            .await
+        } else {
+            pass_through_after(stx, &rows_sql, ttx, &copy_in, delete).await
+        };
+        let failed = match applied {
             Ok(rows) => break rows,
             Err(e) => e,
         };

@@ -215,6 +215,26 @@ fn same_tables(a: (&str, &SourceInfo), b: (&str, &SourceInfo)) -> Result<(), Syn
                 node: b.0.to_owned(),
             });
         };
+        if t.delta_columns != other.delta_columns {
+            let list = |k: &crate::registry::CapturedTable| {
+                k.delta_columns
+                    .iter()
+                    .map(|c| c.human())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(SyncError::TwoWayConfig {
+                reason: format!(
+                    "table {} has delta columns ({}) on node {} but ({}) on node {}: declare the same on every node (pgferry install --source … --delta-column {}.COLUMN); nothing was applied",
+                    t.name.human(),
+                    list(t),
+                    a.0,
+                    list(other),
+                    b.0,
+                    t.name.human()
+                ),
+            });
+        }
         if shape(t) != shape(other) {
             return Err(SyncError::KeyMismatch {
                 table: t.name.human(),
