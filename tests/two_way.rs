@@ -715,7 +715,20 @@ fn a_delta_column_changed_on_both_nodes_keeps_both_changes() {
             db
         })
         .collect();
-    exchange_ok(&dbs, "prefer:a");
+    exchange(
+        &dbs,
+        "prefer:a",
+        &[
+            "--delta-column",
+            "accounts.balance",
+            "--delta-column",
+            "public.accounts.hits",
+        ],
+    )
+    .expect(0);
+    // A sync requiring a delta column a node does not declare is refused.
+    let r = exchange(&dbs, "prefer:a", &["--delta-column", "accounts.id"]).expect(1);
+    assert!(r.stderr.contains("public.accounts.id"), "{}", r.stderr);
     // Two withdrawals on a, one on b, of the same account; the owner changed on b.
     dbs[0].psql("UPDATE accounts SET balance = balance - 10, hits = hits + 1 WHERE id = 1");
     dbs[0].psql("UPDATE accounts SET balance = balance - 5, hits = hits + 1 WHERE id = 1");

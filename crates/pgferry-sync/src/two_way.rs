@@ -97,6 +97,9 @@ pub struct Mesh {
     /// Every node of the sync, in order (`prefer:` between two other nodes: the first listed).
     pub nodes: Vec<Node>,
     pub rules: Rules,
+    /// Delta columns the sync requires every node to declare (`pgferry install
+    /// --delta-column`): the sync refuses nodes that do not.
+    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
 }
 
 impl Mesh {
@@ -199,6 +202,30 @@ pub(crate) struct End<'a> {
     pub name: &'a str,
 }
 
+/// Refuses a node that does not declare every delta column the sync requires.
+fn declares(
+    name: &str,
+    info: &SourceInfo,
+    required: &[pgferry_install::DeltaColumn],
+) -> Result<(), SyncError> {
+    for d in required {
+        let found = info
+            .tables
+            .values()
+            .any(|t| t.name == d.table && t.delta_columns.contains(&d.column));
+        if !found {
+            return Err(SyncError::TwoWayConfig {
+                reason: format!(
+                    "node {name} does not declare {} as a delta column, which the sync requires; nothing was applied\nfix: pgferry install --source <{name}> --delta-column {}",
+                    d.human(),
+                    d.human()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Refuses `b` unless it captures every table `a` replicates, with the same key.
 fn same_tables(a: (&str, &SourceInfo), b: (&str, &SourceInfo)) -> Result<(), SyncError> {
     let shape = |k: &crate::registry::CapturedTable| {
@@ -267,6 +294,8 @@ pub(crate) async fn direction(
     add_schema(to.session).await?;
     let to_info = crate::source_info(to.session, &[]).await?;
     same_tables((from.name, from_info), (to.name, &to_info))?;
+    declares(from.name, from_info, &mesh.delta_columns)?;
+    declares(to.name, &to_info, &mesh.delta_columns)?;
     let (from_ts, to_ts) = (commit_ts(from.session).await?, commit_ts(to.session).await?);
     Ok(Exchange {
         local: to.name.to_owned(),
@@ -286,14 +315,11 @@ pub(crate) async fn direction(
 }
 
 /// One exchange round trip: for every ordered pair of nodes, one round applying the changes of
-/// the first to the second (conflicts decided by `rules`), then capture rows every peer has
+/// the first to the second (conflicts decided by the mesh's rules), then capture rows every peer has
 /// are purged. Sequences are not copied.
-pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeReport, SyncError> {
-    validate(nodes, rules)?;
-    let mesh = Mesh {
-        nodes: nodes.to_vec(),
-        rules: rules.clone(),
-    };
+pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
+    let nodes = &mesh.nodes;
+    validate(nodes, &mesh.rules)?;
     let started = Instant::now();
     let mut sources = Vec::with_capacity(nodes.len());
     for n in nodes {
@@ -304,6 +330,7 @@ pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeRepo
     }
     // Every pair checked before anything is applied.
     for (i, a) in sources.iter().enumerate() {
+        declares(&nodes[i].name, &a.2, &mesh.delta_columns)?;
         for (j, b) in sources.iter().enumerate() {
             if i != j {
                 same_tables((&nodes[i].name, &a.2), (&nodes[j].name, &b.2))?;
@@ -342,7 +369,7 @@ pub async fn exchange_once(nodes: &[Node], rules: &Rules) -> Result<ExchangeRepo
                     name: &nodes[to].name,
                 },
                 reg.replica_role,
-                &mesh,
+                mesh,
             )
             .await?;
             let ctx = round::RoundContext {
@@ -400,6 +427,9 @@ pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
         .await;
         match found {
             Ok((info, role)) => {
+                if let Err(e) = declares(&n.name, &info, &mesh.delta_columns) {
+                    problems.push(e);
+                }
                 if !role {
                     problems.push(SyncError::TwoWayNeedsReplicaRole {
                         node: n.name.clone(),

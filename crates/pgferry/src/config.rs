@@ -48,6 +48,9 @@ struct SyncFile {
     conflict: Option<String>,
     #[serde(default)]
     conflict_tables: BTreeMap<String, String>,
+    /// Two-way: delta columns every node must declare (SCHEMA.TABLE.COLUMN).
+    #[serde(default)]
+    delta_columns: Vec<String>,
     #[serde(default)]
     tables: Vec<String>,
     poll_interval: Option<String>,
@@ -185,12 +188,20 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     Err(e) => problems.push(format!("sync {name}: conflict_tables: {e}")),
                 }
             }
+            let mut delta_columns = Vec::new();
+            for d in &sync.delta_columns {
+                match pgferry_install::DeltaColumn::parse(d) {
+                    Ok(d) => delta_columns.push(d),
+                    Err(e) => problems.push(format!("sync {name}: delta_columns: {e}")),
+                }
+            }
             if let Some(mut rules) = rules {
                 rules.tables = overrides;
                 if members.len() == sync.nodes.len() {
                     match (pgferry_sync::two_way::Mesh {
                         nodes: members,
                         rules,
+                        delta_columns,
                     })
                     .specs(name, poll_interval)
                     {
@@ -201,7 +212,10 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             }
             continue;
         }
-        if sync.conflict.is_some() || !sync.conflict_tables.is_empty() {
+        if sync.conflict.is_some()
+            || !sync.conflict_tables.is_empty()
+            || !sync.delta_columns.is_empty()
+        {
             problems.push(format!(
                 "sync {name}: conflict rules are for two-way syncs (give nodes instead of source and targets)"
             ));

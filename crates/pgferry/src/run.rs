@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// `pgferry sync --help`).
     #[arg(long, requires = "nodes")]
     pub sequence_partition: bool,
+    /// Two-way: a delta column every node must declare (`pgferry install --delta-column`),
+    /// SCHEMA.TABLE.COLUMN; repeatable. The sync refuses nodes that do not.
+    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = pgferry_install::DeltaColumn::parse, requires = "nodes")]
+    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
     /// Without --config: the sync's identity (default: its targets' names, sorted), which
     /// keys the lock that keeps a second daemon for the same sync on standby.
     #[arg(long, value_name = "NAME", conflicts_with = "config")]
@@ -85,6 +89,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
         let mesh = pgferry_sync::two_way::Mesh {
             nodes: crate::two_way::nodes(&args.nodes)?,
             rules: crate::two_way::rules(args.conflict.as_deref(), &args.conflict_tables)?,
+            delta_columns: args.delta_columns.clone(),
         };
         return mesh
             .specs(

@@ -34,6 +34,10 @@ pub struct SyncArgs {
     /// (docs/sequences-two-way.md).
     #[arg(long, requires = "nodes")]
     pub sequence_partition: bool,
+    /// Two-way: a delta column every node must declare (`pgferry install --delta-column`),
+    /// SCHEMA.TABLE.COLUMN; repeatable. The sync refuses nodes that do not.
+    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = pgferry_install::DeltaColumn::parse, requires = "nodes")]
+    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
     /// Apply every change committed on the source before the command started, then exit.
     /// (Continuous replication is `pgferry run`.)
     #[arg(long)]

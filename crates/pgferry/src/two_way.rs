@@ -99,7 +99,12 @@ pub async fn sync(a: &SyncArgs) -> Result<Code, Failure> {
     let rules = rules(a.conflict.as_deref(), &a.conflict_tables)?;
     pgferry_sync::two_way::validate(&nodes, &rules).map_err(fail)?;
     sequences(&nodes, a.sequence_partition, a.json).await?;
-    let report = pgferry_sync::two_way::exchange_once(&nodes, &rules)
+    let mesh = pgferry_sync::two_way::Mesh {
+        nodes,
+        rules,
+        delta_columns: a.delta_columns.clone(),
+    };
+    let report = pgferry_sync::two_way::exchange_once(&mesh)
         .await
         .map_err(fail)?;
     if a.json {
