@@ -21,11 +21,26 @@ const SCHEMA: &str = "
 
 /// Databases with the same schema and rows, capture installed on each.
 fn nodes<'c>(cluster: &'c Cluster, prefix: &str, n: usize) -> Vec<TestDb<'c>> {
+    nodes_with(cluster, prefix, n, SCHEMA, &[])
+}
+
+/// `n` databases loaded with `schema`, capture installed on each (`install` added to
+/// `pgferry install --source …`).
+fn nodes_with<'c>(
+    cluster: &'c Cluster,
+    prefix: &str,
+    n: usize,
+    schema: &str,
+    install: &[&str],
+) -> Vec<TestDb<'c>> {
     (0..n)
         .map(|i| {
             let db = cluster.create_database(&format!("{prefix}_{i}"));
-            db.psql(SCHEMA);
-            pgferry(&["install", "--source", &db.dsn()]).expect(0);
+            db.psql(schema);
+            let dsn = db.dsn();
+            let mut args = vec!["install", "--source", &dsn];
+            args.extend_from_slice(install);
+            pgferry(&args).expect(0);
             db
         })
         .collect()
@@ -652,14 +667,13 @@ fn a_unique_clash_beyond_the_key_is_settled_by_the_rule() {
 #[test]
 fn sequence_partition_gives_each_node_its_own_values() {
     let cluster = Cluster::shared();
-    let dbs: Vec<TestDb<'_>> = (0..2)
-        .map(|i| {
-            let db = cluster.create_database(&format!("tw_seq_{i}"));
-            db.psql("CREATE TABLE s (id serial PRIMARY KEY, v text); INSERT INTO s (v) SELECT 'x' FROM generate_series(1, 5)");
-            pgferry(&["install", "--source", &db.dsn()]).expect(0);
-            db
-        })
-        .collect();
+    let dbs = nodes_with(
+        cluster,
+        "tw_seq",
+        2,
+        "CREATE TABLE s (id serial PRIMARY KEY, v text); INSERT INTO s (v) SELECT 'x' FROM generate_series(1, 5)",
+        &[],
+    );
     // Both nodes would hand out 6 next: pgferry check says so.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pgferry.toml");
@@ -695,26 +709,17 @@ fn sequence_partition_gives_each_node_its_own_values() {
 #[test]
 fn a_delta_column_changed_on_both_nodes_keeps_both_changes() {
     let cluster = Cluster::shared();
-    let dbs: Vec<TestDb<'_>> = (0..2)
-        .map(|i| {
-            let db = cluster.create_database(&format!("tw_delta_{i}"));
-            db.psql(
-                "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric(12,2), hits bigint);
+    let dbs = nodes_with(
+        cluster,
+        "tw_delta",
+        2,
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric(12,2), hits bigint);
                  INSERT INTO accounts SELECT g, 'o' || g, 100, 0 FROM generate_series(1, 10) g;",
-            );
-            pgferry(&[
-                "install",
-                "--source",
-                &db.dsn(),
-                "--delta-column",
+        &["--delta-column",
                 "public.accounts.balance",
                 "--delta-column",
-                "public.accounts.hits",
-            ])
-            .expect(0);
-            db
-        })
-        .collect();
+                "public.accounts.hits"],
+    );
     exchange(
         &dbs,
         "prefer:a",
@@ -761,27 +766,45 @@ fn a_delta_column_changed_on_both_nodes_keeps_both_changes() {
     assert_eq!(three.trim(), "late b 97.00");
 }
 
+/// Increments `counters` rows on node `node` until `stop` (or `limit` times), 1 ms apart;
+/// returns how many increments changed a row (an UPDATE that found no row does not count).
+fn counter_writer(
+    dsn: String,
+    node: usize,
+    stop: Arc<AtomicBool>,
+    limit: Option<u64>,
+) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let conn = Conn::open(&dsn);
+        let mut done = 0;
+        let mut i: u64 = 0;
+        while !stop.load(Ordering::Relaxed) && limit.is_none_or(|l| i < l) {
+            i += 1;
+            let sql = format!(
+                "UPDATE counters SET hits = hits + 1, note = 'n{node}-{i}' WHERE id = {}",
+                1 + (i * 3 + node as u64) % 5
+            );
+            done += conn
+                .rt
+                .block_on(conn.client.execute(&sql, &[]))
+                .unwrap_or(0);
+            thread::sleep(Duration::from_millis(1));
+        }
+        done
+    })
+}
+
 #[test]
 fn a_delta_column_incremented_concurrently_on_both_nodes_ends_with_the_exact_total() {
     let cluster = Cluster::shared();
-    let dbs: Vec<TestDb<'_>> = (0..2)
-        .map(|i| {
-            let db = cluster.create_database(&format!("tw_dcount_{i}"));
-            db.psql(
-                "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
+    let dbs = nodes_with(
+        cluster,
+        "tw_dcount",
+        2,
+        "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
                  INSERT INTO counters SELECT g, 0, '' FROM generate_series(1, 5) g;",
-            );
-            pgferry(&[
-                "install",
-                "--source",
-                &db.dsn(),
-                "--delta-column",
-                "counters.hits",
-            ])
-            .expect(0);
-            db
-        })
-        .collect();
+        &["--delta-column", "counters.hits"],
+    );
     exchange_ok(&dbs, "latest");
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let (a, b) = (format!("a={}", dbs[0].dsn()), format!("b={}", dbs[1].dsn()));
@@ -799,27 +822,11 @@ fn a_delta_column_incremented_concurrently_on_both_nodes_ends_with_the_exact_tot
         &dir,
         "daemon",
     );
+    let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = dbs
         .iter()
         .enumerate()
-        .map(|(n, db)| {
-            let dsn = db.dsn();
-            thread::spawn(move || {
-                let conn = Conn::open(&dsn);
-                let mut done = 0u64;
-                for i in 0..400 {
-                    let sql = format!(
-                        "UPDATE counters SET hits = hits + 1, note = 'n{n}-{i}' WHERE id = {}",
-                        1 + (i * 3 + n) % 5
-                    );
-                    if conn.try_batch(&sql).is_ok() {
-                        done += 1;
-                    }
-                    thread::sleep(Duration::from_millis(1));
-                }
-                done
-            })
-        })
+        .map(|(n, db)| counter_writer(db.dsn(), n, stop.clone(), Some(400)))
         .collect();
     let total: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
     let sum = |db: &TestDb<'_>| db.psql("SELECT sum(hits) FROM counters").trim().to_owned();
@@ -854,50 +861,20 @@ fn a_delta_column_incremented_concurrently_on_both_nodes_ends_with_the_exact_tot
 #[test]
 fn a_delta_column_under_writers_and_repeated_exchanges_counts_every_increment() {
     let cluster = Cluster::shared();
-    let dbs: Vec<TestDb<'_>> = (0..2)
-        .map(|i| {
-            let db = cluster.create_database(&format!("tw_dexp_{i}"));
-            db.psql(
-                "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
+    let dbs = nodes_with(
+        cluster,
+        "tw_dexp",
+        2,
+        "CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL, note text);
                  INSERT INTO counters SELECT g, 0, '' FROM generate_series(1, 5) g;",
-            );
-            pgferry(&[
-                "install",
-                "--source",
-                &db.dsn(),
-                "--delta-column",
-                "counters.hits",
-            ])
-            .expect(0);
-            db
-        })
-        .collect();
+        &["--delta-column", "counters.hits"],
+    );
     exchange_ok(&dbs, "latest");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = dbs
         .iter()
         .enumerate()
-        .map(|(n, db)| {
-            let dsn = db.dsn();
-            let stop = stop.clone();
-            thread::spawn(move || {
-                let conn = Conn::open(&dsn);
-                let mut done = 0u64;
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let sql = format!(
-                        "UPDATE counters SET hits = hits + 1, note = 'n{n}-{i}' WHERE id = {}",
-                        1 + (i * 3 + n) % 5
-                    );
-                    if conn.try_batch(&sql).is_ok() {
-                        done += 1;
-                    }
-                    thread::sleep(Duration::from_millis(1));
-                }
-                done
-            })
-        })
+        .map(|(n, db)| counter_writer(db.dsn(), n, stop.clone(), None))
         .collect();
     for _ in 0..30 {
         exchange_ok(&dbs, "latest");

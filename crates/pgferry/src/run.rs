@@ -26,25 +26,8 @@ pub struct RunArgs {
     /// Without --config: a target. Repeatable.
     #[arg(long = "target", value_name = "DSN")]
     pub targets: Vec<String>,
-    /// Without --config: a node of a two-way (multi-node) sync, NAME=DSN; give two or more.
-    /// Every node's changes are applied to every other, conflicts decided by --conflict
-    /// (see `pgferry sync --help`). Instead of --source/--target.
-    #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
-    pub nodes: Vec<String>,
-    /// Two-way: prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
-    #[arg(long, value_name = "RULE", requires = "nodes")]
-    pub conflict: Option<String>,
-    /// Two-way: a rule for some tables, TABLE=RULE. Repeatable; the first match wins.
-    #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
-    pub conflict_tables: Vec<String>,
-    /// Two-way: at start, give every node its own interleaved sequence values (see
-    /// `pgferry sync --help`).
-    #[arg(long, requires = "nodes")]
-    pub sequence_partition: bool,
-    /// Two-way: a delta column every node must declare (`pgferry install --delta-column`),
-    /// SCHEMA.TABLE.COLUMN; repeatable. The sync refuses nodes that do not.
-    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = pgferry_install::DeltaColumn::parse, requires = "nodes")]
-    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
+    #[command(flatten)]
+    pub two_way: crate::two_way::TwoWayArgs,
     /// Without --config: the sync's identity (default: its targets' names, sorted), which
     /// keys the lock that keeps a second daemon for the same sync on standby.
     #[arg(long, value_name = "NAME", conflicts_with = "config")]
@@ -85,13 +68,10 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
             .map(|c| c.syncs)
             .map_err(|problems| Failure::usage(problems.join("\n")));
     }
-    if !args.nodes.is_empty() {
-        let mesh = pgferry_sync::two_way::Mesh {
-            nodes: crate::two_way::nodes(&args.nodes)?,
-            rules: crate::two_way::rules(args.conflict.as_deref(), &args.conflict_tables)?,
-            delta_columns: args.delta_columns.clone(),
-        };
-        return mesh
+    if !args.two_way.nodes.is_empty() {
+        return args
+            .two_way
+            .mesh()?
             .specs(
                 args.name.as_deref().unwrap_or("two-way"),
                 args.poll_interval,
@@ -127,9 +107,9 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
 
 pub async fn run(args: RunArgs) -> Result<Code, Failure> {
     let specs = specs(&args)?;
-    if !args.nodes.is_empty() {
-        let nodes = crate::two_way::nodes(&args.nodes)?;
-        crate::two_way::sequences(&nodes, args.sequence_partition, false).await?;
+    if !args.two_way.nodes.is_empty() {
+        let mesh = args.two_way.mesh()?;
+        crate::two_way::sequences(&mesh.nodes, args.two_way.sequence_partition, false).await?;
     }
     let root = CancellationToken::new();
     let mut states: Vec<StateReceiver> = Vec::new();

@@ -15,29 +15,8 @@ pub struct SyncArgs {
     /// A target database. Repeatable. Its schema must exist; it is registered on first use.
     #[arg(long = "target", value_name = "DSN", required_unless_present = "nodes")]
     pub targets: Vec<String>,
-    /// A node of a two-way (multi-node) sync, as NAME=DSN; give two or more. Every node's
-    /// changes are applied to every other (capture installed on each, the same tables), with
-    /// conflicts decided by --conflict. Instead of --source/--target.
-    #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
-    pub nodes: Vec<String>,
-    /// Two-way: how a key changed on two nodes since they last exchanged is decided:
-    /// prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
-    #[arg(long, value_name = "RULE", requires = "nodes")]
-    pub conflict: Option<String>,
-    /// Two-way: a rule for some tables, TABLE=RULE (TABLE: schema.table, * and ? allowed).
-    /// Repeatable; the first match wins, other tables follow --conflict.
-    #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
-    pub conflict_tables: Vec<String>,
-    /// Two-way: before exchanging, give every node its own interleaved sequence values (the
-    /// same INCREMENT BY N on every node, node i starting at a value ≡ i mod N, above every
-    /// value handed out); sequences already partitioned are left alone
-    /// (docs/sequences-two-way.md).
-    #[arg(long, requires = "nodes")]
-    pub sequence_partition: bool,
-    /// Two-way: a delta column every node must declare (`pgferry install --delta-column`),
-    /// SCHEMA.TABLE.COLUMN; repeatable. The sync refuses nodes that do not.
-    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = pgferry_install::DeltaColumn::parse, requires = "nodes")]
-    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
+    #[command(flatten)]
+    pub two_way: crate::two_way::TwoWayArgs,
     /// Apply every change committed on the source before the command started, then exit.
     /// (Continuous replication is `pgferry run`.)
     #[arg(long)]
@@ -139,7 +118,7 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
             ErrorClass::Definite,
         ));
     }
-    if !a.nodes.is_empty() {
+    if !a.two_way.nodes.is_empty() {
         return crate::two_way::sync(&a).await;
     }
     let source = parse_dsn(a.source.as_deref().unwrap_or_default())?;

@@ -3,7 +3,7 @@
 
 use pgferry_core::ErrorClass;
 use pgferry_sync::conflict::{Rule, Rules, Since};
-use pgferry_sync::two_way::Node;
+use pgferry_sync::two_way::{Mesh, Node};
 use pgferry_sync::SyncError;
 
 use crate::capture::parse_dsn;
@@ -14,6 +14,45 @@ use crate::sync::SyncArgs;
 fn fail(e: SyncError) -> Failure {
     let class = e.class();
     Failure::new(e, class)
+}
+
+/// The flags of a two-way sync, shared by `pgferry sync` and `pgferry run`.
+#[derive(Debug, clap::Args)]
+pub struct TwoWayArgs {
+    /// A node of a two-way (multi-node) sync, as NAME=DSN; give two or more. Every node's
+    /// changes are applied to every other (capture installed on each, the same tables), with
+    /// conflicts decided by --conflict. Instead of --source/--target.
+    #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
+    pub nodes: Vec<String>,
+    /// Two-way: how a key changed on two nodes since they last exchanged is decided:
+    /// prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
+    #[arg(long, value_name = "RULE", requires = "nodes")]
+    pub conflict: Option<String>,
+    /// Two-way: a rule for some tables, TABLE=RULE (TABLE: schema.table, * and ? allowed).
+    /// Repeatable; the first match wins, other tables follow --conflict.
+    #[arg(long = "conflict-table", value_name = "TABLE=RULE", requires = "nodes")]
+    pub conflict_tables: Vec<String>,
+    /// Two-way: before replicating, give every node its own interleaved sequence values (the
+    /// same INCREMENT BY N on every node, node i starting at a value ≡ i mod N, above every
+    /// value handed out); sequences already partitioned are left alone
+    /// (docs/sequences-two-way.md).
+    #[arg(long, requires = "nodes")]
+    pub sequence_partition: bool,
+    /// Two-way: a delta column every node must declare (`pgferry install --delta-column`),
+    /// SCHEMA.TABLE.COLUMN; repeatable. The sync refuses nodes that do not.
+    #[arg(long = "delta-column", value_name = "SCHEMA.TABLE.COLUMN", value_parser = pgferry_install::DeltaColumn::parse, requires = "nodes")]
+    pub delta_columns: Vec<pgferry_install::DeltaColumn>,
+}
+
+impl TwoWayArgs {
+    /// The sync these flags describe (exit 2 on a malformed node or rule).
+    pub fn mesh(&self) -> Result<Mesh, Failure> {
+        Ok(Mesh {
+            nodes: nodes(&self.nodes)?,
+            rules: rules(self.conflict.as_deref(), &self.conflict_tables)?,
+            delta_columns: self.delta_columns.clone(),
+        })
+    }
 }
 
 /// `--node NAME=DSN` values.
@@ -95,15 +134,9 @@ pub async fn sequences(nodes: &[Node], partition: bool, quiet: bool) -> Result<(
 }
 
 pub async fn sync(a: &SyncArgs) -> Result<Code, Failure> {
-    let nodes = nodes(&a.nodes)?;
-    let rules = rules(a.conflict.as_deref(), &a.conflict_tables)?;
-    pgferry_sync::two_way::validate(&nodes, &rules).map_err(fail)?;
-    sequences(&nodes, a.sequence_partition, a.json).await?;
-    let mesh = pgferry_sync::two_way::Mesh {
-        nodes,
-        rules,
-        delta_columns: a.delta_columns.clone(),
-    };
+    let mesh = a.two_way.mesh()?;
+    pgferry_sync::two_way::validate(&mesh.nodes, &mesh.rules).map_err(fail)?;
+    sequences(&mesh.nodes, a.two_way.sequence_partition, a.json).await?;
     let report = pgferry_sync::two_way::exchange_once(&mesh)
         .await
         .map_err(fail)?;
