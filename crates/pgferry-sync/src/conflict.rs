@@ -401,19 +401,17 @@ pub(crate) async fn probe(
     let human = name.human();
     // Pipelined, run in order: the probe's statement sees every local commit made before the
     // locks were granted.
-    let (_, rows) = tokio::try_join!(
-        async {
-            ttx.query_typed(&lock, params)
-                .await
-                .map_err(q(target_label, format!("locking the rows of {human}")))
-        },
-        async {
-            ttx.query_typed(&probe, params).await.map_err(q(
-                target_label,
-                format!("looking for local changes to {human}"),
-            ))
-        }
-    )?;
+    // When the lock fails (a lock timeout, a deadlock), the probe fails too ("current
+    // transaction is aborted"): the lock's error is the one to report.
+    let (locked, rows) = tokio::join!(
+        ttx.query_typed(&lock, params),
+        ttx.query_typed(&probe, params)
+    );
+    locked.map_err(q(target_label, format!("locking the rows of {human}")))?;
+    let rows = rows.map_err(q(
+        target_label,
+        format!("looking for local changes to {human}"),
+    ))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -1079,6 +1077,10 @@ pub(crate) async fn carry_out(
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(", ");
+    // Gathered over the groups, then one statement each: a round with many conflicts pays per
+    // table, not per conflict.
+    let mut dropped: Vec<Key> = Vec::new();
+    let mut reshipped: Vec<Key> = Vec::new();
     for g in &plan.groups {
         let group_keys: Vec<Key> = g.keys.clone();
         if let Some((_, remote_key, local_key)) = &g.clash {
@@ -1089,10 +1091,7 @@ pub(crate) async fn carry_out(
                 Outcome::Local | Outcome::Merged => Some(remote_key),
                 Outcome::Skip => None,
             };
-            if let Some(k) = lost {
-                reship(ttx, ex, local_t, std::slice::from_ref(k), target_label).await?;
-            }
-            record(ttx, ex, local_t, g, target_label).await?;
+            reshipped.extend(lost.cloned());
             continue;
         }
         match g.outcome {
@@ -1138,7 +1137,7 @@ pub(crate) async fn carry_out(
                 // The losing change must not ship — but merged delta columns keep it: its
                 // capture rows carry what it added, which the other node may still need.
                 if g.delta.is_none() {
-                    drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+                    dropped.extend(group_keys.iter().cloned());
                 }
             }
             Outcome::Local | Outcome::Merged => {
@@ -1147,11 +1146,11 @@ pub(crate) async fn carry_out(
                 // anything): shipping them would only start the exchange over.
                 let adds = g.delta.as_ref().is_some_and(|d| !all_zero(d));
                 if adds || g.outcome == Outcome::Merged || g.local_rows != g.remote_rows {
-                    reship(ttx, ex, local_t, &group_keys, target_label).await?;
+                    reshipped.extend(group_keys.iter().cloned());
                 }
             }
             Outcome::Skip => {
-                drop_unshipped(ttx, local_t, unshipped, &group_keys, target_label).await?;
+                dropped.extend(group_keys.iter().cloned());
             }
         }
         if let Some(sums) = &g.delta {
@@ -1181,9 +1180,15 @@ pub(crate) async fn carry_out(
             // Shipping: the local capture rows of the key are kept (above), so the merged
             // row ships with what they added.
         }
-        record(ttx, ex, local_t, g, target_label).await?;
     }
-    Ok(())
+    // Drops first: the rows reshipped next are this transaction's own, "unshipped" too.
+    if !dropped.is_empty() {
+        drop_unshipped(ttx, local_t, unshipped, &dropped, target_label).await?;
+    }
+    if !reshipped.is_empty() {
+        reship(ttx, ex, local_t, &reshipped, target_label).await?;
+    }
+    record(ttx, ex, local_t, &plan.groups, target_label).await
 }
 
 /// Records `keys` as changed on the local node, in the round's transaction: the local state of
@@ -1244,33 +1249,54 @@ fn ops(changes: &[Change]) -> String {
     ops.join(",")
 }
 
+/// Records `groups` in `pgferry.conflict`, in one statement.
 async fn record(
     ttx: &Transaction<'_>,
     ex: &Exchange,
     table: &CapturedTable,
-    g: &Group,
+    groups: &[Group],
     label: &str,
 ) -> Result<(), SyncError> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|g| {
+            serde_json::json!({
+                "keys": g.keys,
+                "local_ops": ops(&g.local),
+                "remote_ops": ops(&g.remote),
+                "local_rows": g.local_rows,
+                "remote_rows": g.remote_rows,
+                "local_micros": latest(&g.local),
+                "remote_micros": latest(&g.remote),
+                "rule": g.rule,
+                "winner": g.winner,
+                "kind": g.kind(),
+            })
+        })
+        .collect();
+    let rows = serde_json::Value::Array(rows).to_string();
     let (human, schema, relation) = (
         table.name.human(),
         table.name.schema.as_str(),
         table.name.name.as_str(),
     );
-    let keys = serde_json::to_string(&g.keys).unwrap_or_else(|_| "[]".into());
-    let (lr, rr) = (g.local_rows.to_string(), g.remote_rows.to_string());
-    let (lo, ro) = (ops(&g.local), ops(&g.remote));
-    let (lt, rt) = (latest(&g.local), latest(&g.remote));
-    let kind = g.kind();
     ttx.execute(
         "INSERT INTO pgferry.conflict (table_name, keys, local_node, remote_node, local_ops, remote_ops,
                                        local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner, kind,
                                        schema_name, relation_name)
-         VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb,
-                 pg_catalog.to_timestamp($9::pg_catalog.int8 / 1000000.0), pg_catalog.to_timestamp($10::pg_catalog.int8 / 1000000.0), $11, $12, $13, $14, $15)",
-        &[&human, &keys, &ex.local, &ex.remote, &lo, &ro, &lr, &rr, &lt, &rt, &g.rule, &g.winner, &kind, &schema, &relation],
+         SELECT $1, r.keys, $2, $3, r.local_ops, r.remote_ops, r.local_rows, r.remote_rows,
+                pg_catalog.to_timestamp(r.local_micros / 1000000.0), pg_catalog.to_timestamp(r.remote_micros / 1000000.0),
+                r.rule, r.winner, r.kind, $4, $5
+           FROM pg_catalog.jsonb_to_recordset($6::text::jsonb)
+             AS r(keys jsonb, local_ops text, remote_ops text, local_rows jsonb, remote_rows jsonb,
+                  local_micros bigint, remote_micros bigint, rule text, winner text, kind text)",
+        &[&human, &ex.local, &ex.remote, &schema, &relation, &rows],
     )
     .await
-    .map_err(q(label, "recording a conflict"))?;
+    .map_err(q(label, "recording the conflicts"))?;
     Ok(())
 }
 

@@ -514,7 +514,13 @@ async fn follow(
             }
         };
         unacked = Some(outcome.snapshot.clone());
-        for s in crate::sequences_of(&info, &outcome) {
+        // Two-way syncs copy no sequence (each node hands out its own values).
+        let touched = if exchange.is_some() {
+            Vec::new()
+        } else {
+            crate::sequences_of(&info, &outcome)
+        };
+        for s in touched {
             if !unadvanced.iter().any(|u| std::ptr::eq(*u, s)) {
                 unadvanced.push(s);
             }

@@ -253,6 +253,19 @@ pub(crate) async fn begin_read_only<'a>(
 /// snapshot, or one holding a table): with the growing pauses, about 30 s in all.
 const MAX_ROUND_RETRIES: u32 = 20;
 
+/// How many times a two-way round may start over after giving way to an application's lock.
+const MAX_LOCK_RETRIES: u32 = 200;
+
+/// Whether `e` is a lock timeout or a deadlock.
+fn lock_conflict(e: &SyncError) -> bool {
+    use tokio_postgres::error::SqlState;
+    pgferry_core::error::find_db_error(e)
+        .and_then(|e| e.code())
+        .is_some_and(|c| {
+            *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
+        })
+}
+
 /// Runs one round, starting over (with growing pauses) while a TRUNCATE is in the way.
 pub(crate) async fn round_with_retries(
     src: &mut Session,
@@ -261,8 +274,26 @@ pub(crate) async fn round_with_retries(
     ctx: &round::RoundContext<'_>,
 ) -> Result<RoundOutcome, SyncError> {
     let mut tries = 0;
+    let mut lock_waits = 0;
     loop {
-        match round::run(src, probe, dst, ctx).await? {
+        let result = match round::run(src, probe, dst, ctx).await {
+            // Two-way: the round gave way to an application holding a row it needs (lock
+            // timeout, or a deadlock PostgreSQL resolved against it): start over soon.
+            Err(e)
+                if ctx.two_way.is_some() && lock_conflict(&e) && lock_waits < MAX_LOCK_RETRIES =>
+            {
+                lock_waits += 1;
+                tracing::debug!(
+                    tries = lock_waits,
+                    "two-way round gave way to an application's lock: starting over"
+                );
+                let pause = std::time::Duration::from_millis(5 << lock_waits.min(5));
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            other => other?,
+        };
+        match result {
             round::RoundResult::Applied(o) => return Ok(o),
             round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => {
                 tries += 1;

@@ -485,10 +485,18 @@ async fn begin_target<'a>(
     // synchronous_commit off, or a crash could lose a round the source no longer holds.
     // `pgferry.apply`: a target frozen by a cutover lets this transaction's rows through (a
     // database cut over with --reverse follows the new one; `sql/freeze_apply.sql`).
+    // Two-way: the round locks rows applications write; a short lock_timeout (below
+    // PostgreSQL's deadlock_timeout) makes the round, not the application, give way when
+    // they wait for each other, and the round starts over at once (round_with_retries).
     let settings = format!(
-        "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on; SET LOCAL pgferry.apply = 'on'{}",
+        "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on; SET LOCAL pgferry.apply = 'on'{}{}",
         if ctx.replica_role {
             "; SET LOCAL session_replication_role = replica"
+        } else {
+            ""
+        },
+        if ctx.two_way.is_some() {
+            "; SET LOCAL lock_timeout = '100ms'"
         } else {
             ""
         }
