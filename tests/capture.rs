@@ -830,3 +830,52 @@ fn unusable_delta_columns_are_all_named_and_nothing_changes() {
     .expect(1);
     assert!(both.stderr.contains("--exclude other"), "{}", both.stderr);
 }
+
+/// The capture skips pgferry's own apply (`pgferry.apply` set by a role that may use schema
+/// pgferry) and nothing else: an application that sets `pgferry.apply` itself is still captured.
+#[test]
+fn an_application_setting_the_apply_mark_is_still_captured() {
+    let db = Cluster::shared().create_database("capture_guard");
+    db.psql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE TABLE r (id int PRIMARY KEY, n int);
+         CREATE ROLE guard_app LOGIN PASSWORD 'pw-app';
+         GRANT ALL ON t, r TO guard_app;",
+    );
+    pgferry(&[
+        "install",
+        "--source",
+        &db.dsn(),
+        "--delta-column",
+        "public.r.n",
+    ])
+    .expect(0);
+    db.try_psql_as(
+        "guard_app",
+        "pw-app",
+        "SET pgferry.apply = 'on';
+         INSERT INTO t VALUES (1, 'a'), (2, 'b');
+         UPDATE t SET v = 'c' WHERE id = 2;
+         INSERT INTO r VALUES (1, 1);
+         BEGIN; SET LOCAL pgferry.apply = 'on'; DELETE FROM t WHERE id = 1; TRUNCATE r; COMMIT;",
+    )
+    .expect("the application writes");
+    assert_eq!(
+        deltas(&db),
+        [
+            "public.t I {1} -",
+            "public.t I {2} -",
+            "public.t U {2} -",
+            "public.r I {1} -",
+            "public.t D {1} -",
+            "public.r T - -",
+        ]
+    );
+    // pgferry's own apply (a role that may use schema pgferry) is skipped, TRUNCATE included.
+    db.psql(
+        "BEGIN; SET LOCAL pgferry.apply = 'on';
+         INSERT INTO t VALUES (3, 'x'); UPDATE r SET n = 2; DELETE FROM t WHERE id = 2; TRUNCATE t;
+         COMMIT;",
+    );
+    assert_eq!(deltas(&db).len(), 6, "{:?}", deltas(&db));
+}

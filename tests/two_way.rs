@@ -889,3 +889,117 @@ fn a_delta_column_under_writers_and_repeated_exchanges_counts_every_increment() 
         (total.to_string(), total.to_string())
     );
 }
+
+/// A role that may not set `session_replication_role`: two-way works through the capture
+/// guard (rows pgferry applies are skipped by the capture), an install made before the guard is
+/// refused with the fix, and re-running `pgferry install` applies it.
+#[test]
+fn two_way_without_the_replica_role_relies_on_the_capture_guard() {
+    let cluster = Cluster::shared();
+    let (user, pw) = ("tw_guard_ferry", "pw-guard");
+    cluster
+        .create_database("tw_guard_roles")
+        .psql(&format!("CREATE ROLE {user} LOGIN PASSWORD '{pw}'"));
+    let dbs: Vec<TestDb<'_>> = (0..2)
+        .map(|i| {
+            let db = cluster.create_database(&format!("tw_guard_{i}"));
+            db.psql(&format!(
+                "DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {user}', current_database()); END $$;
+                 GRANT CREATE ON SCHEMA public TO {user};"
+            ));
+            db.try_psql_as(
+                user,
+                pw,
+                "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);
+                 CREATE TABLE \"Other Table\" (a text, b int, note text, PRIMARY KEY (a, b));
+                 INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
+                 INSERT INTO \"Other Table\" SELECT 'k' || g, g, 'n' FROM generate_series(1, 20) g;",
+            )
+            .unwrap();
+            assert!(
+                db.try_psql_as(user, pw, "SET session_replication_role = replica")
+                    .is_err(),
+                "the role must not be allowed the replica role"
+            );
+            pgferry(&["install", "--source", &db.dsn_as(user, pw)]).expect(0);
+            db
+        })
+        .collect();
+    let exchange_as = |extra: &[&str]| {
+        let a = format!("a={}", dbs[0].dsn_as(user, pw));
+        let b = format!("b={}", dbs[1].dsn_as(user, pw));
+        let mut args = vec![
+            "sync",
+            "--once",
+            "--json",
+            "--conflict",
+            "latest",
+            "--node",
+            &a,
+            "--node",
+            &b,
+        ];
+        args.extend_from_slice(extra);
+        pgferry(&args)
+    };
+
+    // Node b's capture of t as an install made before the guard had it: refused, with the fix.
+    dbs[1].psql(
+        "DO $$ DECLARE f text := (SELECT 'pgferry.' || quote_ident(capture_function)
+                                   FROM pgferry.captured_table WHERE table_name = 't');
+           BEGIN
+             EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS %L',
+                            f, replace((SELECT prosrc FROM pg_proc WHERE oid = (f || '()')::regprocedure),
+                                       'pgferry.apply', 'pgferry.before_the_guard'));
+           END $$;",
+    );
+    let refused = exchange_as(&[]).expect(1);
+    assert!(
+        refused.stderr.contains("node b") && refused.stderr.contains("pgferry install --source"),
+        "{}",
+        refused.stderr
+    );
+    let fixed = pgferry(&["install", "--source", &dbs[1].dsn_as(user, pw), "--json"]).expect(0);
+    let guarded = fixed.json()["guarded"].clone();
+    assert_eq!(guarded.as_array().unwrap().len(), 1, "{guarded}");
+    assert_eq!(guarded[0]["name"], "t", "{guarded}");
+    // Idempotent: a second run changes nothing.
+    let again = pgferry(&["install", "--source", &dbs[1].dsn_as(user, pw), "--json"]).expect(0);
+    assert_eq!(again.json()["guarded"], serde_json::json!([]));
+
+    // Writes on both nodes (by the application, which the guard does not skip).
+    dbs[0].psql(
+        "UPDATE t SET v = 'a' WHERE id <= 10;
+         DELETE FROM t WHERE id = 11;
+         INSERT INTO t VALUES (101, 'from a');
+         UPDATE t SET id = 1000 WHERE id = 12;
+         INSERT INTO \"Other Table\" VALUES ('x y', 1, 'a');",
+    );
+    dbs[1].psql(
+        "UPDATE t SET v = 'b' WHERE id BETWEEN 50 AND 60;
+         DELETE FROM t WHERE id = 99;
+         INSERT INTO t VALUES (201, 'from b');
+         UPDATE t SET v = 'both-b' WHERE id = 5;
+         UPDATE \"Other Table\" SET note = 'b' WHERE b <= 5;",
+    );
+    dbs[0].psql("UPDATE t SET v = 'both-a' WHERE id = 5");
+    let report = exchange_as(&[]).expect(0).json();
+    assert!(report["rows"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(row(&dbs[0], 201), "from b");
+    // No loop: the applied rows were not captured again, so nothing travels back.
+    let quiet = exchange_as(&[]).expect(0).json();
+    assert_eq!(quiet["rows"], 0, "{quiet}");
+    for d in quiet["directions"].as_array().unwrap() {
+        assert_eq!(d["tables"].as_array().unwrap().len(), 0, "{quiet}");
+    }
+
+    // Without the replica role a user trigger would fire on apply: refused, naming the table.
+    dbs[1].psql(
+        "CREATE FUNCTION note_it() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER note_it BEFORE UPDATE ON \"Other Table\" FOR EACH ROW EXECUTE FUNCTION note_it();",
+    );
+    dbs[0].psql("UPDATE t SET v = 'later' WHERE id = 1");
+    let blocked = exchange_as(&[]).expect(1);
+    assert!(blocked.stderr.contains("Other Table"), "{}", blocked.stderr);
+}

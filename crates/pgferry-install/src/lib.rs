@@ -14,7 +14,8 @@
 //!   that the capture does not hold.
 //! - Re-running adds newly matched tables and repairs missing pgferry triggers; it changes
 //!   nothing else, except the capture of tables whose delta columns it is told to change
-//!   ([`delta_column`]), regenerated in the same transaction.
+//!   ([`delta_column`]), regenerated in the same transaction, and capture functions made before
+//!   the guard that skips pgferry's own apply (`sql/capture_guard.sql`), regenerated with it.
 
 mod delta_column;
 mod error;
@@ -35,12 +36,19 @@ use serde::Serialize;
 pub const SCHEMA_V1_SQL: &str = include_str!("../../../sql/pgferry--1.sql");
 /// Template of a table's capture function.
 pub const CAPTURE_FUNCTION_SQL: &str = include_str!("../../../sql/capture_function.sql");
-/// Body of a statement-mode capture function (see `sql/capture_function.sql`).
-pub const CAPTURE_STATEMENT_SQL: &str = include_str!("../../../sql/capture_statement.plpgsql");
-/// Body of a row-mode capture function.
-pub const CAPTURE_ROW_SQL: &str = include_str!("../../../sql/capture_row.plpgsql");
-/// Body of the capture function of a table with delta columns (row mode).
-pub const CAPTURE_ROW_DELTA_SQL: &str = include_str!("../../../sql/capture_row_delta.plpgsql");
+/// Body of a statement-mode capture function (see `sql/capture_function.sql`), with the guard
+/// that skips pgferry's own apply (`sql/capture_guard.sql`); `sql/capture_statement.plpgsql`
+/// is the released body without it.
+pub const CAPTURE_STATEMENT_SQL: &str = include_str!("../../../sql/capture_statement_v2.plpgsql");
+/// Body of a row-mode capture function, with the guard.
+pub const CAPTURE_ROW_SQL: &str = include_str!("../../../sql/capture_row_v2.plpgsql");
+/// Body of the capture function of a table with delta columns (row mode), with the guard.
+pub const CAPTURE_ROW_DELTA_SQL: &str = include_str!("../../../sql/capture_row_delta_v2.plpgsql");
+/// The guard given to the TRUNCATE capture (idempotent; see the file).
+pub const CAPTURE_GUARD_SQL: &str = include_str!("../../../sql/capture_guard.sql");
+/// What a guarded capture function's source contains (and an unguarded one's does not): the
+/// installer regenerates functions without it, and a sync without the replica role relies on it.
+pub const CAPTURE_GUARD_MARK: &str = "current_setting('pgferry.apply', true)";
 /// What the schema gains when a delta column is first declared (idempotent).
 pub const DELTA_COLUMNS_SQL: &str = include_str!("../../../sql/delta_columns.sql");
 

@@ -15,8 +15,9 @@ use tokio_postgres::types::Oid;
 use tokio_postgres::Transaction;
 
 use crate::{
-    render, DeltaColumn, InstallError, CAPTURE_FUNCTION_SQL, CAPTURE_ROW_DELTA_SQL,
-    CAPTURE_ROW_SQL, CAPTURE_STATEMENT_SQL, DELTA_COLUMNS_SQL, SCHEMA_V1_SQL,
+    render, DeltaColumn, InstallError, CAPTURE_FUNCTION_SQL, CAPTURE_GUARD_MARK, CAPTURE_GUARD_SQL,
+    CAPTURE_ROW_DELTA_SQL, CAPTURE_ROW_SQL, CAPTURE_STATEMENT_SQL, DELTA_COLUMNS_SQL,
+    SCHEMA_V1_SQL,
 };
 
 /// What to install.
@@ -90,6 +91,9 @@ pub struct InstallReport {
     pub new_partitions: Vec<QualifiedName>,
     /// pgferry triggers found missing on captured tables and recreated.
     pub repaired: Vec<String>,
+    /// Captured tables whose capture function predated the guard that skips pgferry's own
+    /// apply (`sql/capture_guard.sql`) and was regenerated with it.
+    pub guarded: Vec<QualifiedName>,
     /// Registered tables that no longer exist.
     pub missing_tables: Vec<QualifiedName>,
     pub node_id: Option<String>,
@@ -175,6 +179,8 @@ pub(crate) async fn plan(
     let mut next_id = 1;
     // Whether sql/delta_columns.sql has been applied.
     let mut has_delta_schema = false;
+    // Capture functions (by name) without the guard against pgferry's own apply.
+    let mut unguarded: BTreeSet<String> = BTreeSet::new();
     if schema_exists {
         let has_install: bool = tx
             .query_one(
@@ -209,6 +215,19 @@ pub(crate) async fn plan(
             .await
             .map_err(|e| q("looking for delta columns in the pgferry schema", e))?
             .get(0);
+        unguarded = tx
+            .query(
+                "SELECT p.proname::text FROM pg_catalog.pg_proc p
+                  WHERE p.pronamespace = 'pgferry'::pg_catalog.regnamespace
+                    AND (p.proname = $1 OR p.proname::text IN (SELECT capture_function FROM pgferry.captured_table))
+                    AND pg_catalog.strpos(p.prosrc, $2) = 0",
+                &[&TRUNCATE_FUNCTION, &CAPTURE_GUARD_MARK],
+            )
+            .await
+            .map_err(|e| q("looking for capture functions without the guard", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let sql = format!(
             "SELECT c.table_id, c.schema_name, c.table_name, c.key_columns, c.key_types, c.key_forms, c.capture_mode, {}
                FROM pgferry.captured_table c",
@@ -406,6 +425,7 @@ pub(crate) async fn plan(
         delta_columns_changed: Vec::new(),
         new_partitions: Vec::new(),
         repaired: Vec::new(),
+        guarded: Vec::new(),
         missing_tables: Vec::new(),
         node_id: None,
         statements: Vec::new(),
@@ -466,6 +486,14 @@ pub(crate) async fn plan(
         ));
     }
 
+    if unguarded.contains(TRUNCATE_FUNCTION) {
+        stmts.push((
+            "give the TRUNCATE capture the guard against pgferry's own apply".into(),
+            render(CAPTURE_GUARD_SQL, dialect),
+        ));
+    }
+    // Capture functions this plan (re)writes: they get the guard with the current bodies.
+    let mut rewritten: BTreeSet<QualifiedName> = BTreeSet::new();
     let sequences = catalog::table_sequences(tx, target).await?;
     for &i in &selected {
         let t = &tables[i];
@@ -497,6 +525,9 @@ pub(crate) async fn plan(
                 .copied()
                 .filter(|name| !has_trigger(&t.name, name))
                 .collect();
+            if change.is_some() || !missing.is_empty() {
+                rewritten.insert(t.name.clone());
+            }
             if let Some(w) = change {
                 // Regenerate the capture: statement triggers (if any) give way to the row
                 // trigger, whose function records the delta columns; all in this transaction,
@@ -712,6 +743,33 @@ pub(crate) async fn plan(
             delta_columns: capture.delta_columns.clone(),
         });
     }
+    // Every captured table's capture function gets the guard against pgferry's own apply,
+    // selected by the patterns or not: CREATE OR REPLACE FUNCTION locks no table, and a
+    // function that has it is left alone, so a re-run changes nothing.
+    let mut old: Vec<(&QualifiedName, &Registered)> = registered
+        .iter()
+        .filter(|(name, _)| !rewritten.contains(*name))
+        .filter(|(name, _)| unguarded.contains(artifact::capture_function(name).name.as_str()))
+        .collect();
+    old.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, reg) in old {
+        let capture = Capture {
+            table: name,
+            function: artifact::capture_function(name),
+            table_id: reg.table_id,
+            mode: reg.mode,
+            columns: reg.columns.clone(),
+            delta_columns: reg.delta_columns.clone(),
+        };
+        stmts.push((
+            format!(
+                "regenerate the capture function of {} with the guard against pgferry's own apply",
+                name.human()
+            ),
+            capture.function_sql(dialect, true),
+        ));
+        report.guarded.push(name.clone());
+    }
     if !needs_trigger_priv.is_empty() {
         return Err(InstallError::Privilege {
             what: format!("TRIGGER on {}", needs_trigger_priv.join(", ")),
@@ -912,6 +970,10 @@ pub async fn schema_statements(
     };
     Ok(vec![
         ("create schema pgferry".into(), render(SCHEMA_V1_SQL, dialect)),
+        (
+            "guard the TRUNCATE capture against pgferry's own apply".into(),
+            render(CAPTURE_GUARD_SQL, dialect),
+        ),
         (
             "record the node identity".into(),
             format!(

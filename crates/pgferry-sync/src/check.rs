@@ -50,11 +50,17 @@ async fn check(
     let replica_role = target::may_set_replica_role(&dst).await?;
     if !replica_role {
         let names: Vec<String> = info.tables.values().map(|t| t.name.to_string()).collect();
-        let blocked = target::needs_replica_role(&dst, &names).await?;
-        if !blocked.is_empty() {
+        let blocked = target::needs_replica_role(&dst, &names, true).await?;
+        if !blocked.tables.is_empty() {
             problems.push(SyncError::NeedsReplicaRole {
                 target: dst.target.clone(),
-                tables: blocked,
+                tables: blocked.tables,
+            });
+        }
+        if !blocked.unguarded.is_empty() {
+            problems.push(SyncError::UnguardedCapture {
+                target: dst.target.clone(),
+                tables: blocked.unguarded,
             });
         }
     }

@@ -44,8 +44,8 @@ pub enum SyncError {
     #[error("two-way sync: {reason}")]
     TwoWayConfig { reason: String },
 
-    #[error("node {node}: pgferry's role may not set session_replication_role = replica, which two-way syncs need (rows pgferry applies must not be captured again, or they would travel back and forth); nothing was applied\n\
-             fix: connect as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>")]
+    #[error("node {node}: pgferry's role may not set session_replication_role = replica, and the node's capture functions predate the guard that skips pgferry's own apply: rows pgferry applies would be captured again and travel back and forth; nothing was applied\n\
+             fix: re-run `pgferry install --source <{node}>` (it regenerates the capture functions with the guard, in one transaction), or connect as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>")]
     TwoWayNeedsReplicaRole { node: String },
 
     #[error("{target} is an uncleaned copy of the source: it carries the source's own capture (node {node})\nfix: run `pgferry clean --db …` on it first; nothing was applied")]
@@ -152,6 +152,11 @@ pub enum SyncError {
              fix: apply as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>; nothing was applied",
             tables.join(", "))]
     NeedsReplicaRole { target: String, tables: Vec<String> },
+
+    #[error("{target}: pgferry may not set session_replication_role = replica, and the capture functions of {} there predate the guard that skips pgferry's own apply: applied rows would be captured again as the target's own changes\n\
+             fix: re-run `pgferry install --source <{target}>` (it regenerates them with the guard, in one transaction), or apply as a superuser, or on PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role TO <pgferry's role>; nothing was applied",
+            tables.join(", "))]
+    UnguardedCapture { target: String, tables: Vec<String> },
 
     #[error("no captured table of {source_db} matches {}\nfix: `pgferry status --source …` counts the captured tables; patterns are `schema.table` with * and ?; nothing was copied",
             patterns.join(", "))]

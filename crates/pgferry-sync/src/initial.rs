@@ -356,11 +356,12 @@ pub async fn copy(
     let mut plan = inspect(&mut src, &mut dst, &tables, &labels).await?;
     if !replica_role {
         let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
-        let blocked = target::needs_replica_role(&dst, &names).await?;
-        if !blocked.is_empty() {
+        // The copy does not set pgferry.apply: every trigger is in the way.
+        let blocked = target::needs_replica_role(&dst, &names, false).await?;
+        if !blocked.tables.is_empty() {
             return Err(SyncError::NeedsReplicaRole {
                 target: labels.1.clone(),
-                tables: human_names(&tables, &blocked),
+                tables: human_names(&tables, &blocked.tables),
             });
         }
     }

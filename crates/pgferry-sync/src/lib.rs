@@ -212,17 +212,24 @@ pub(crate) async fn prepare_target(
     }
     if !reg.replica_role {
         let names: Vec<String> = info.tables.values().map(|t| t.name.to_string()).collect();
-        let blocked = target::needs_replica_role(&dst, &names).await?;
-        if !blocked.is_empty() {
-            let human = |quoted: &String| {
-                info.tables
-                    .values()
-                    .find(|t| t.name.to_string() == *quoted)
-                    .map_or_else(|| quoted.clone(), |t| t.name.human())
-            };
+        // Rounds set pgferry.apply: guarded capture skips them.
+        let blocked = target::needs_replica_role(&dst, &names, true).await?;
+        let human = |quoted: &String| {
+            info.tables
+                .values()
+                .find(|t| t.name.to_string() == *quoted)
+                .map_or_else(|| quoted.clone(), |t| t.name.human())
+        };
+        if !blocked.tables.is_empty() {
             return Err(SyncError::NeedsReplicaRole {
                 target: dst.target.clone(),
-                tables: blocked.iter().map(human).collect(),
+                tables: blocked.tables.iter().map(human).collect(),
+            });
+        }
+        if !blocked.unguarded.is_empty() {
+            return Err(SyncError::UnguardedCapture {
+                target: dst.target.clone(),
+                tables: blocked.unguarded.iter().map(human).collect(),
             });
         }
     }

@@ -127,25 +127,77 @@ pub(crate) async fn may_set_replica_role(session: &Session) -> Result<bool, Sync
         .get(0))
 }
 
+/// What stands in the way of applying to a target without the replica role.
+#[derive(Debug, Default)]
+pub(crate) struct Blocked {
+    /// Tables (quoted names) carrying or referenced by a foreign key, or with user triggers.
+    pub tables: Vec<String>,
+    /// Tables whose only obstacle is a pgferry capture function that predates the guard
+    /// skipping pgferry's own apply (`pgferry install` regenerates it).
+    pub unguarded: Vec<String>,
+}
+
+/// The condition, over `pg_trigger g` and `pg_proc p` (its function), that a trigger is
+/// pgferry's: its name starts with `pgferry_` and it calls a function in schema pgferry.
+const PGFERRY_TRIGGER: &str =
+    "g.tgname::text LIKE 'pgferry\\_%' AND p.pronamespace = pg_catalog.to_regnamespace('pgferry')";
+
 /// Tables (among `tables`) that cannot be applied without the replica role: carrying or
-/// referenced by a foreign key, or with user triggers.
+/// referenced by a foreign key, or with user triggers. With `apply_mark` (the applying
+/// transaction sets `pgferry.apply`, as every round's does), pgferry's own triggers whose
+/// function has the guard are not in the way: they skip pgferry's apply (the capture) or let
+/// it through (the freeze); pgferry triggers without it are reported apart.
 pub(crate) async fn needs_replica_role(
     target: &Session,
     tables: &[String],
-) -> Result<Vec<String>, SyncError> {
+    apply_mark: bool,
+) -> Result<Blocked, SyncError> {
+    let sql = format!(
+        "SELECT t, EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                            WHERE c.contype = 'f' AND (c.conrelid = pg_catalog.to_regclass(t) OR c.confrelid = pg_catalog.to_regclass(t)))
+                   OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid
+                               WHERE g.tgrelid = pg_catalog.to_regclass(t) AND NOT g.tgisinternal
+                                 AND NOT ($2 AND {PGFERRY_TRIGGER}))
+           FROM pg_catalog.unnest($1::text[]) AS t
+          WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                         WHERE c.contype = 'f' AND (c.conrelid = pg_catalog.to_regclass(t) OR c.confrelid = pg_catalog.to_regclass(t)))
+             OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid
+                         WHERE g.tgrelid = pg_catalog.to_regclass(t) AND NOT g.tgisinternal
+                           AND NOT ($2 AND {PGFERRY_TRIGGER} AND pg_catalog.strpos(p.prosrc, $3) > 0))"
+    );
     let rows = target
         .client
         .query(
-            "SELECT t FROM pg_catalog.unnest($1::text[]) AS t
-              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
-                             WHERE c.contype = 'f' AND (c.conrelid = pg_catalog.to_regclass(t) OR c.confrelid = pg_catalog.to_regclass(t)))
-                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
-                             WHERE g.tgrelid = pg_catalog.to_regclass(t) AND NOT g.tgisinternal)",
-            &[&tables],
+            &sql,
+            &[&tables, &apply_mark, &pgferry_install::CAPTURE_GUARD_MARK],
         )
         .await
         .map_err(target.on_err("checking the target's foreign keys and triggers"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let mut blocked = Blocked::default();
+    for r in rows {
+        if r.get::<_, bool>(1) {
+            blocked.tables.push(r.get(0));
+        } else {
+            blocked.unguarded.push(r.get(0));
+        }
+    }
+    Ok(blocked)
+}
+
+/// Whether every pgferry trigger in the database calls a function with the guard that skips
+/// pgferry's own apply: then rows applied without the replica role are not captured again.
+pub(crate) async fn capture_guarded(session: &Session) -> Result<bool, SyncError> {
+    let sql = format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid
+                             WHERE NOT g.tgisinternal AND {PGFERRY_TRIGGER}
+                               AND pg_catalog.strpos(p.prosrc, $1) = 0)"
+    );
+    Ok(session
+        .client
+        .query_one(&sql, &[&pgferry_install::CAPTURE_GUARD_MARK])
+        .await
+        .map_err(session.on_err("checking the capture functions for the guard"))?
+        .get(0))
 }
 
 /// The default registry name of a target: `dbname@host:port` from its DSN (no user, no

@@ -275,9 +275,22 @@ fn same_tables(a: (&str, &SourceInfo), b: (&str, &SourceInfo)) -> Result<(), Syn
     Ok(())
 }
 
+/// Refuses a node where rows pgferry applies would be captured again: its role may not set
+/// the replica role (`replica_role`) and its capture functions lack the guard that skips
+/// pgferry's own apply (installed before the guard; `pgferry install` regenerates them).
+async fn no_loop(node: &str, s: &Session, replica_role: bool) -> Result<(), SyncError> {
+    if replica_role || target::capture_guarded(s).await? {
+        return Ok(());
+    }
+    Err(SyncError::TwoWayNeedsReplicaRole {
+        node: node.to_owned(),
+    })
+}
+
 /// Prepares the direction `from` → `to` of a two-way sync and returns its conflict context:
-/// the replica role on `to` (`to_replica_role`, as registration found it), the two-way
-/// additions on both nodes, every table `from` replicates captured on `to` with the same key.
+/// rows applied to `to` not captured again (the replica role on `to`, `to_replica_role` as
+/// registration found it, or guarded capture), the two-way additions on both nodes, every
+/// table `from` replicates captured on `to` with the same key.
 pub(crate) async fn direction(
     from: End<'_>,
     from_info: &SourceInfo,
@@ -285,11 +298,7 @@ pub(crate) async fn direction(
     to_replica_role: bool,
     mesh: &Mesh,
 ) -> Result<Exchange, SyncError> {
-    if !to_replica_role {
-        return Err(SyncError::TwoWayNeedsReplicaRole {
-            node: to.name.to_owned(),
-        });
-    }
+    no_loop(to.name, to.session, to_replica_role).await?;
     add_schema(from.session).await?;
     add_schema(to.session).await?;
     let to_info = crate::source_info(to.session, &[]).await?;
@@ -331,6 +340,12 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
     // Every pair checked before anything is applied.
     for (i, a) in sources.iter().enumerate() {
         declares(&nodes[i].name, &a.2, &mesh.delta_columns)?;
+        no_loop(
+            &nodes[i].name,
+            &a.0,
+            target::may_set_replica_role(&a.0).await?,
+        )
+        .await?;
         for (j, b) in sources.iter().enumerate() {
             if i != j {
                 same_tables((&nodes[i].name, &a.2), (&nodes[j].name, &b.2))?;
@@ -378,7 +393,7 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
                 previous: reg.applied.as_deref(),
                 tables: &info.tables,
                 skipped: &info.skipped,
-                replica_role: true,
+                replica_role: reg.replica_role,
                 versions: (src.server_version, dst.server_version),
                 split_above: None,
                 two_way: Some(&ex),
@@ -412,8 +427,8 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
 }
 
 /// Everything that would stop a two-way sync, every problem at once: each node reachable with
-/// capture installed and the replica role allowed, and the same tables captured with the same
-/// key on every node.
+/// capture installed and the replica role allowed or its capture guarded, and the same tables
+/// captured with the same key on every node.
 pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
     let mut problems = Vec::new();
     let mut infos = Vec::new();
@@ -422,18 +437,17 @@ pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
             let s = Session::connect(&n.dsn, "check").await?;
             let info = crate::source_info(&s, &[]).await?;
             let role = target::may_set_replica_role(&s).await?;
-            Ok::<_, SyncError>((info, role))
+            let loops = no_loop(&n.name, &s, role).await;
+            Ok::<_, SyncError>((info, loops))
         }
         .await;
         match found {
-            Ok((info, role)) => {
+            Ok((info, loops)) => {
                 if let Err(e) = declares(&n.name, &info, &mesh.delta_columns) {
                     problems.push(e);
                 }
-                if !role {
-                    problems.push(SyncError::TwoWayNeedsReplicaRole {
-                        node: n.name.clone(),
-                    });
+                if let Err(e) = loops {
+                    problems.push(e);
                 }
                 infos.push((n.name.as_str(), info));
             }

@@ -135,6 +135,12 @@ pub async fn install(a: InstallArgs) -> Result<Code, Failure> {
     for r in &report.repaired {
         println!("  ! repaired missing trigger {r}");
     }
+    for g in &report.guarded {
+        println!(
+            "  ~ {}  capture regenerated with the guard that skips pgferry's own apply",
+            g.human()
+        );
+    }
     for m in &report.missing_tables {
         println!("  ? {} is registered but no longer exists", m.human());
     }
