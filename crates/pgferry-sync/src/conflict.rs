@@ -168,6 +168,8 @@ pub(crate) struct Exchange {
     pub local_tables: BTreeMap<String, CapturedTable>,
     /// SQL expressions of a capture row `d`'s time, on each side.
     pub local_time: String,
+    /// The applying session may set `deadlock_timeout` (a superuser, or granted SET on it).
+    pub deadlock_timeout: bool,
     pub remote_time: String,
 }
 
@@ -351,6 +353,10 @@ fn to_changes(rows: &[tokio_postgres::Row]) -> Vec<Change> {
         .collect()
 }
 
+/// How many times [`probe`] tries to lock a large table's rows (1 ms apart; it holds the rows of
+/// the tables before it meanwhile) before the round gives up and starts over.
+const LOCK_TRIES: u32 = 3;
+
 /// The labels of the source (remote) and target (local) sessions, for errors.
 pub(crate) type Labels<'a> = (&'a str, &'a str);
 
@@ -373,7 +379,7 @@ pub(crate) async fn probe(
         .collect();
     let tuple = key_tuple(local_t, "t");
     let lock = format!(
-        "SELECT 1 FROM {name} AS t WHERE {tuple} IN (SELECT {} FROM {incoming} AS k) ORDER BY {tuple} FOR UPDATE OF t",
+        "SELECT 1 FROM {name} AS t WHERE {tuple} IN (SELECT {} FROM {incoming} AS k) ORDER BY {tuple} FOR UPDATE OF t NOWAIT",
         cols.join(", ")
     );
     let restore_tuple = |column: &str| {
@@ -401,14 +407,38 @@ pub(crate) async fn probe(
     let human = name.human();
     // Pipelined, run in order: the probe's statement sees every local commit made before the
     // locks were granted.
-    // When the lock fails (a lock timeout, a deadlock), the probe fails too ("current
-    // transaction is aborted"): the lock's error is the one to report.
-    let (locked, rows) = tokio::join!(
-        ttx.query_typed(&lock, params),
-        ttx.query_typed(&probe, params)
-    );
-    locked.map_err(q(target_label, format!("locking the rows of {human}")))?;
-    let rows = rows.map_err(q(
+    // The rows are locked NOWAIT: while applications hold some of them, the locks taken are
+    // released (back to the savepoint) and the statement tried again a moment later. The
+    // round never waits for a row while holding others, so it never deadlocks with an
+    // application that takes the same rows in another order (pgbench: tellers, then
+    // branches): each such deadlock cost a deadlock_timeout and a whole round.
+    let mut tries = 0u32;
+    loop {
+        // Sent together, run in order.
+        let (sp, locked) = tokio::join!(
+            ttx.batch_execute("SAVEPOINT pgferry_lock"),
+            ttx.query_typed(&lock, params)
+        );
+        match sp.and(locked) {
+            Ok(_) => break,
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                    && tries < LOCK_TRIES =>
+            {
+                tries += 1;
+                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_lock")
+                    .await
+                    .map_err(q(target_label, format!("locking the rows of {human}")))?;
+                let pause = 1 + u64::from(tries.min(20)) / 4;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            Err(e) => return Err(q(target_label, format!("locking the rows of {human}"))(e)),
+        }
+    }
+    if tries > 0 {
+        tracing::debug!(table = %human, tries, "rows locked once applications released them");
+    }
+    let rows = ttx.query_typed(&probe, params).await.map_err(q(
         target_label,
         format!("looking for local changes to {human}"),
     ))?;

@@ -261,7 +261,7 @@ pub(crate) async fn begin_read_only<'a>(
 const MAX_ROUND_RETRIES: u32 = 20;
 
 /// How many times a two-way round may start over after giving way to an application's lock.
-const MAX_LOCK_RETRIES: u32 = 200;
+const MAX_LOCK_RETRIES: u32 = 1000;
 
 /// Whether `e` is a lock timeout or a deadlock.
 fn lock_conflict(e: &SyncError) -> bool {
@@ -294,7 +294,7 @@ pub(crate) async fn round_with_retries(
                     tries = lock_waits,
                     "two-way round gave way to an application's lock: starting over"
                 );
-                let pause = std::time::Duration::from_millis(5 << lock_waits.min(5));
+                let pause = std::time::Duration::from_millis(2 << lock_waits.min(3));
                 tokio::time::sleep(pause).await;
                 continue;
             }

@@ -257,6 +257,14 @@ pub(crate) async fn run(
                 .map(|((t, changes, _), pending)| small_keys(&stx, t, *changes, pending, labels)),
         )
     )?;
+    if let Some(ex) = ctx.two_way {
+        let small: Vec<(&CapturedTable, &[tokio_postgres::Row])> = work
+            .iter()
+            .zip(&small_keys)
+            .filter_map(|((t, _, _), k)| Some((*t, k.as_deref()?)))
+            .collect();
+        lock_all(&ttx, ex, &small, &target_label).await?;
+    }
     let prepared = columns
         .into_iter()
         .zip(small_keys)
@@ -397,6 +405,75 @@ async fn merge_rows(
     Ok(rows)
 }
 
+/// Two-way: locks the local rows of every small table's incoming keys at once, all or
+/// nothing: each statement NOWAIT, and when an application holds one of the rows, every lock
+/// taken is released (back to a savepoint) and the whole set tried again a moment later. The
+/// round then holds its rows before it changes any, and never waits for one while holding
+/// others, so an application taking the same rows in another order (pgbench: tellers, then
+/// branches) neither deadlocks with it nor waits long behind it. Large tables lock theirs
+/// when they are applied (conflict::probe).
+async fn lock_all(
+    ttx: &Transaction<'_>,
+    ex: &crate::conflict::Exchange,
+    tables: &[(&CapturedTable, &[tokio_postgres::Row])],
+    label: &str,
+) -> Result<(), SyncError> {
+    let mut statements = Vec::new();
+    for (t, rows) in tables {
+        let Some(local) = ex.local_tables.get(&t.name.to_string()) else {
+            continue;
+        };
+        let tuple = crate::conflict::key_tuple(local, "t");
+        let cols: Vec<String> = local.key.iter().map(|(c, _, _)| format!("k.{c}")).collect();
+        let sql = format!(
+            "SELECT 1 FROM {} AS t WHERE {tuple} IN (SELECT {} FROM ({}) AS k) ORDER BY {tuple} FOR UPDATE OF t NOWAIT",
+            local.name,
+            cols.join(", "),
+            local.keys_from_params()
+        );
+        statements.push((sql, t.key_params(rows)));
+    }
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let mut tries = 0u32;
+    loop {
+        let sp = ttx.batch_execute("SAVEPOINT pgferry_lock_all");
+        let locks = futures_util::future::try_join_all(statements.iter().map(|(sql, values)| {
+            let params: Vec<(&(dyn ToSql + Sync), Type)> = values
+                .iter()
+                .map(|v| (v as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+                .collect();
+            async move { ttx.query_typed(sql, &params).await }
+        }));
+        let (sp, locked) = tokio::join!(sp, locks);
+        match sp.and(locked.map(|_| ())) {
+            Ok(()) => break,
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                    && tries < LOCK_ALL_TRIES =>
+            {
+                tries += 1;
+                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_lock_all")
+                    .await
+                    .map_err(tgt(label, "locking the round's rows"))?;
+                tokio::time::sleep(std::time::Duration::from_micros(
+                    500 + 250 * u64::from(tries.min(16)),
+                ))
+                .await;
+            }
+            Err(e) => return Err(tgt(label, "locking the round's rows")(e)),
+        }
+    }
+    if tries > 0 {
+        tracing::debug!(tries, "round's rows locked once applications released them");
+    }
+    Ok(())
+}
+
+/// How many times [`lock_all`] tries before the round gives up (and starts over).
+const LOCK_ALL_TRIES: u32 = 5_000;
+
 /// Makes sure no TRUNCATE of `tables` slips under `snapshot`, the snapshot of `stx`: locks them
 /// `IN ACCESS SHARE MODE NOWAIT` in `stx` (a TRUNCATE now waits for the transaction), then
 /// checks from `probe`, a second source session, that no TRUNCATE of them committed after
@@ -485,9 +562,11 @@ async fn begin_target<'a>(
     // synchronous_commit off, or a crash could lose a round the source no longer holds.
     // `pgferry.apply`: a target frozen by a cutover lets this transaction's rows through (a
     // database cut over with --reverse follows the new one; `sql/freeze_apply.sql`).
-    // Two-way: the round locks rows applications write; a short lock_timeout (below
-    // PostgreSQL's deadlock_timeout) makes the round, not the application, give way when
-    // they wait for each other, and the round starts over at once (round_with_retries).
+    // Two-way: the round locks rows applications write, maybe in another order. With a short
+    // deadlock_timeout the round runs the deadlock check first (an application's is 1 s), so
+    // when they wait for each other the round, not the application, is aborted, and starts
+    // over at once (round_with_retries); ordinary waits for a busy row just wait. A role that
+    // may not set it gets a short lock_timeout instead: the round gives way to any busy row.
     let settings = format!(
         "SET LOCAL work_mem = '{ROUND_WORK_MEM}'; SET LOCAL synchronous_commit = on; SET LOCAL pgferry.apply = 'on'{}{}",
         if ctx.replica_role {
@@ -495,10 +574,12 @@ async fn begin_target<'a>(
         } else {
             ""
         },
-        if ctx.two_way.is_some() {
-            "; SET LOCAL lock_timeout = '100ms'"
-        } else {
-            ""
+        match ctx.two_way {
+            Some(ex) if ex.deadlock_timeout => {
+                "; SET LOCAL deadlock_timeout = '20ms'; SET LOCAL lock_timeout = '10s'"
+            }
+            Some(_) => "; SET LOCAL lock_timeout = '10ms'",
+            None => "",
         }
     );
     // Pipelined: settings, the progress row locked, and (under that lock) the tables a split

@@ -184,6 +184,21 @@ async fn add_schema(s: &mut Session) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// Whether the session may set `deadlock_timeout` (a superuser, or on 15+ granted SET on it).
+async fn may_set_deadlock_timeout(s: &Session) -> Result<bool, SyncError> {
+    let sql = if s.server_version >= 150000 {
+        "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET')
+           FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+    } else {
+        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+    };
+    Ok(s.client
+        .query_one(sql, &[])
+        .await
+        .map_err(s.on_err("checking deadlock_timeout"))?
+        .get(0))
+}
+
 /// Whether `track_commit_timestamp` is on.
 async fn commit_ts(s: &Session) -> Result<bool, SyncError> {
     Ok(s.client
@@ -306,6 +321,7 @@ pub(crate) async fn direction(
     declares(from.name, from_info, &mesh.delta_columns)?;
     declares(to.name, &to_info, &mesh.delta_columns)?;
     let (from_ts, to_ts) = (commit_ts(from.session).await?, commit_ts(to.session).await?);
+    let deadlock_timeout = may_set_deadlock_timeout(to.session).await?;
     Ok(Exchange {
         local: to.name.to_owned(),
         remote: from.name.to_owned(),
@@ -319,6 +335,7 @@ pub(crate) async fn direction(
             .map(|t| (t.name.to_string(), t))
             .collect::<BTreeMap<_, _>>(),
         local_time: conflict::time_expr(to_ts),
+        deadlock_timeout,
         remote_time: conflict::time_expr(from_ts),
     })
 }
