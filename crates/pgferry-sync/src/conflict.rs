@@ -353,9 +353,72 @@ fn to_changes(rows: &[tokio_postgres::Row]) -> Vec<Change> {
         .collect()
 }
 
-/// How many times [`probe`] tries to lock a large table's rows (1 ms apart; it holds the rows of
-/// the tables before it meanwhile) before the round gives up and starts over.
+/// How many times [`probe`] tries to lock a large table's rows (it holds the rows of the
+/// tables before it meanwhile) before the round gives up and starts over.
 const LOCK_TRIES: u32 = 3;
+
+/// `SELECT … FOR UPDATE NOWAIT` of `local_t`'s rows whose key is in `incoming` (a relation of
+/// typed keys), in key order.
+pub(crate) fn lock_sql(local_t: &CapturedTable, incoming: &str) -> String {
+    let tuple = key_tuple(local_t, "t");
+    let cols: Vec<String> = local_t
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("k.{c}"))
+        .collect();
+    format!(
+        "SELECT 1 FROM {} AS t WHERE {tuple} IN (SELECT {} FROM {incoming} AS k) ORDER BY {tuple} FOR UPDATE OF t NOWAIT",
+        local_t.name,
+        cols.join(", ")
+    )
+}
+
+/// Runs the [`lock_sql`] `statements` (each with its `text[]` parameters), all or nothing:
+/// when an application holds one of the rows, every lock taken is released (back to a
+/// savepoint) and the whole set tried again a moment later, at most `max_tries` times; then
+/// the lock timeout is returned (the round starts over). The round never waits for a row
+/// while holding others, so it never deadlocks with an application that takes the same rows
+/// in another order (pgbench: tellers, then branches): each such deadlock cost a
+/// deadlock_timeout and a whole round.
+pub(crate) async fn lock_rows(
+    ttx: &Transaction<'_>,
+    statements: &[(String, Vec<Vec<Option<String>>>)],
+    max_tries: u32,
+    label: &str,
+) -> Result<(), SyncError> {
+    let mut tries = 0u32;
+    loop {
+        // Sent together, run in order.
+        let sp = ttx.batch_execute("SAVEPOINT pgferry_lock");
+        let locks = futures_util::future::try_join_all(statements.iter().map(|(sql, values)| {
+            let params: Vec<(&(dyn ToSql + Sync), Type)> = values
+                .iter()
+                .map(|v| (v as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+                .collect();
+            async move { ttx.query_typed(sql, &params).await }
+        }));
+        let (sp, locked) = tokio::join!(sp, locks);
+        match sp.and(locked.map(|_| ())) {
+            Ok(()) => break,
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                    && tries < max_tries =>
+            {
+                tries += 1;
+                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_lock")
+                    .await
+                    .map_err(q(label, "locking the round's rows"))?;
+                let pause = 500 + 250 * u64::from(tries.min(16));
+                tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+            }
+            Err(e) => return Err(q(label, "locking the round's rows")(e)),
+        }
+    }
+    if tries > 0 {
+        tracing::debug!(tries, "rows locked once applications released them");
+    }
+    Ok(())
+}
 
 /// The labels of the source (remote) and target (local) sessions, for errors.
 pub(crate) type Labels<'a> = (&'a str, &'a str);
@@ -368,6 +431,7 @@ pub(crate) async fn probe(
     local_t: &CapturedTable,
     incoming: &str,
     params: &[(&(dyn ToSql + Sync), Type)],
+    locked: bool,
     unshipped: &str,
     target_label: &str,
 ) -> Result<Vec<Key>, SyncError> {
@@ -377,11 +441,6 @@ pub(crate) async fn probe(
         .iter()
         .map(|(c, _, _)| format!("k.{c}"))
         .collect();
-    let tuple = key_tuple(local_t, "t");
-    let lock = format!(
-        "SELECT 1 FROM {name} AS t WHERE {tuple} IN (SELECT {} FROM {incoming} AS k) ORDER BY {tuple} FOR UPDATE OF t NOWAIT",
-        cols.join(", ")
-    );
     let restore_tuple = |column: &str| {
         let items: Vec<String> = local_t
             .key
@@ -405,39 +464,11 @@ pub(crate) async fn probe(
         c = cols.join(", "),
     );
     let human = name.human();
-    // Pipelined, run in order: the probe's statement sees every local commit made before the
-    // locks were granted.
-    // The rows are locked NOWAIT: while applications hold some of them, the locks taken are
-    // released (back to the savepoint) and the statement tried again a moment later. The
-    // round never waits for a row while holding others, so it never deadlocks with an
-    // application that takes the same rows in another order (pgbench: tellers, then
-    // branches): each such deadlock cost a deadlock_timeout and a whole round.
-    let mut tries = 0u32;
-    loop {
-        // Sent together, run in order.
-        let (sp, locked) = tokio::join!(
-            ttx.batch_execute("SAVEPOINT pgferry_lock"),
-            ttx.query_typed(&lock, params)
-        );
-        match sp.and(locked) {
-            Ok(_) => break,
-            Err(e)
-                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-                    && tries < LOCK_TRIES =>
-            {
-                tries += 1;
-                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_lock")
-                    .await
-                    .map_err(q(target_label, format!("locking the rows of {human}")))?;
-                let pause = 1 + u64::from(tries.min(20)) / 4;
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-            }
-            Err(e) => return Err(q(target_label, format!("locking the rows of {human}"))(e)),
-        }
+    if !locked {
+        let lock = lock_sql(local_t, incoming);
+        lock_rows(ttx, &[(lock, Vec::new())], LOCK_TRIES, target_label).await?;
     }
-    if tries > 0 {
-        tracing::debug!(table = %human, tries, "rows locked once applications released them");
-    }
+    // After the locks: this statement sees every local commit made before they were granted.
     let rows = ttx.query_typed(&probe, params).await.map_err(q(
         target_label,
         format!("looking for local changes to {human}"),

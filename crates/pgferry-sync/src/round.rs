@@ -405,70 +405,30 @@ async fn merge_rows(
     Ok(rows)
 }
 
-/// Two-way: locks the local rows of every small table's incoming keys at once, all or
-/// nothing: each statement NOWAIT, and when an application holds one of the rows, every lock
-/// taken is released (back to a savepoint) and the whole set tried again a moment later. The
-/// round then holds its rows before it changes any, and never waits for one while holding
-/// others, so an application taking the same rows in another order (pgbench: tellers, then
-/// branches) neither deadlocks with it nor waits long behind it. Large tables lock theirs
-/// when they are applied (conflict::probe).
+/// Two-way: locks the local rows of every small table's incoming keys at once, all or nothing
+/// ([`crate::conflict::lock_rows`]), so the round holds its rows before it changes any. Large
+/// tables lock theirs when they are applied ([`crate::conflict::probe`]).
 async fn lock_all(
     ttx: &Transaction<'_>,
     ex: &crate::conflict::Exchange,
     tables: &[(&CapturedTable, &[tokio_postgres::Row])],
     label: &str,
 ) -> Result<(), SyncError> {
-    let mut statements = Vec::new();
-    for (t, rows) in tables {
-        let Some(local) = ex.local_tables.get(&t.name.to_string()) else {
-            continue;
-        };
-        let tuple = crate::conflict::key_tuple(local, "t");
-        let cols: Vec<String> = local.key.iter().map(|(c, _, _)| format!("k.{c}")).collect();
-        let sql = format!(
-            "SELECT 1 FROM {} AS t WHERE {tuple} IN (SELECT {} FROM ({}) AS k) ORDER BY {tuple} FOR UPDATE OF t NOWAIT",
-            local.name,
-            cols.join(", "),
-            local.keys_from_params()
-        );
-        statements.push((sql, t.key_params(rows)));
-    }
+    let statements: Vec<(String, Vec<Vec<Option<String>>>)> = tables
+        .iter()
+        .filter_map(|(t, rows)| {
+            let local = ex.local_tables.get(&t.name.to_string())?;
+            let incoming = format!("({})", local.keys_from_params());
+            Some((
+                crate::conflict::lock_sql(local, &incoming),
+                t.key_params(rows),
+            ))
+        })
+        .collect();
     if statements.is_empty() {
         return Ok(());
     }
-    let mut tries = 0u32;
-    loop {
-        let sp = ttx.batch_execute("SAVEPOINT pgferry_lock_all");
-        let locks = futures_util::future::try_join_all(statements.iter().map(|(sql, values)| {
-            let params: Vec<(&(dyn ToSql + Sync), Type)> = values
-                .iter()
-                .map(|v| (v as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
-                .collect();
-            async move { ttx.query_typed(sql, &params).await }
-        }));
-        let (sp, locked) = tokio::join!(sp, locks);
-        match sp.and(locked.map(|_| ())) {
-            Ok(()) => break,
-            Err(e)
-                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-                    && tries < LOCK_ALL_TRIES =>
-            {
-                tries += 1;
-                ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_lock_all")
-                    .await
-                    .map_err(tgt(label, "locking the round's rows"))?;
-                tokio::time::sleep(std::time::Duration::from_micros(
-                    500 + 250 * u64::from(tries.min(16)),
-                ))
-                .await;
-            }
-            Err(e) => return Err(tgt(label, "locking the round's rows")(e)),
-        }
-    }
-    if tries > 0 {
-        tracing::debug!(tries, "round's rows locked once applications released them");
-    }
-    Ok(())
+    crate::conflict::lock_rows(ttx, &statements, LOCK_ALL_TRIES, label).await
 }
 
 /// How many times [`lock_all`] tries before the round gives up (and starts over).
@@ -815,6 +775,8 @@ async fn apply_table(
             lt,
             &incoming,
             if small { &params } else { &[] },
+            // A small table's rows were locked with every other's (lock_all).
+            small,
             unshipped,
             target_label,
         )
