@@ -698,17 +698,12 @@ async fn lag(
 async fn drain(lane: &mut Lane, info: &SourceInfo) -> Result<(), SyncError> {
     let deadline = Instant::now() + APPLIER_WAIT;
     let outcome: RoundOutcome = loop {
-        let ctx = round::RoundContext {
-            dialect: info.dialect,
-            source_node: &info.node_id,
-            previous: lane.applied.as_deref(),
-            tables: &info.tables,
-            skipped: &info.skipped,
-            replica_role: lane.replica_role,
-            versions: (lane.src.server_version, lane.dst.server_version),
-            split_above: None,
-            two_way: None,
-        };
+        let ctx = round::RoundContext::new(
+            info,
+            lane.applied.as_deref(),
+            lane.replica_role,
+            (lane.src.server_version, lane.dst.server_version),
+        );
         match round_with_retries(&mut lane.src, &lane.probe, &mut lane.dst, &ctx).await {
             Ok(o) => break o,
             Err(SyncError::AnotherApplier { .. }) if Instant::now() < deadline => {

@@ -487,15 +487,14 @@ async fn follow(
         wait = Duration::ZERO;
         let started = Instant::now();
         let ctx = round::RoundContext {
-            dialect: info.dialect,
-            source_node: &info.node_id,
-            previous: previous.as_deref(),
-            tables: &info.tables,
-            skipped: &info.skipped,
-            replica_role: prepared.registered.replica_role,
-            versions: (src.server_version, dst.server_version),
             split_above: spec.options.split_rounds_above,
             two_way: exchange.as_ref(),
+            ..round::RoundContext::new(
+                &info,
+                previous.as_deref(),
+                prepared.registered.replica_role,
+                (src.server_version, dst.server_version),
+            )
         };
         let outcome = {
             let round = crate::round_with_retries(&mut src, &probe, &mut dst, &ctx);

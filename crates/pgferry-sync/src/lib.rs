@@ -363,15 +363,13 @@ pub async fn sync_once(
             entry,
         } = prepare_target(&src, &info, dsn, opts).await?;
         let ctx = round::RoundContext {
-            dialect: info.dialect,
-            source_node: &info.node_id,
-            previous: reg.applied.as_deref(),
-            tables: &info.tables,
-            skipped: &info.skipped,
-            replica_role: reg.replica_role,
-            versions: (src.server_version, dst.server_version),
             split_above: opts.split_rounds_above,
-            two_way: None,
+            ..round::RoundContext::new(
+                &info,
+                reg.applied.as_deref(),
+                reg.replica_role,
+                (src.server_version, dst.server_version),
+            )
         };
         let outcome = round_with_retries(&mut src, &probe, &mut dst, &ctx).await?;
         target::acknowledge(&src, &entry.name, &outcome.snapshot).await?;

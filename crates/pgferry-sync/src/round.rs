@@ -79,6 +79,29 @@ pub(crate) struct RoundContext<'a> {
     pub two_way: Option<&'a crate::conflict::Exchange>,
 }
 
+impl<'a> RoundContext<'a> {
+    /// A round of `info`'s captured tables to a target that holds the source's snapshot
+    /// `previous`: one transaction, one-way (set `split_above` and `two_way` after).
+    pub fn new(
+        info: &'a crate::SourceInfo,
+        previous: Option<&'a str>,
+        replica_role: bool,
+        versions: (u32, u32),
+    ) -> Self {
+        RoundContext {
+            dialect: info.dialect,
+            source_node: &info.node_id,
+            previous,
+            tables: &info.tables,
+            skipped: &info.skipped,
+            replica_role,
+            versions,
+            split_above: None,
+            two_way: None,
+        }
+    }
+}
+
 pub(crate) enum RoundResult {
     Applied(RoundOutcome),
     /// A TRUNCATE committed after the round's snapshot, or one holds a table right now: start

@@ -405,15 +405,13 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
             )
             .await?;
             let ctx = round::RoundContext {
-                dialect: info.dialect,
-                source_node: &info.node_id,
-                previous: reg.applied.as_deref(),
-                tables: &info.tables,
-                skipped: &info.skipped,
-                replica_role: reg.replica_role,
-                versions: (src.server_version, dst.server_version),
-                split_above: None,
                 two_way: Some(&ex),
+                ..round::RoundContext::new(
+                    info,
+                    reg.applied.as_deref(),
+                    reg.replica_role,
+                    (src.server_version, dst.server_version),
+                )
             };
             let outcome = crate::round_with_retries(src, probe, &mut dst, &ctx).await?;
             target::acknowledge(src, &entry.name, &outcome.snapshot).await?;
