@@ -431,6 +431,18 @@ fn bad_node_lists_and_rules_are_refused_before_anything_changes() {
         r.stderr
     );
     assert!(conflicts(&dbs[0]).is_empty());
+    let r = pgferry(&[
+        "conflicts",
+        "resolve",
+        "--db",
+        &dbs[0].dsn(),
+        "--id",
+        "1",
+        "--keep",
+        "a",
+    ])
+    .expect(1);
+    assert!(r.stderr.contains("no conflict #1"), "{}", r.stderr);
 }
 
 /// A writer on node `node` until `stop`: updates of keys both nodes update (1–20), deletes,

@@ -1387,6 +1387,22 @@ pub struct Record {
     pub settled_by: Option<String>,
 }
 
+/// Whether the database records conflicts (`pgferry.conflict`: it took part in a two-way
+/// sync).
+pub(crate) async fn recorded(
+    client: &impl tokio_postgres::GenericClient,
+    label: &str,
+) -> Result<bool, SyncError> {
+    Ok(client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(q(label, "looking for pgferry.conflict"))?
+        .get(0))
+}
+
 /// Which conflicts [`list`] returns.
 #[derive(Clone, Debug)]
 pub enum Since {
@@ -1401,16 +1417,7 @@ pub enum Since {
 /// in a two-way sync has none.
 pub async fn list(dsn: &pgferry_core::Dsn, since: &Since) -> Result<Vec<Record>, SyncError> {
     let s = pgferry_core::Session::connect(dsn, "conflicts").await?;
-    let exists: bool = s
-        .client
-        .query_one(
-            "SELECT pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(s.on_err("looking for pgferry.conflict"))?
-        .get(0);
-    if !exists {
+    if !recorded(&s.client, &s.target).await? {
         return Ok(Vec::new());
     }
     let (time, ago) = match since {
@@ -1489,17 +1496,24 @@ pub async fn resolve(
     let mut s = pgferry_core::Session::connect(db, "conflicts resolve").await?;
     let label = s.target.clone();
     let bad = |reason: String| SyncError::TwoWayConfig { reason };
-    let row = s
-        .client
-        .query_opt(
-            "SELECT local_node, remote_node, schema_name, relation_name, keys::text, table_name,
-                    settled_at IS NOT NULL
-               FROM pgferry.conflict WHERE conflict_id = $1 AND pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
-            &[&id],
-        )
-        .await
-        .map_err(q(&label, "reading the conflict"))?
-        .ok_or_else(|| bad(format!("no conflict #{id} is recorded on {label} (see `pgferry conflicts --db …`)")))?;
+    let row = if recorded(&s.client, &label).await? {
+        s.client
+            .query_opt(
+                "SELECT local_node, remote_node, schema_name, relation_name, keys::text, table_name,
+                        settled_at IS NOT NULL
+                   FROM pgferry.conflict WHERE conflict_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(q(&label, "reading the conflict"))?
+    } else {
+        None
+    }
+    .ok_or_else(|| {
+        bad(format!(
+            "no conflict #{id} is recorded on {label} (see `pgferry conflicts --db …`)"
+        ))
+    })?;
     let (local, remote_node): (String, String) = (row.get(0), row.get(1));
     let (schema, relation): (String, String) = (row.get(2), row.get(3));
     let keys: Vec<Key> = serde_json::from_str(&row.get::<_, String>(4)).unwrap_or_default();

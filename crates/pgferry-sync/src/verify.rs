@@ -197,15 +197,7 @@ async fn skipped_keys(
     tx: &Transaction<'_>,
     label: &str,
 ) -> Result<std::collections::BTreeSet<(String, String)>, SyncError> {
-    let two_way: bool = tx
-        .query_one(
-            "SELECT pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(q(label, "looking for conflict records"))?
-        .get(0);
-    if !two_way {
+    if !crate::conflict::recorded(tx, label).await? {
         return Ok(Default::default());
     }
     let rows = tx

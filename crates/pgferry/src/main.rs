@@ -54,7 +54,8 @@ enum Command {
     /// transaction; refuses a target that already has any of the tables.
     Schema(schema::SchemaArgs),
     /// Catch targets up with a source (step 7 of a migration): apply every captured change,
-    /// in rounds at one source snapshot, with row state moved by COPY.
+    /// in rounds at one source snapshot, with row state moved by COPY. With --node, one
+    /// two-way exchange: every node's changes to every other, conflicts decided per row.
     Sync(sync::SyncArgs),
     /// Show where each target stands: pending changes per table, the age of the oldest,
     /// the last acknowledged snapshot.
@@ -63,7 +64,8 @@ enum Command {
     /// rule and the winner.
     Conflicts(two_way::ConflictsArgs),
     /// Replicate continuously (the daemon): rounds whenever changes are committed, reconnecting
-    /// after outages, one active daemon per sync (others stand by), metrics on --metrics.
+    /// after outages, one active daemon per sync (others stand by), metrics on --metrics; with
+    /// --node, a two-way sync.
     Run(run::RunArgs),
     /// Check a daemon configuration: the file, every node, every sync's capture and target
     /// schemas; reports every problem at once (exit 0 ready, 1 problems, 2 bad file).
