@@ -113,17 +113,30 @@ pub(crate) async fn refuse_uncleaned_copy(
 /// Whether the session's role may set `session_replication_role = replica` (a superuser, or
 /// on 15+ a role granted SET on the parameter).
 pub(crate) async fn may_set_replica_role(session: &Session) -> Result<bool, SyncError> {
-    let sql = if session.server_version >= 150000 {
-        "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege('session_replication_role', 'SET')
-           FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    } else {
-        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    };
+    may_set(session, "session_replication_role").await
+}
+
+/// Whether the session's role may set the superuser-only `parameter` (a superuser, or on 15+
+/// a role granted SET on it).
+pub(crate) async fn may_set(session: &Session, parameter: &str) -> Result<bool, SyncError> {
+    let (sql, params): (&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) =
+        if session.server_version >= 150000 {
+            (
+                "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege($1, 'SET')
+                   FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+                vec![&parameter],
+            )
+        } else {
+            (
+                "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+                vec![],
+            )
+        };
     Ok(session
         .client
-        .query_one(sql, &[])
+        .query_one(sql, &params)
         .await
-        .map_err(session.on_err("checking the replica role"))?
+        .map_err(session.on_err(format!("checking whether pgferry may set {parameter}")))?
         .get(0))
 }
 

@@ -184,21 +184,6 @@ async fn add_schema(s: &mut Session) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Whether the session may set `deadlock_timeout` (a superuser, or on 15+ granted SET on it).
-async fn may_set_deadlock_timeout(s: &Session) -> Result<bool, SyncError> {
-    let sql = if s.server_version >= 150000 {
-        "SELECT r.rolsuper OR pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET')
-           FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    } else {
-        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
-    };
-    Ok(s.client
-        .query_one(sql, &[])
-        .await
-        .map_err(s.on_err("checking deadlock_timeout"))?
-        .get(0))
-}
-
 /// Whether `track_commit_timestamp` is on.
 async fn commit_ts(s: &Session) -> Result<bool, SyncError> {
     Ok(s.client
@@ -321,7 +306,7 @@ pub(crate) async fn direction(
     declares(from.name, from_info, &mesh.delta_columns)?;
     declares(to.name, &to_info, &mesh.delta_columns)?;
     let (from_ts, to_ts) = (commit_ts(from.session).await?, commit_ts(to.session).await?);
-    let deadlock_timeout = may_set_deadlock_timeout(to.session).await?;
+    let deadlock_timeout = target::may_set(to.session, "deadlock_timeout").await?;
     Ok(Exchange {
         local: to.name.to_owned(),
         remote: from.name.to_owned(),
