@@ -112,7 +112,7 @@ run() { # NAME BINARY -> one line
     else
         [[ $RATE == max ]] || rr="-R $RATE"
         # shellcheck disable=SC2086
-        tps=$("$PGBENCH" -n -f "$W/lat.sql" $rr -c 4 -j 2 -T "$DURATION" "$S" 2>&1 | awk '/^tps = / { print $3 }')
+        tps=$("$PGBENCH" -n -f "$W/lat.sql" -s "$SCALE" $rr -c 4 -j 2 -T "$DURATION" "$S" 2>&1 | awk '/^tps = / { print $3 }')
     fi
     a1=$(ticks "$spids"); b1=$(ticks "$tpids"); c1=$(ticks "$DAEMON_PID"); m1=$(machine); r1=$(rounds); x1=$(xacts)
     hi=$(q "$S" "SELECT coalesce(max(id), 0) FROM lat")
@@ -139,7 +139,7 @@ run_alone() { # NAME: pgbench with capture and no daemon
     else
         [[ $RATE == max ]] || rr="-R $RATE"
         # shellcheck disable=SC2086
-        tps=$("$PGBENCH" -n -f "$W/lat.sql" $rr -c 4 -j 2 -T "$DURATION" "$S" 2>&1 | awk '/^tps = / { print $3 }')
+        tps=$("$PGBENCH" -n -f "$W/lat.sql" -s "$SCALE" $rr -c 4 -j 2 -T "$DURATION" "$S" 2>&1 | awk '/^tps = / { print $3 }')
     fi
     m1=$(machine); x1=$(xacts)
     printf '%-10s tps %6.0f  (no daemon)  src_xacts/s %5d  cores: machine %s  load %s\n' \

@@ -316,7 +316,7 @@ for rate in $RATES; do
     t0=$(now)
     start_sampler "$W/lat-$rate.samples" "$t0"
     c0=$(cpu_snapshot)
-    L[$rate,tps]=$(pgbench_run "$S" "$W/lat-$rate.log" -f "$W/lat.sql" -R "$rate" -T "$DURATION")
+    L[$rate,tps]=$(pgbench_run "$S" "$W/lat-$rate.log" -f "$W/lat.sql" -s "$SCALE" -R "$rate" -T "$DURATION")
     t1=$(now)
     L[$rate,cpu]=$(cpu_cores "$c0" "$(cpu_snapshot)" "$(elapsed "$t0" "$t1")" "$W/lat-$rate.log")
     L[$rate,src_ms]=$(awk '/^latency average = / { print $4; exit }' "$W/lat-$rate.log")

@@ -1,6 +1,8 @@
 -- The latency workload of bench/daemon.sh and bench/daemon-ab.sh: pgbench's tpcb-like
 -- transaction with, as its last statement, a lat row stamped with clock_timestamp(), so the
 -- workload writes its own timestamp just before COMMIT.
+-- pgbench sets :scale for a custom script only from -s (without it, 1: one branch, ten
+-- tellers, 100,000 accounts, whatever the database holds): the scripts that run it pass -s.
 \set aid random(1, 100000 * :scale)
 \set bid random(1, 1 * :scale)
 \set tid random(1, 10 * :scale)
