@@ -105,6 +105,36 @@ pub fn literal(value: &str) -> String {
     escape_literal(value)
 }
 
+/// A `text[]` value as a SQL constant (`'{"a","b",NULL}'::pg_catalog.text[]`), for a statement
+/// that cannot take bound parameters: `COPY (query) TO STDOUT`. Every element is double-quoted
+/// with its backslashes and double quotes escaped (array input syntax), `None` is an unquoted
+/// `NULL`, and the whole goes through [`literal`].
+pub fn text_array_literal(values: &[Option<String>]) -> String {
+    let mut array =
+        String::with_capacity(2 + values.iter().flatten().map(|v| v.len() + 3).sum::<usize>());
+    array.push('{');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            array.push(',');
+        }
+        match v {
+            None => array.push_str("NULL"),
+            Some(v) => {
+                array.push('"');
+                for c in v.chars() {
+                    if c == '"' || c == '\\' {
+                        array.push('\\');
+                    }
+                    array.push(c);
+                }
+                array.push('"');
+            }
+        }
+    }
+    array.push('}');
+    format!("{}::pg_catalog.text[]", escape_literal(&array))
+}
+
 /// Truncates `s` to at most `max` bytes without splitting a character.
 pub fn truncate_bytes(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -163,6 +193,50 @@ mod tests {
             prop_assert!(quoted.starts_with('"') && quoted.ends_with('"'));
             let inner = &quoted[1..quoted.len() - 1];
             prop_assert_eq!(inner.replace("\"\"", "\""), name);
+        }
+
+        #[test]
+        fn text_array_literals_round_trip(values in proptest::collection::vec(proptest::option::of("\\PC{0,12}"), 0..6)) {
+            // Undo the SQL string literal (escape_literal: `'…'`, or ` E'…'` with doubled
+            // backslashes), then parse the array input syntax back.
+            let sql = text_array_literal(&values);
+            let body = sql.strip_suffix("::pg_catalog.text[]").unwrap().trim_start();
+            let (body, backslashes) = match body.strip_prefix('E') {
+                Some(b) => (b, true),
+                None => (body, false),
+            };
+            let mut text = body[1..body.len() - 1].replace("''", "'");
+            if backslashes {
+                text = text.replace("\\\\", "\\");
+            }
+            let braced = text.starts_with('{') && text.ends_with('}');
+            prop_assert!(braced, "not an array: {}", text);
+            let mut parsed: Vec<Option<String>> = Vec::new();
+            let mut chars = text[1..text.len() - 1].chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => {
+                        let mut v = String::new();
+                        loop {
+                            match chars.next().unwrap() {
+                                '\\' => v.push(chars.next().unwrap()),
+                                '"' => break,
+                                c => v.push(c),
+                            }
+                        }
+                        parsed.push(Some(v));
+                    }
+                    'N' => {
+                        for expected in "ULL".chars() {
+                            prop_assert_eq!(chars.next(), Some(expected));
+                        }
+                        parsed.push(None);
+                    }
+                    ',' => {}
+                    c => prop_assert!(false, "unexpected {:?}", c),
+                }
+            }
+            prop_assert_eq!(parsed, values);
         }
 
         #[test]

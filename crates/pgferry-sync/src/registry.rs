@@ -56,6 +56,16 @@ impl CapturedTable {
         )
     }
 
+    /// [`Self::pending_keys`] (untyped) of several tables at once, in one scan of the capture
+    /// table: rows of a key's `text[]` and its table's id; `$1` the tables' ids (`int4[]`).
+    pub fn pending_keys_of_tables(pending: &str) -> String {
+        format!(
+            "SELECT k.key, d.table_id FROM pgferry.delta d
+               CROSS JOIN LATERAL (VALUES (CASE WHEN d.op <> 'T' THEN d.key END), (d.old_key)) AS k (key)
+              WHERE {pending} AND d.table_id = ANY($1) AND k.key IS NOT NULL"
+        )
+    }
+
     /// Recorded keys (rows whose first column is a key's `text[]`, as [`Self::pending_keys`]
     /// returns untyped) split into one list per key column: the parameters of
     /// [`Self::keys_from_params`].
@@ -74,11 +84,22 @@ impl CapturedTable {
     /// A query of typed keys from [`Self::key_params`] bound as `$1`, `$2`, … (one `text[]`
     /// per key column), each output column named as its key column.
     pub fn keys_from_params(&self) -> String {
+        self.keys_from(|i| format!("${}::text[]", i + 1))
+    }
+
+    /// [`Self::keys_from_params`] with the values written into the query as constants, for a
+    /// statement that takes no parameters (`COPY (query) TO STDOUT`).
+    pub fn keys_from_literals(&self, values: &[Vec<Option<String>>]) -> String {
+        self.keys_from(|i| pgferry_core::ident::text_array_literal(&values[i]))
+    }
+
+    /// The typed keys of one `text[]` expression per key column (`array(i)`, counted from 0).
+    fn keys_from(&self, array: impl Fn(usize) -> String) -> String {
         let n = self.key.len();
         // Schema-qualified, a multi-argument unnest must be spelled as ROWS FROM of one-argument
         // unnests (`pg_catalog.unnest(a, b)` exists only as the FROM-clause special form).
-        let unnests: Vec<String> = (1..=n)
-            .map(|i| format!("pg_catalog.unnest(${i}::text[])"))
+        let unnests: Vec<String> = (0..n)
+            .map(|i| format!("pg_catalog.unnest({})", array(i)))
             .collect();
         let names: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
         format!(

@@ -274,11 +274,7 @@ pub(crate) async fn run(
     let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
     let (columns, small_keys) = tokio::try_join!(
         crate::schema::columns_to_copy_of(&stx, &ttx, &tables, ctx.versions, labels),
-        futures_util::future::try_join_all(
-            work.iter()
-                .zip(&pendings)
-                .map(|((t, changes, _), pending)| small_keys(&stx, t, *changes, pending, labels)),
-        )
+        small_keys(&stx, &work, &pendings, labels)
     )?;
     if let Some(ex) = ctx.two_way {
         let small: Vec<(&CapturedTable, &[tokio_postgres::Row])> = work
@@ -609,28 +605,54 @@ struct Prepared {
     small_keys: Option<Vec<tokio_postgres::Row>>,
 }
 
-/// A small table's pending keys (None for a large one: its keys stream through a temporary
-/// table).
+/// The small tables' pending keys, in the order of `work` (None for a large table: its keys
+/// stream through a temporary table). One scan of the capture table for all of them — per
+/// pending condition, as tables a split round moved ahead have their own — instead of two per
+/// table: under load the capture table holds a second or two of changes, and its scans were
+/// most of what rounds cost the source.
 async fn small_keys(
     stx: &Transaction<'_>,
-    t: &CapturedTable,
-    changes: u64,
-    pending: &str,
+    work: &[(&CapturedTable, u64, bool)],
+    pendings: &[String],
     labels: (&str, &str),
-) -> Result<Option<Vec<tokio_postgres::Row>>, SyncError> {
-    if changes > SMALL_TABLE_CHANGES {
-        return Ok(None);
+) -> Result<Vec<Option<Vec<tokio_postgres::Row>>>, SyncError> {
+    let is_small = |changes: u64| changes <= SMALL_TABLE_CHANGES;
+    let mut ids_by_pending: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for ((t, changes, _), pending) in work.iter().zip(pendings) {
+        if is_small(*changes) {
+            ids_by_pending
+                .entry(pending.as_str())
+                .or_default()
+                .push(t.table_id);
+        }
     }
-    stx.query_typed(&t.pending_keys(pending, false), &[])
-        .await
-        .map(Some)
-        .map_err(|e| {
-            SyncError::Core(pgferry_core::Error::Query {
-                context: "reading the pending keys".into(),
-                target: labels.0.to_owned(),
-                source: e,
-            })
+    let found = futures_util::future::try_join_all(ids_by_pending.iter().map(
+        |(pending, ids)| async move {
+            stx.query_typed(
+                &CapturedTable::pending_keys_of_tables(pending),
+                &[(ids, Type::INT4_ARRAY)],
+            )
+            .await
+        },
+    ))
+    .await
+    .map_err(|e| {
+        SyncError::Core(pgferry_core::Error::Query {
+            context: "reading the pending keys".into(),
+            target: labels.0.to_owned(),
+            source: e,
         })
+    })?;
+    let mut by_table: BTreeMap<i32, Vec<tokio_postgres::Row>> = BTreeMap::new();
+    for row in found.into_iter().flatten() {
+        by_table.entry(row.get(1)).or_default().push(row);
+    }
+    Ok(work
+        .iter()
+        .map(|(t, changes, _)| {
+            is_small(*changes).then(|| by_table.remove(&t.table_id).unwrap_or_default())
+        })
+        .collect())
 }
 
 /// Applies one table's pending changes at the round's snapshot, inside `ttx`.
@@ -810,12 +832,22 @@ async fn apply_table(
         }
     }
     let base_delete = delete_sql;
+    // The keys whose rows are copied: a one-way round's small table writes the keys it read
+    // into the COPY (which takes no parameters; they include the old keys of key changes, whose
+    // rows at the snapshot are copied like any other deleted key's), so the source does not
+    // scan the capture table again for each table.
+    let copied_keys = if small && two_way.is_none() {
+        t.keys_from_literals(&key_values)
+    } else {
+        format!(
+            "SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'",
+            new = t.restore("d.key"),
+        )
+    };
     let rows_sql = |keep: &str| {
         format!(
-            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN
-                   (SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'){keep}) TO STDOUT",
+            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN ({copied_keys}){keep}) TO STDOUT",
             cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
-            new = t.restore("d.key"),
         )
     };
     // Two-way: the delete and the copy run under a savepoint; a unique index other than the
