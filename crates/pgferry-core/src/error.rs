@@ -120,3 +120,23 @@ pub fn find_db_error<'a>(
     }
     None
 }
+
+/// An error and its causes on one line (each cause once: messages that already quote their
+/// cause are not repeated), for logs and one-line reports. A server error shows its SQLSTATE
+/// and message, never its DETAIL (which may quote row values).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = match c.downcast_ref::<tokio_postgres::error::DbError>() {
+            Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+            None => c.to_string(),
+        };
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text.replace('\n', " ")
+}

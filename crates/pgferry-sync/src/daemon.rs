@@ -612,7 +612,7 @@ struct Backoff {
 
 impl Backoff {
     fn failed(&mut self, sync: &str, what: &str, e: &SyncError) {
-        let text = e.to_string();
+        let text = pgferry_core::error::chain(e);
         if self.last.as_deref() != Some(text.as_str()) {
             tracing::warn!(sync, node = what, class = class_label(e.class()), error = %text, "unavailable: retrying with backoff");
             self.last = Some(text);

@@ -317,7 +317,7 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
     for (name, dsn) in &config.nodes {
         match pgferry_core::Session::connect(dsn, "check").await {
             Ok(_) => checked.push(format!("node {name}: connected ({})", dsn.redacted())),
-            Err(e) => problems.push(format!("node {name}: {}", chain(&e))),
+            Err(e) => problems.push(format!("node {name}: {}", pgferry_core::error::chain(&e))),
         }
     }
     for sync in &config.syncs {
@@ -331,7 +331,7 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
                     "sync {} → {}: {}",
                     sync.name,
                     t.redacted(),
-                    chain(&e)
+                    pgferry_core::error::chain(&e)
                 ));
             }
         }
@@ -349,7 +349,7 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
         let mut found: Vec<String> = pgferry_sync::two_way::check(mesh)
             .await
             .iter()
-            .map(|e| chain(e))
+            .map(|e| pgferry_core::error::chain(e))
             .collect();
         let pairs: Vec<(String, pgferry_core::Dsn)> = mesh
             .nodes
@@ -358,7 +358,7 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
             .collect();
         match pgferry_sync::sequence_partition::collisions(&pairs).await {
             Ok(list) => found.extend(list.iter().map(|c| c.to_string().replace('\n', " "))),
-            Err(e) => found.push(chain(&e)),
+            Err(e) => found.push(pgferry_core::error::chain(&e)),
         }
         if found.is_empty() {
             checked.push(format!(
@@ -390,19 +390,4 @@ pub async fn check(args: CheckArgs) -> Result<Code, Failure> {
     } else {
         Code::Refused
     })
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let c_text = c.to_string();
-        if !text.contains(&c_text) {
-            text.push_str(": ");
-            text.push_str(&c_text);
-        }
-        cause = c.source();
-    }
-    text.replace('\n', " ")
 }
