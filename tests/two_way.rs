@@ -9,6 +9,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{contents, pgferry, wait_for, Conn, Daemon, Run};
+use pgferry_core::Dsn;
+use pgferry_sync::conflict::{Rule, Rules};
+use pgferry_sync::two_way::{exchange_in_order, ExchangeReport, Mesh, Node};
 use pgferry_testkit::{Cluster, TestDb};
 
 const SCHEMA: &str = "
@@ -369,6 +372,147 @@ fn three_nodes_in_a_full_mesh_converge_and_stay_quiet() {
     assert_eq!(again["rows"], 0, "{again}");
 }
 
+/// The mesh of `dbs` (named a, b, c) under `rule`, for the library's exchanges.
+fn mesh(dbs: &[TestDb<'_>], rule: &str) -> Mesh {
+    Mesh {
+        nodes: dbs
+            .iter()
+            .zip(NAMES)
+            .map(|(db, name)| Node {
+                name: name.to_owned(),
+                dsn: Dsn::parse(&db.dsn()).expect("dsn"),
+            })
+            .collect(),
+        rules: Rules::new(Rule::parse(rule).expect("rule")),
+        delta_columns: Vec::new(),
+    }
+}
+
+/// Rounds of the given directions (`(from, to)`), in this order: one arrival order of the
+/// changes at each node.
+fn directions(dbs: &[TestDb<'_>], rule: &str, order: &[(usize, usize)]) -> ExchangeReport {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(exchange_in_order(&mesh(dbs, rule), order))
+        .expect("exchange")
+}
+
+/// Two nodes change the same keys (an update of 3, an update on one and a delete on the other of
+/// 4, an insert of 200 on both), the changes reach the third node in `order`, and every node ends
+/// with the rows the rule picks — also when the third node receives the losing change last, long
+/// after the two decided — then the mesh goes quiet.
+fn third_node_case(prefix: &str, rule: &str, order: &[(usize, usize)], expect: &str) {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, prefix, 3);
+    // Every node registered with every other (as a running mesh is).
+    exchange_ok(&dbs, rule);
+    let write = |db: &TestDb<'_>, tag: &str, delete: bool| {
+        db.psql(&format!(
+            "UPDATE t SET v = '{tag}' WHERE id = 3;
+             {}
+             INSERT INTO t VALUES (200, '{tag}');",
+            if delete {
+                "DELETE FROM t WHERE id = 4;".to_owned()
+            } else {
+                format!("UPDATE t SET v = '{tag}' WHERE id = 4;")
+            }
+        ));
+    };
+    // a first, b a moment later (latest: b's changes win).
+    write(&dbs[0], "A", false);
+    thread::sleep(Duration::from_millis(20));
+    write(&dbs[1], "B", true);
+    directions(&dbs, rule, order);
+    for _ in 0..2 {
+        exchange_ok(&dbs, rule);
+    }
+    let state = |db: &TestDb<'_>| format!("{} {} {}", row(db, 3), row(db, 4), row(db, 200));
+    for db in &dbs {
+        assert_eq!(state(db), expect, "{rule}, arrivals {order:?}");
+    }
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]));
+    assert_eq!(contents(&dbs[1]), contents(&dbs[2]));
+    let quiet = exchange_ok(&dbs, rule);
+    assert_eq!(quiet["rows"], 0, "{quiet}");
+    // Provenance is let go once every node has everything.
+    for db in &dbs {
+        let left = db.psql("SELECT count(*) FROM pgferry.row_origin");
+        assert_eq!(left.trim(), "0", "{rule}, arrivals {order:?}");
+    }
+}
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+#[test]
+fn a_third_node_keeps_the_winner_of_latest_whatever_arrives_last() {
+    // b decides (its change is later), c gets b's rows, then a's losing ones.
+    third_node_case("tw_3l1", "latest", &[(A, B), (B, C), (A, C)], "B <none> B");
+    // b decides, a takes b's rows, then c gets them, then a's losing changes (a ships its
+    // current rows: b's, which it had applied by then).
+    third_node_case(
+        "tw_3l2",
+        "latest",
+        &[(A, B), (B, A), (B, C), (A, C)],
+        "B <none> B",
+    );
+    // c gets a's rows first, then b's: no decision anywhere yet.
+    third_node_case("tw_3l3", "latest", &[(A, C), (B, C)], "B <none> B");
+}
+
+#[test]
+fn a_mesh_of_three_takes_latest_or_abort_only() {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, "tw_3rules", 3);
+    let before: Vec<String> = dbs.iter().map(|db| contents(db)).collect();
+    for rule in ["prefer:a", "skip", "custom:public.f"] {
+        let r = exchange(&dbs, rule, &[]).expect(1);
+        assert!(
+            r.stderr.contains("latest or abort") && r.stderr.contains(rule),
+            "{rule}: {}",
+            r.stderr
+        );
+        // A per-table override is refused alike.
+        let over = format!("t={rule}");
+        let r = exchange(&dbs, "latest", &["--conflict-table", &over]).expect(1);
+        assert!(r.stderr.contains("latest or abort"), "{}", r.stderr);
+    }
+    let after: Vec<String> = dbs.iter().map(|db| contents(db)).collect();
+    assert_eq!(before, after);
+    for db in &dbs {
+        let registered = db.psql("SELECT count(*) FROM pgferry.target");
+        assert_eq!(registered.trim(), "0", "nothing registered");
+    }
+    // abort: the round stops on the conflict, on the third node too.
+    exchange_ok(&dbs, "abort");
+    dbs[0].psql("UPDATE t SET v = 'A' WHERE id = 5");
+    dbs[1].psql("UPDATE t SET v = 'B' WHERE id = 5");
+    directions(&dbs, "abort", &[(A, C)]);
+    let r = exchange(&dbs, "abort", &[]).expect(1);
+    assert!(r.stderr.contains("(5)"), "{}", r.stderr);
+}
+
+#[test]
+fn delta_columns_are_refused_in_a_mesh_of_three() {
+    let cluster = Cluster::shared();
+    let dbs = nodes_with(
+        cluster,
+        "tw_3delta",
+        3,
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL);",
+        &["--delta-column", "public.accounts.balance"],
+    );
+    let r = exchange(&dbs, "latest", &[]).expect(1);
+    assert!(
+        r.stderr.contains("two-node syncs only") && r.stderr.contains("accounts"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn bad_node_lists_and_rules_are_refused_before_anything_changes() {
     let cluster = Cluster::shared();
@@ -497,8 +641,19 @@ fn writer(dsn: String, node: i32, stop: Arc<AtomicBool>) -> thread::JoinHandle<u
 /// and restarted every `kill_every`, if given); then the nodes must meet while it runs, and
 /// again after it stops and a final exchange runs.
 fn daemon_under_writers(prefix: &str, rule: &str, seconds: u64, kill_every: Option<Duration>) {
+    mesh_under_writers(prefix, rule, 2, seconds, kill_every)
+}
+
+/// [`daemon_under_writers`] with `n` nodes, every one written.
+fn mesh_under_writers(
+    prefix: &str,
+    rule: &str,
+    n: usize,
+    seconds: u64,
+    kill_every: Option<Duration>,
+) {
     let cluster = Cluster::shared();
-    let dbs = nodes(cluster, prefix, 2);
+    let dbs = nodes(cluster, prefix, n);
     for db in &dbs {
         // For custom:public.larger: the larger row image wins, whichever node decides.
         db.psql(
@@ -508,17 +663,16 @@ fn daemon_under_writers(prefix: &str, rule: &str, seconds: u64, kill_every: Opti
     }
     exchange_ok(&dbs, rule);
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let (a, b) = (format!("a={}", dbs[0].dsn()), format!("b={}", dbs[1].dsn()));
-    let args = [
-        "--node",
-        a.as_str(),
-        "--node",
-        b.as_str(),
-        "--conflict",
-        rule,
-        "--poll-interval",
-        "20ms",
-    ];
+    let specs: Vec<String> = dbs
+        .iter()
+        .zip(NAMES)
+        .map(|(db, name)| format!("{name}={}", db.dsn()))
+        .collect();
+    let mut args: Vec<&str> = Vec::new();
+    for spec in &specs {
+        args.extend(["--node", spec.as_str()]);
+    }
+    args.extend(["--conflict", rule, "--poll-interval", "20ms"]);
     let mut daemon = Daemon::start(&args, &dir, "daemon");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = dbs
@@ -543,21 +697,23 @@ fn daemon_under_writers(prefix: &str, rule: &str, seconds: u64, kill_every: Opti
     let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
     assert!(writes > 100, "the writers barely ran ({writes} iterations)");
     // Equal, or (skip) equal but for the keys a skip left unsettled, which verify lists.
-    let verify = || {
+    let verify = |other: &TestDb<'_>| {
         pgferry(&[
             "verify",
             "--source",
             &dbs[0].dsn(),
             "--target",
-            &dbs[1].dsn(),
+            &other.dsn(),
         ])
     };
     let met = || {
-        if rule == "skip" {
-            verify().code == 0
-        } else {
-            contents(&dbs[0]) == contents(&dbs[1])
-        }
+        dbs[1..].iter().all(|other| {
+            if rule == "skip" {
+                verify(other).code == 0
+            } else {
+                contents(&dbs[0]) == contents(other)
+            }
+        })
     };
     wait_for(Duration::from_secs(60), "the nodes to meet", met);
     assert!(daemon.is_running(), "{}", daemon.log());
@@ -569,8 +725,10 @@ fn daemon_under_writers(prefix: &str, rule: &str, seconds: u64, kill_every: Opti
         "after the daemon, nothing left to move: {last}"
     );
     assert!(met());
-    verify().expect(0);
-    let decided = conflicts(&dbs[0]).len() + conflicts(&dbs[1]).len();
+    for other in &dbs[1..] {
+        verify(other).expect(0);
+    }
+    let decided: usize = dbs.iter().map(|db| conflicts(db).len()).sum();
     eprintln!("{rule}: {writes} writer iterations, {kills} kills, {decided} conflicts decided");
 }
 
@@ -592,6 +750,11 @@ fn the_daemon_settles_concurrent_writers_with_skip() {
 #[test]
 fn the_daemon_settles_concurrent_writers_with_a_custom_function() {
     daemon_under_writers("tw_d_custom", "custom:public.larger", 3, None);
+}
+
+#[test]
+fn three_nodes_under_writers_end_equal_with_latest() {
+    mesh_under_writers("tw_m_latest", "latest", 3, 3, None);
 }
 
 #[test]

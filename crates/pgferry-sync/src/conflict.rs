@@ -162,6 +162,8 @@ pub(crate) struct Exchange {
     /// The applying node's identity: the source's `pgferry.applied` row for it says which of
     /// the applying node's changes the source already has.
     pub local_node_id: String,
+    /// The source's identity (its `node_id`).
+    pub remote_node_id: String,
     pub rules: Rules,
     pub local_dialect: Dialect,
     /// The applying node's captured tables, by quoted name.
@@ -173,19 +175,33 @@ pub(crate) struct Exchange {
     pub remote_time: String,
 }
 
-/// The time of capture row `d`: its commit time where `track_commit_timestamp` is on (and the
-/// commit still known), else the time the capture recorded.
+/// The time of capture row `d`: the time of the change it carries when a decision wrote it
+/// (`origin_at`), else its commit time where `track_commit_timestamp` is on (and the commit
+/// still known), else the time the capture recorded.
 pub(crate) fn time_expr(commit_ts: bool) -> String {
-    let micros = |e: &str| {
-        format!("pg_catalog.floor(pg_catalog.date_part('epoch', {e}) * 1000000)::pg_catalog.int8")
-    };
     if commit_ts {
         micros(
-            "COALESCE(pg_catalog.pg_xact_commit_timestamp(((d.xid::text::pg_catalog.int8 % 4294967296)::text)::pg_catalog.xid), d.changed_at)",
+            "COALESCE(d.origin_at, pg_catalog.pg_xact_commit_timestamp(((d.xid::text::pg_catalog.int8 % 4294967296)::text)::pg_catalog.xid), d.changed_at)",
         )
     } else {
-        micros("d.changed_at")
+        micros("COALESCE(d.origin_at, d.changed_at)")
     }
+}
+
+/// Microseconds since the epoch of the `timestamptz` expression `e`, exact on every version
+/// (a float of the whole epoch is not).
+pub(crate) fn micros(e: &str) -> String {
+    format!(
+        "(pg_catalog.date_part('epoch', pg_catalog.date_trunc('second', {e}))::pg_catalog.int8 * 1000000
+          + pg_catalog.date_part('microseconds', {e})::pg_catalog.int8 % 1000000)"
+    )
+}
+
+/// The `timestamptz` of `micros` (microseconds since the epoch), exactly.
+pub(crate) fn from_micros(micros: &str) -> String {
+    format!(
+        "(pg_catalog.to_timestamp({micros} / 1000000) + ({micros} % 1000000) * '1 microsecond'::pg_catalog.interval)"
+    )
 }
 
 /// A key in its recorded text form.
@@ -213,7 +229,13 @@ enum Outcome {
 
 /// A conflict group and its decision.
 #[derive(Debug)]
-struct Group {
+pub(crate) struct Group {
+    /// The node whose change the local side stands for: the local node, or (a third node's
+    /// decision, [`crate::mesh`]) the peer its row came from.
+    local_node: String,
+    /// Decided by a third node between two peers' changes: nothing to carry out but the
+    /// record (the two peers settle it between themselves).
+    third: bool,
     keys: Vec<Key>,
     local_keys: BTreeSet<Key>,
     remote_keys: BTreeSet<Key>,
@@ -272,7 +294,7 @@ impl Plan {
             .map(|g| Decision {
                 table: table.to_owned(),
                 keys: g.keys.clone(),
-                local: ex.local.clone(),
+                local: g.local_node.clone(),
                 remote: ex.remote.clone(),
                 rule: g.rule.clone(),
                 winner: g.winner.clone(),
@@ -320,6 +342,17 @@ pub(crate) fn key_tuple(table: &CapturedTable, alias: &str) -> String {
     } else {
         format!("({})", cols.join(", "))
     }
+}
+
+/// The recorded key `column` (a `text[]`) as a typed tuple `(k1, k2)` of `table`'s key.
+pub(crate) fn restored_tuple(table: &CapturedTable, column: &str) -> String {
+    let items: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty, form))| form.restore_expr(&format!("{column}[{}]", i + 1), ty))
+        .collect();
+    format!("({})", items.join(", "))
 }
 
 /// The row `t`'s key in its recorded text form.
@@ -441,15 +474,7 @@ pub(crate) async fn probe(
         .iter()
         .map(|(c, _, _)| format!("k.{c}"))
         .collect();
-    let restore_tuple = |column: &str| {
-        let items: Vec<String> = local_t
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, (_, ty, form))| form.restore_expr(&format!("{column}[{}]", i + 1), ty))
-            .collect();
-        format!("({})", items.join(", "))
-    };
+    let restore_tuple = |column: &str| restored_tuple(local_t, column);
     let probe = format!(
         "SELECT DISTINCT y.key FROM (
              SELECT d.key, d.old_key FROM pgferry.delta d
@@ -555,6 +580,8 @@ pub(crate) async fn plan(
             serde_json::Value::Array(gkeys.iter().filter_map(|k| rows.get(k).cloned()).collect())
         };
         let mut g = Group {
+            local_node: ex.local.clone(),
+            third: false,
             local_keys: side_keys(&l),
             remote_keys: side_keys(&r),
             keys: gkeys.clone(),
@@ -569,7 +596,7 @@ pub(crate) async fn plan(
             delta: None,
         };
         g.outcome = decide(ttx, ex, &rule, &g, local_t, target_label).await?;
-        g.winner = winner(ex, &g.outcome);
+        g.winner = winner(ex, &g);
         if mergeable(&g, &rule, remote_t, local_t) {
             // Counters: the winner's row, plus what the other side added to each delta column.
             let (tx, table, cond, label) = match g.outcome {
@@ -596,6 +623,82 @@ pub(crate) async fn plan(
             rule = %g.rule,
             winner = %g.winner,
             "conflict decided"
+        );
+        plan.groups.push(g);
+    }
+    Ok(plan)
+}
+
+/// A third node's case ([`crate::mesh`]): the remote's change of `key` (made at `remote_at`)
+/// and the change of peer `held` (made at `held_at`) this node's row came from, neither made
+/// knowing the other.
+#[derive(Debug)]
+pub(crate) struct ThirdParty {
+    pub key: Key,
+    pub held: String,
+    pub held_at: Option<i64>,
+    pub remote_at: Option<i64>,
+}
+
+/// Decides third-party cases by the table's rule, as the two peers decide them between
+/// themselves: the held peer's row kept (left out of the apply), or the remote's applied. A
+/// custom function's merged row is not kept here (the apply writes the remote's row): the two
+/// peers merge, and their merge reaches this node as their change. Nothing is reshipped.
+pub(crate) async fn third_party(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    remote_t: &CapturedTable,
+    local_t: &CapturedTable,
+    cases: Vec<ThirdParty>,
+    labels: Labels<'_>,
+) -> Result<Plan, SyncError> {
+    let (source_label, target_label) = labels;
+    let human = local_t.name.human();
+    let keys: Vec<Key> = cases.iter().map(|c| c.key.clone()).collect();
+    let (local_rows, remote_rows) = tokio::try_join!(
+        images(ttx, local_t, &keys, target_label),
+        images(stx, remote_t, &keys, source_label)
+    )?;
+    let rule = ex.rules.for_table(&local_t.name).clone();
+    let mut plan = Plan::default();
+    for c in cases {
+        let (l, r) = (local_rows.get(&c.key), remote_rows.get(&c.key));
+        let change = |at: Option<i64>, present: bool| Change {
+            key: c.key.clone(),
+            old_key: None,
+            op: if present { "U" } else { "D" }.into(),
+            at,
+        };
+        let mut g = Group {
+            local_node: c.held.clone(),
+            third: true,
+            keys: vec![c.key.clone()],
+            local_keys: BTreeSet::from([c.key.clone()]),
+            remote_keys: BTreeSet::from([c.key.clone()]),
+            local: vec![change(c.held_at, l.is_some())],
+            remote: vec![change(c.remote_at, r.is_some())],
+            local_rows: serde_json::Value::Array(l.into_iter().cloned().collect()),
+            remote_rows: serde_json::Value::Array(r.into_iter().cloned().collect()),
+            outcome: Outcome::Skip,
+            winner: String::new(),
+            rule: rule.to_string(),
+            clash: None,
+            delta: None,
+        };
+        g.outcome = match decide(ttx, ex, &rule, &g, local_t, target_label).await? {
+            Outcome::Merged => Outcome::Remote,
+            o => o,
+        };
+        g.winner = winner(ex, &g);
+        tracing::info!(
+            table = %human,
+            keys = ?g.keys,
+            held = %g.local_node,
+            remote = %ex.remote,
+            rule = %g.rule,
+            winner = %g.winner,
+            "conflict between two peers decided on a third node"
         );
         plan.groups.push(g);
     }
@@ -660,10 +763,10 @@ fn all_zero(sums: &[Option<String>]) -> bool {
     })
 }
 
-fn winner(ex: &Exchange, outcome: &Outcome) -> String {
-    match outcome {
+fn winner(ex: &Exchange, g: &Group) -> String {
+    match g.outcome {
         Outcome::Remote => ex.remote.clone(),
-        Outcome::Local => ex.local.clone(),
+        Outcome::Local => g.local_node.clone(),
         Outcome::Merged => "merged".into(),
         Outcome::Skip => "skip".into(),
     }
@@ -824,6 +927,8 @@ pub(crate) async fn clashes(
             )
         )?;
         let mut g = Group {
+            local_node: ex.local.clone(),
+            third: false,
             keys: vec![remote_key.clone(), local_key.clone()],
             local_keys: BTreeSet::from([local_key.clone()]),
             remote_keys: BTreeSet::from([remote_key.clone()]),
@@ -848,7 +953,7 @@ pub(crate) async fn clashes(
             }),
             o => o,
         };
-        g.winner = winner(ex, &g.outcome);
+        g.winner = winner(ex, &g);
         tracing::info!(
             table = %human,
             keys = ?g.keys,
@@ -1004,9 +1109,9 @@ async fn decide(
     };
     Ok(match rule {
         Rule::Prefer(n) if *n == ex.remote => Outcome::Remote,
-        Rule::Prefer(n) if *n == ex.local => Outcome::Local,
+        Rule::Prefer(n) if *n == g.local_node => Outcome::Local,
         Rule::Prefer(_) => {
-            if remote_first(&ex.remote, &ex.local) {
+            if remote_first(&ex.remote, &g.local_node) {
                 Outcome::Remote
             } else {
                 Outcome::Local
@@ -1014,7 +1119,7 @@ async fn decide(
         }
         Rule::Latest => {
             let r = (latest(&g.remote), ex.remote.as_str());
-            let l = (latest(&g.local), ex.local.as_str());
+            let l = (latest(&g.local), g.local_node.as_str());
             if r > l {
                 Outcome::Remote
             } else {
@@ -1026,7 +1131,7 @@ async fn decide(
             return Err(SyncError::ConflictAborted {
                 table: local_t.name.human(),
                 keys: show_keys(&g.keys),
-                local: ex.local.clone(),
+                local: g.local_node.clone(),
                 remote: ex.remote.clone(),
             })
         }
@@ -1042,7 +1147,7 @@ async fn decide(
                 format!("SELECT ({function}($1::text::jsonb, $2::text::jsonb, $3, $4))::text");
             let (lt, rt) = (l.to_string(), r.to_string());
             let row = ttx
-                .query_one(&sql, &[&lt, &rt, &ex.local, &ex.remote])
+                .query_one(&sql, &[&lt, &rt, &g.local_node, &ex.remote])
                 .await
                 .map_err(q(
                     target_label,
@@ -1141,8 +1246,8 @@ pub(crate) async fn carry_out(
     // Gathered over the groups, then one statement each: a round with many conflicts pays per
     // table, not per conflict.
     let mut dropped: Vec<Key> = Vec::new();
-    let mut reshipped: Vec<Key> = Vec::new();
-    for g in &plan.groups {
+    let mut reshipped: Vec<Reship> = Vec::new();
+    for g in plan.groups.iter().filter(|g| !g.third) {
         let group_keys: Vec<Key> = g.keys.clone();
         if let Some((_, remote_key, local_key)) = &g.clash {
             // The losing row is gone here (see [`settle_clashes`]); its key is recorded as
@@ -1152,7 +1257,10 @@ pub(crate) async fn carry_out(
                 Outcome::Local | Outcome::Merged => Some(remote_key),
                 Outcome::Skip => None,
             };
-            reshipped.extend(lost.cloned());
+            reshipped.extend(lost.map(|k| Reship {
+                key: k.clone(),
+                at: None,
+            }));
             continue;
         }
         match g.outcome {
@@ -1207,7 +1315,12 @@ pub(crate) async fn carry_out(
                 // anything): shipping them would only start the exchange over.
                 let adds = g.delta.as_ref().is_some_and(|d| !all_zero(d));
                 if adds || g.outcome == Outcome::Merged || g.local_rows != g.remote_rows {
-                    reshipped.extend(group_keys.iter().cloned());
+                    // Judged as the winning change, not as a new one (a merge is new).
+                    let at = match g.outcome {
+                        Outcome::Local if g.delta.is_none() => latest(&g.local),
+                        _ => None,
+                    };
+                    reshipped.extend(group_keys.iter().map(|k| Reship { key: k.clone(), at }));
                 }
             }
             Outcome::Skip => {
@@ -1252,23 +1365,38 @@ pub(crate) async fn carry_out(
     record(ttx, ex, local_t, &plan.groups, target_label).await
 }
 
+/// A key a decision records as changed on the local node.
+struct Reship {
+    key: Key,
+    /// The time of the winning change it carries (None: the decision's own time).
+    at: Option<i64>,
+}
+
 /// Records `keys` as changed on the local node, in the round's transaction: the local state of
-/// those keys ships to every peer.
+/// those keys ships to every peer, judged by the `latest` rule as the change it carries.
 async fn reship(
     ttx: &Transaction<'_>,
     ex: &Exchange,
     local_t: &CapturedTable,
-    keys: &[Key],
+    keys: &[Reship],
     label: &str,
 ) -> Result<(), SyncError> {
+    let rows: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|r| serde_json::json!({ "key": r.key, "micros": r.at }))
+        .collect();
+    let rows = serde_json::Value::Array(rows).to_string();
     let sql = format!(
-        "INSERT INTO pgferry.delta (xid, table_id, op, key)
-         SELECT {}, {}, 'U', x.key FROM {}",
+        "INSERT INTO pgferry.delta (xid, table_id, op, key, origin_at)
+         SELECT {}, {}, 'U',
+                ARRAY(SELECT e.v FROM pg_catalog.jsonb_array_elements_text(r.key) WITH ORDINALITY AS e(v, n) ORDER BY e.n),
+                {}
+           FROM pg_catalog.jsonb_to_recordset($1::text::jsonb) AS r(key jsonb, micros bigint)",
         ex.local_dialect.current_xid(),
         local_t.table_id,
-        keys_relation(keys)
+        from_micros("r.micros"),
     );
-    ttx.execute(&sql, &[]).await.map_err(q(
+    ttx.execute(&sql, &[&rows]).await.map_err(q(
         label,
         format!("recording the kept rows of {}", local_t.name.human()),
     ))?;
@@ -1325,6 +1453,7 @@ async fn record(
         .iter()
         .map(|g| {
             serde_json::json!({
+                "local_node": g.local_node,
                 "keys": g.keys,
                 "local_ops": ops(&g.local),
                 "remote_ops": ops(&g.remote),
@@ -1348,13 +1477,13 @@ async fn record(
         "INSERT INTO pgferry.conflict (table_name, keys, local_node, remote_node, local_ops, remote_ops,
                                        local_rows, remote_rows, local_changed_at, remote_changed_at, rule, winner, kind,
                                        schema_name, relation_name)
-         SELECT $1, r.keys, $2, $3, r.local_ops, r.remote_ops, r.local_rows, r.remote_rows,
+         SELECT $1, r.keys, r.local_node, $2, r.local_ops, r.remote_ops, r.local_rows, r.remote_rows,
                 pg_catalog.to_timestamp(r.local_micros / 1000000.0), pg_catalog.to_timestamp(r.remote_micros / 1000000.0),
-                r.rule, r.winner, r.kind, $4, $5
-           FROM pg_catalog.jsonb_to_recordset($6::text::jsonb)
-             AS r(keys jsonb, local_ops text, remote_ops text, local_rows jsonb, remote_rows jsonb,
+                r.rule, r.winner, r.kind, $3, $4
+           FROM pg_catalog.jsonb_to_recordset($5::text::jsonb)
+             AS r(local_node text, keys jsonb, local_ops text, remote_ops text, local_rows jsonb, remote_rows jsonb,
                   local_micros bigint, remote_micros bigint, rule text, winner text, kind text)",
-        &[&human, &ex.local, &ex.remote, &schema, &relation, &rows],
+        &[&human, &ex.remote, &schema, &relation, &rows],
     )
     .await
     .map_err(q(label, "recording the conflicts"))?;

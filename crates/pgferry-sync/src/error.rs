@@ -32,6 +32,13 @@ pub enum SyncError {
     #[error("table {table} is not captured on node {node}: a two-way sync captures the same tables, with the same key, on every node; nothing was applied\nfix: run `pgferry install --source <{node}> --table {table}` on it")]
     NotCapturedOnPeer { table: String, node: String },
 
+    #[error("table {table} declares delta columns on node {node}, and the sync has {nodes} nodes: delta columns merge the changes of two nodes and are supported in two-node syncs only; nothing was applied\nfix: sync this table between two nodes, or re-install its capture without --delta-column")]
+    DeltaColumnsInMesh {
+        table: String,
+        node: String,
+        nodes: usize,
+    },
+
     #[error("table {table} has key ({this_key}) on node {this} but ({other_key}) on node {other}: two-way syncs need the same key columns and types on every node; nothing was applied")]
     KeyMismatch {
         table: String,

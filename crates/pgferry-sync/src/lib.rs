@@ -20,6 +20,7 @@ pub mod daemon;
 mod error;
 pub mod freeze;
 pub mod initial;
+mod mesh;
 mod purge;
 mod registry;
 pub mod reverse;

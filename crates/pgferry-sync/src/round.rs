@@ -174,7 +174,7 @@ pub(crate) async fn run(
           WHERE {pending} GROUP BY 1 ORDER BY 1"
     );
     let shipped_sql = "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1";
-    let (_, snapshot, rows, shipped) = tokio::try_join!(
+    let (_, snapshot, rows, shipped, view) = tokio::try_join!(
         async {
             stx.batch_execute(&set_work_mem)
                 .await
@@ -200,13 +200,31 @@ pub(crate) async fn run(
                 .await
                 .map(|r| r.first().and_then(|r| r.get::<_, Option<String>>(0)))
                 .map_err(|e| sq("reading what the source applied from the target", e))
+        },
+        async {
+            // Meshes of three or more nodes: the source's progress on its peers.
+            match ctx.two_way {
+                Some(ex) if crate::mesh::applies(ex) => {
+                    crate::mesh::read_source(&stx, &source_label)
+                        .await
+                        .map(Some)
+                }
+                _ => Ok(None),
+            }
         }
     )?;
     let unshipped = match ctx.two_way {
         Some(ex) => Some(pending_condition(ex.local_dialect, shipped.as_deref())?),
         None => None,
     };
-    let two_way = ctx.two_way.zip(unshipped.as_deref());
+    let two_way = match (ctx.two_way, unshipped.as_deref()) {
+        (Some(ex), Some(unshipped)) => Some(TwoWayRound {
+            ex,
+            unshipped,
+            mesh: view.as_ref(),
+        }),
+        _ => None,
+    };
     tracing::debug!(snapshot = %snapshot, "round started");
     let mut work: Vec<(&CapturedTable, u64, bool)> = Vec::new();
     for r in &rows {
@@ -302,7 +320,7 @@ pub(crate) async fn run(
             has_truncate,
             pending,
             prep,
-            two_way,
+            two_way.as_ref(),
             labels,
         )
         .await?;
@@ -325,17 +343,30 @@ pub(crate) async fn run(
     let progress: [(&(dyn ToSql + Sync), Type); 2] =
         [(&ctx.source_node, Type::TEXT), (&snapshot, Type::TEXT)];
     tokio::try_join!(
-        ttx.execute_typed(
-            "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
-              WHERE source_node_id = $1",
-            &progress,
-        ),
-        ttx.execute_typed(
-            "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
-            &progress[..1],
-        )
-    )
-    .map_err(tgt(&target_label, "recording the target's progress"))?;
+        async {
+            ttx.execute_typed(
+                "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
+                  WHERE source_node_id = $1",
+                &progress,
+            )
+            .await
+            .map_err(tgt(&target_label, "recording the target's progress"))
+        },
+        async {
+            ttx.execute_typed(
+                "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
+                &progress[..1],
+            )
+            .await
+            .map_err(tgt(&target_label, "recording the target's progress"))
+        },
+        async {
+            match (ctx.two_way, &view) {
+                (Some(ex), Some(view)) => crate::mesh::forget(&ttx, ex, view, &target_label).await,
+                _ => Ok(()),
+            }
+        }
+    )?;
     // Ending the read-only source transaction alongside the target's commit changes nothing
     // the round guarantees.
     let (committed, ended) = tokio::join!(ttx.commit(), stx.commit());
@@ -597,6 +628,15 @@ async fn begin_target<'a>(
     Ok((ttx, ahead))
 }
 
+/// What a two-way round's tables need to find and decide conflicts.
+struct TwoWayRound<'a> {
+    ex: &'a crate::conflict::Exchange,
+    /// The condition selecting the target's own capture rows the source has not applied.
+    unshipped: &'a str,
+    /// Meshes of three or more nodes ([`crate::mesh`]).
+    mesh: Option<&'a crate::mesh::SourceView>,
+}
+
 /// What a table needs before its rows move, read before any table is applied.
 struct Prepared {
     /// The columns to copy (checked on both sides).
@@ -665,7 +705,7 @@ async fn apply_table(
     has_truncate: bool,
     pending: &str,
     prep: Prepared,
-    two_way: Option<(&crate::conflict::Exchange, &str)>,
+    two_way: Option<&TwoWayRound<'_>>,
     labels: (&str, &str),
 ) -> Result<TableApplied, SyncError> {
     let (source_label, target_label) = labels;
@@ -801,7 +841,14 @@ async fn apply_table(
     // any row moves; keys the target keeps are left out of the delete and the copy.
     let mut plan = crate::conflict::Plan::default();
     let mut local_t = None;
-    if let Some((ex, unshipped)) = two_way {
+    let mut origins = None;
+    if let Some(&TwoWayRound {
+        ex,
+        unshipped,
+        mesh,
+        ..
+    }) = two_way
+    {
         let lt =
             ex.local_tables
                 .get(&name.to_string())
@@ -815,7 +862,7 @@ async fn apply_table(
         } else {
             format!("pg_temp.{keys_table}")
         };
-        let found = crate::conflict::probe(
+        let mut found = crate::conflict::probe(
             ttx,
             lt,
             &incoming,
@@ -826,9 +873,24 @@ async fn apply_table(
             target_label,
         )
         .await?;
+        // Meshes of three or more nodes: keys whose row came from another peer are decided
+        // against that peer's change (crate::mesh), not against this node's older changes.
+        let checked = match mesh {
+            Some(view) => {
+                Some(crate::mesh::check(stx, ttx, ex, view, t, lt, pending, labels).await?)
+            }
+            None => None,
+        };
+        if let Some(c) = &checked {
+            found.retain(|k| !c.covered.contains(k));
+        }
         if !found.is_empty() {
             plan = crate::conflict::plan(stx, ttx, ex, t, lt, pending, unshipped, found, labels)
                 .await?;
+        }
+        if let Some(c) = checked {
+            plan.extend(c.plan);
+            origins = Some(c.stage);
         }
     }
     let base_delete = delete_sql;
@@ -908,7 +970,7 @@ async fn apply_table(
             e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
         };
         let clash = match (&failed, two_way, local_t) {
-            (PassError::Copy(e), Some((ex, unshipped)), Some(lt))
+            (PassError::Copy(e), Some(&TwoWayRound { ex, unshipped, .. }), Some(lt))
                 if !clash_checked && unique(e) =>
             {
                 clash_checked = true;
@@ -953,11 +1015,24 @@ async fn apply_table(
             .map_err(|e| sq("choosing the join", e))?;
     }
     let mut conflicts = Vec::new();
-    if let (Some((ex, unshipped)), Some(lt)) = (two_way, local_t) {
+    if let (Some(tw), Some(lt)) = (two_way, local_t) {
         if !plan.is_empty() {
-            crate::conflict::carry_out(stx, ttx, ex, t, lt, &columns, unshipped, &plan, labels)
-                .await?;
-            conflicts = plan.decisions(&human, ex);
+            crate::conflict::carry_out(
+                stx,
+                ttx,
+                tw.ex,
+                t,
+                lt,
+                &columns,
+                tw.unshipped,
+                &plan,
+                labels,
+            )
+            .await?;
+            conflicts = plan.decisions(&human, tw.ex);
+        }
+        if let Some(stage) = &origins {
+            crate::mesh::remember(ttx, tw.ex, lt, stage, &plan.excluded(), target_label).await?;
         }
     }
     tracing::debug!(

@@ -24,6 +24,8 @@ use crate::{round, target, SourceInfo, SyncError, TableApplied};
 
 /// What two-way syncs add to a node's schema pgferry (change times, the conflict record).
 const TWO_WAY_SQL: &str = include_str!("../../../sql/two_way.sql");
+/// What meshes of three or more nodes add (a decision's origin and settled changes).
+const TWO_WAY_2_SQL: &str = include_str!("../../../sql/two_way_2.sql");
 
 /// A node of a two-way sync.
 #[derive(Clone, Debug)]
@@ -74,6 +76,18 @@ pub fn validate(nodes: &[Node], rules: &Rules) -> Result<(), SyncError> {
         }
     }
     for r in rules.all() {
+        // Three or more nodes: a change made after another arrived can meet a third node's
+        // change that beat the first on one node and lost to it on another; only an order
+        // of changes that agrees with the order they were made in (the time) settles every
+        // node alike (crate::mesh).
+        if nodes.len() > 2 && !matches!(r, conflict::Rule::Latest | conflict::Rule::Abort) {
+            return bad(format!(
+                "rule {r} is for syncs of two nodes; a sync of {} nodes takes latest or abort \
+                 (node preferences and functions of two rows can disagree across three nodes: \
+                 docs/conflicts.md)",
+                nodes.len()
+            ));
+        }
         if let conflict::Rule::Prefer(p) = r {
             if !nodes.iter().any(|n| n.name == *p) {
                 return bad(format!(
@@ -158,7 +172,8 @@ async fn add_schema(s: &mut Session) -> Result<(), SyncError> {
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                              WHERE attrelid = 'pgferry.delta'::pg_catalog.regclass
                                AND attname = 'changed_at' AND atthasdef AND NOT attisdropped)
-                AND pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL",
+                AND pg_catalog.to_regclass('pgferry.conflict') IS NOT NULL
+                AND pg_catalog.to_regclass('pgferry.row_origin') IS NOT NULL",
             &[],
         )
         .await
@@ -177,11 +192,26 @@ async fn add_schema(s: &mut Session) -> Result<(), SyncError> {
     tx.batch_execute(TWO_WAY_SQL)
         .await
         .map_err(q(&label, "adding two-way support to schema pgferry"))?;
+    tx.batch_execute(TWO_WAY_2_SQL)
+        .await
+        .map_err(q(&label, "adding two-way support to schema pgferry"))?;
     tx.commit()
         .await
         .map_err(q(&label, "committing two-way support"))?;
     tracing::info!(node = %label, "added two-way support to schema pgferry");
     Ok(())
+}
+
+/// Delta columns merge two nodes' changes: a sync of more nodes refuses tables that have them.
+fn in_pairs(nodes: usize, node: &str, info: &SourceInfo) -> Result<(), SyncError> {
+    match info.tables.values().find(|t| !t.delta_columns.is_empty()) {
+        Some(t) if nodes > 2 => Err(SyncError::DeltaColumnsInMesh {
+            table: t.name.human(),
+            node: node.to_owned(),
+            nodes,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Whether `track_commit_timestamp` is on.
@@ -305,6 +335,7 @@ pub(crate) async fn direction(
     same_tables((from.name, from_info), (to.name, &to_info))?;
     declares(from.name, from_info, &mesh.delta_columns)?;
     declares(to.name, &to_info, &mesh.delta_columns)?;
+    in_pairs(mesh.nodes.len(), to.name, &to_info)?;
     let (from_ts, to_ts) = (commit_ts(from.session).await?, commit_ts(to.session).await?);
     let deadlock_timeout = target::may_set(to.session, "deadlock_timeout").await?;
     Ok(Exchange {
@@ -312,6 +343,7 @@ pub(crate) async fn direction(
         remote: from.name.to_owned(),
         order: mesh.order(),
         local_node_id: to_info.node_id.clone(),
+        remote_node_id: from_info.node_id.clone(),
         rules: mesh.rules.clone(),
         local_dialect: Dialect::new(to.session.server_version),
         local_tables: to_info
@@ -329,6 +361,20 @@ pub(crate) async fn direction(
 /// the first to the second (conflicts decided by the mesh's rules), then capture rows every peer has
 /// are purged. Sequences are not copied.
 pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
+    let all: Vec<(usize, usize)> = (0..mesh.nodes.len())
+        .flat_map(|from| (0..mesh.nodes.len()).map(move |to| (from, to)))
+        .filter(|(from, to)| from != to)
+        .collect();
+    exchange_in_order(mesh, &all).await
+}
+
+/// Rounds of the given directions only, in this order (`(from, to)`: indexes into the mesh's
+/// nodes), then the purge: what [`exchange_once`] does for every pair. For tools and tests
+/// that need a particular order of arrivals.
+pub async fn exchange_in_order(
+    mesh: &Mesh,
+    directions: &[(usize, usize)],
+) -> Result<ExchangeReport, SyncError> {
     let nodes = &mesh.nodes;
     validate(nodes, &mesh.rules)?;
     let started = Instant::now();
@@ -342,6 +388,7 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
     // Every pair checked before anything is applied.
     for (i, a) in sources.iter().enumerate() {
         declares(&nodes[i].name, &a.2, &mesh.delta_columns)?;
+        in_pairs(nodes.len(), &nodes[i].name, &a.2)?;
         no_loop(
             &nodes[i].name,
             &a.0,
@@ -362,62 +409,60 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
         purged: 0,
         seconds: 0.0,
     };
-    for from in 0..nodes.len() {
-        for to in 0..nodes.len() {
-            if from == to {
-                continue;
-            }
-            let d_started = Instant::now();
-            let (src, probe, info) = &mut sources[from];
-            let crate::PreparedTarget {
-                session: mut dst,
-                registered: reg,
-                entry,
-            } = crate::prepare_target(src, info, &nodes[to].dsn, &crate::SyncOptions::default())
-                .await?;
-            let ex = direction(
-                End {
-                    session: src,
-                    name: &nodes[from].name,
-                },
-                info,
-                End {
-                    session: &mut dst,
-                    name: &nodes[to].name,
-                },
-                reg.replica_role,
-                mesh,
-            )
-            .await?;
-            let ctx = round::RoundContext {
-                two_way: Some(&ex),
-                ..round::RoundContext::new(
-                    info,
-                    reg.applied.as_deref(),
-                    reg.replica_role,
-                    (src.server_version, dst.server_version),
-                )
-            };
-            let outcome = crate::round_with_retries(src, probe, &mut dst, &ctx).await?;
-            target::acknowledge(src, &entry.name, &outcome.snapshot).await?;
-            let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
-            let conflicts: Vec<Decision> = outcome
-                .tables
-                .iter()
-                .flat_map(|t| t.conflicts.iter().cloned())
-                .collect();
-            report.rows += rows;
-            report.conflicts += conflicts.len();
-            report.directions.push(DirectionReport {
-                from: nodes[from].name.clone(),
-                to: nodes[to].name.clone(),
-                snapshot: outcome.snapshot,
-                tables: outcome.tables,
-                rows,
-                conflicts,
-                seconds: d_started.elapsed().as_secs_f64(),
-            });
+    for &(from, to) in directions {
+        if from == to || from >= nodes.len() || to >= nodes.len() {
+            continue;
         }
+        let d_started = Instant::now();
+        let (src, probe, info) = &mut sources[from];
+        let crate::PreparedTarget {
+            session: mut dst,
+            registered: reg,
+            entry,
+        } = crate::prepare_target(src, info, &nodes[to].dsn, &crate::SyncOptions::default())
+            .await?;
+        let ex = direction(
+            End {
+                session: src,
+                name: &nodes[from].name,
+            },
+            info,
+            End {
+                session: &mut dst,
+                name: &nodes[to].name,
+            },
+            reg.replica_role,
+            mesh,
+        )
+        .await?;
+        let ctx = round::RoundContext {
+            two_way: Some(&ex),
+            ..round::RoundContext::new(
+                info,
+                reg.applied.as_deref(),
+                reg.replica_role,
+                (src.server_version, dst.server_version),
+            )
+        };
+        let outcome = crate::round_with_retries(src, probe, &mut dst, &ctx).await?;
+        target::acknowledge(src, &entry.name, &outcome.snapshot).await?;
+        let rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
+        let conflicts: Vec<Decision> = outcome
+            .tables
+            .iter()
+            .flat_map(|t| t.conflicts.iter().cloned())
+            .collect();
+        report.rows += rows;
+        report.conflicts += conflicts.len();
+        report.directions.push(DirectionReport {
+            from: nodes[from].name.clone(),
+            to: nodes[to].name.clone(),
+            snapshot: outcome.snapshot,
+            tables: outcome.tables,
+            rows,
+            conflicts,
+            seconds: d_started.elapsed().as_secs_f64(),
+        });
     }
     for (session, _, _) in &sources {
         report.purged += crate::purge::purge(session, true).await?;
@@ -431,6 +476,9 @@ pub async fn exchange_once(mesh: &Mesh) -> Result<ExchangeReport, SyncError> {
 /// captured with the same key on every node.
 pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
     let mut problems = Vec::new();
+    if let Err(e) = validate(&mesh.nodes, &mesh.rules) {
+        problems.push(e);
+    }
     let mut infos = Vec::new();
     for n in &mesh.nodes {
         let found = async {
@@ -444,6 +492,9 @@ pub async fn check(mesh: &Mesh) -> Vec<SyncError> {
         match found {
             Ok((info, loops)) => {
                 if let Err(e) = declares(&n.name, &info, &mesh.delta_columns) {
+                    problems.push(e);
+                }
+                if let Err(e) = in_pairs(mesh.nodes.len(), &n.name, &info) {
                     problems.push(e);
                 }
                 if let Err(e) = loops {

@@ -371,7 +371,7 @@ mod tests {
             [syncs.mesh]
             nodes = ["a", "b", "c"]
             conflict = "latest"
-            conflict_tables = { "public.accounts" = "prefer:a" }
+            conflict_tables = { "public.accounts" = "abort" }
             "#,
             &env,
         )

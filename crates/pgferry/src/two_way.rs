@@ -25,7 +25,8 @@ pub struct TwoWayArgs {
     #[arg(long = "node", value_name = "NAME=DSN", conflicts_with_all = ["source", "targets"])]
     pub nodes: Vec<String>,
     /// Two-way: how a key changed on two nodes since they last exchanged is decided:
-    /// prefer:NODE, latest, abort, skip or custom:FUNCTION (docs/conflicts.md).
+    /// prefer:NODE, latest, abort, skip or custom:FUNCTION; three or more nodes: latest or
+    /// abort (docs/conflicts.md).
     #[arg(long, value_name = "RULE", requires = "nodes")]
     pub conflict: Option<String>,
     /// Two-way: a rule for some tables, TABLE=RULE (TABLE: schema.table, * and ? allowed).
