@@ -276,15 +276,17 @@ pub(crate) async fn forget(
     );
     let update: [(&(dyn ToSql + Sync), Type); 2] =
         [(&ex.remote, Type::TEXT), (&applied, Type::TEXT)];
-    // Sent together, run in order.
-    tokio::try_join!(
+    // Sent together, run in order (the first error in that order is the cause).
+    let (updated, deleted) = tokio::join!(
         ttx.execute_typed(&sql, &update),
         ttx.execute_typed(
             "DELETE FROM pgferry.row_origin WHERE waiting = '{}'::text[]",
             &[]
         )
-    )
-    .map_err(q(label, "forgetting the origins every peer has"))?;
+    );
+    updated
+        .and(deleted)
+        .map_err(q(label, "forgetting the origins every peer has"))?;
     Ok(())
 }
 

@@ -342,31 +342,29 @@ pub(crate) async fn run(
     }
     let progress: [(&(dyn ToSql + Sync), Type); 2] =
         [(&ctx.source_node, Type::TEXT), (&snapshot, Type::TEXT)];
-    tokio::try_join!(
-        async {
-            ttx.execute_typed(
-                "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
-                  WHERE source_node_id = $1",
-                &progress,
-            )
-            .await
-            .map_err(tgt(&target_label, "recording the target's progress"))
-        },
-        async {
-            ttx.execute_typed(
-                "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
-                &progress[..1],
-            )
-            .await
-            .map_err(tgt(&target_label, "recording the target's progress"))
-        },
+    // Sent together, run in order; the first error in statement order is the cause (the
+    // statements after it fail only because the transaction has).
+    let (progressed, cleared, forgotten) = tokio::join!(
+        ttx.execute_typed(
+            "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
+              WHERE source_node_id = $1",
+            &progress,
+        ),
+        ttx.execute_typed(
+            "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
+            &progress[..1],
+        ),
         async {
             match (ctx.two_way, &view) {
                 (Some(ex), Some(view)) => crate::mesh::forget(&ttx, ex, view, &target_label).await,
                 _ => Ok(()),
             }
         }
-    )?;
+    );
+    progressed
+        .and(cleared)
+        .map_err(tgt(&target_label, "recording the target's progress"))?;
+    forgotten?;
     // Ending the read-only source transaction alongside the target's commit changes nothing
     // the round guarantees.
     let (committed, ended) = tokio::join!(ttx.commit(), stx.commit());
