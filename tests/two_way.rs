@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -837,6 +838,50 @@ fn a_unique_clash_beyond_the_key_is_settled_by_the_rule() {
         let again = exchange_ok(&dbs, rule);
         assert_eq!(again["rows"], 0, "{again}");
     }
+}
+
+#[test]
+fn clashes_in_expression_and_partial_unique_indexes_are_settled_too() {
+    let cluster = Cluster::shared();
+    let dbs = nodes_with(
+        cluster,
+        "tw_clash_expr",
+        2,
+        "CREATE TABLE handles (id int PRIMARY KEY, handle text NOT NULL, nick text, active bool NOT NULL);
+         CREATE UNIQUE INDEX handles_lower ON handles (lower(handle));
+         CREATE UNIQUE INDEX handles_active_nick ON handles (nick) WHERE active;
+         INSERT INTO handles VALUES (1, 'one', 'n1', true), (2, 'two', 'n2', true);",
+        &[],
+    );
+    exchange_ok(&dbs, "prefer:a");
+    // Equal under lower(); one nick on two active rows; one nick on two inactive rows (the
+    // partial index does not cover them: no clash).
+    dbs[0].psql(
+        "INSERT INTO handles VALUES (10, 'Alice', 'x', true), (12, 'z1', 'dup', false);
+         UPDATE handles SET nick = 'shared' WHERE id = 1",
+    );
+    dbs[1].psql(
+        "INSERT INTO handles VALUES (11, 'ALICE', 'y', true), (13, 'z2', 'dup', false);
+         UPDATE handles SET nick = 'shared' WHERE id = 2",
+    );
+    let report = exchange_ok(&dbs, "prefer:a");
+    assert_eq!(contents(&dbs[0]), contents(&dbs[1]), "{report}");
+    let ids = dbs[1]
+        .psql("SELECT string_agg(id || ':' || coalesce(nick, '-'), ' ' ORDER BY id) FROM handles");
+    assert_eq!(ids.trim(), "1:shared 10:x 12:dup 13:dup", "{report}");
+    let kinds: BTreeSet<String> = conflicts(&dbs[1])
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "unique:handles_active_nick".to_owned(),
+            "unique:handles_lower".to_owned()
+        ])
+    );
+    let again = exchange_ok(&dbs, "prefer:a");
+    assert_eq!(again["rows"], 0, "{again}");
 }
 
 #[test]

@@ -824,17 +824,25 @@ pub(crate) async fn clashes(
     )
     .await
     .map_err(q(target_label, format!("staging the rows of {human}")))?;
-    // Unique indexes on plain columns, other than the key's.
+    // Unique indexes other than the key's: their columns or expressions, their predicate (a
+    // partial index), and whether NULLs clash (NULLS NOT DISTINCT, 15+).
     let indexes = ttx
         .query(
-            "SELECT c.relname::text, pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+            "SELECT c.relname::text,
+                    pg_catalog.array_agg(pg_catalog.pg_get_indexdef(i.indexrelid, k.n::int, true) ORDER BY k.n),
+                    pg_catalog.pg_get_expr(i.indpred, i.indrelid, true),
+                    coalesce((pg_catalog.to_jsonb(i) ->> 'indnullsnotdistinct')::bool, false),
+                    i.indexprs IS NULL AND i.indpred IS NULL,
+                    (SELECT pg_catalog.array_agg(a.attname::text ORDER BY u.ord)
+                       FROM pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS u(attnum, ord)
+                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
+                      WHERE u.ord <= i.indnkeyatts)
                FROM pg_catalog.pg_index i
                JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
-              CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              CROSS JOIN LATERAL pg_catalog.generate_series(1, i.indnkeyatts) AS k(n)
               WHERE i.indrelid = pg_catalog.to_regclass($1) AND i.indisunique
-                AND i.indpred IS NULL AND i.indexprs IS NULL
-              GROUP BY c.relname ORDER BY 1",
+              GROUP BY c.relname, i.indpred, i.indrelid, i.indexprs, i.indexrelid, i.indkey, i.indnkeyatts
+              ORDER BY 1",
             &[&name.to_string()],
         )
         .await
@@ -848,31 +856,53 @@ pub(crate) async fn clashes(
     let mut pairs: Vec<(String, Key, Key)> = Vec::new();
     for r in &indexes {
         let index: String = r.get(0);
-        let columns: Vec<String> = r.get(1);
-        if columns.iter().map(String::as_str).collect::<BTreeSet<_>>() == key {
+        let items: Vec<String> = r.get(1);
+        let predicate: Option<String> = r.get(2);
+        let nulls_clash: bool = r.get(3);
+        let plain: bool = r.get(4);
+        let columns: Option<Vec<String>> = r.get(5);
+        // The key's own index.
+        let columns: BTreeSet<&str> = columns.iter().flatten().map(String::as_str).collect();
+        if plain && columns == key {
             continue;
         }
-        let on: Vec<String> = columns
+        // The incoming rows' values of the index, computed where only the staged row is in
+        // scope (the items and predicate name columns unqualified), then matched against the
+        // local rows with the same expressions: an expression or partial index serves the join.
+        let values: Vec<String> = items
             .iter()
-            .map(|c| {
-                let c = pgferry_core::Ident::new(c.as_str());
-                format!("i.{c} = t.{c}")
-            })
+            .enumerate()
+            .map(|(n, e)| format!("({e}) AS pgferry_v{n}"))
             .collect();
+        let eq = if nulls_clash {
+            "IS NOT DISTINCT FROM"
+        } else {
+            "="
+        };
+        let on: Vec<String> = items
+            .iter()
+            .enumerate()
+            .map(|(n, e)| format!("({e}) {eq} iv.pgferry_v{n}"))
+            .collect();
+        let (ok, applies) = match &predicate {
+            Some(p) => (format!("coalesce(({p}), false)"), format!(" AND ({p})")),
+            None => ("true".to_owned(), String::new()),
+        };
         let kept = if inc.excluded.is_empty() {
             String::new()
         } else {
             format!(" OR {}", key_in(local_t, inc.excluded))
         };
         let sql = format!(
-            "SELECT DISTINCT {}, {} FROM pg_temp.{stage} AS i JOIN {name} AS t ON {}
-              WHERE {} <> {}
+            "WITH iv AS (SELECT {} AS pgferry_key, {}, {ok} AS pgferry_ok FROM pg_temp.{stage})
+             SELECT DISTINCT iv.pgferry_key, {} FROM iv JOIN {name} AS t ON {}
+              WHERE iv.pgferry_ok{applies} AND {} <> iv.pgferry_key
                 AND ({} NOT IN (SELECT {} FROM {} AS k){kept})",
-            key_text(local_t, "i"),
+            key_text(local_t, &format!("pg_temp.{stage}")),
+            values.join(", "),
             key_text(local_t, "t"),
             on.join(" AND "),
-            key_tuple(local_t, "t"),
-            key_tuple(local_t, "i"),
+            key_text(local_t, "t"),
             key_tuple(local_t, "t"),
             kcols.join(", "),
             inc.relation,
