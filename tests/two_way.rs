@@ -464,6 +464,41 @@ fn a_third_node_keeps_the_winner_of_latest_whatever_arrives_last() {
     third_node_case("tw_3l3", "latest", &[(A, C), (B, C)], "B <none> B");
 }
 
+/// A TRUNCATE on a while b writes the same table: a's TRUNCATE removes the rows a had; b's
+/// rows written meanwhile (an update of 7, an insert of 600) survive on every node, whatever
+/// order the directions run in.
+fn truncate_case(prefix: &str, n: usize, order: &[(usize, usize)]) {
+    let cluster = Cluster::shared();
+    let dbs = nodes(cluster, prefix, n);
+    exchange_ok(&dbs, "latest");
+    dbs[0].psql("TRUNCATE t; INSERT INTO t VALUES (500, 'a after')");
+    dbs[1].psql("UPDATE t SET v = 'b' WHERE id = 7; INSERT INTO t VALUES (600, 'b new')");
+    directions(&dbs, "latest", order);
+    exchange_ok(&dbs, "latest");
+    for db in &dbs {
+        let rows = db.psql("SELECT string_agg(id || '=' || v, ' ' ORDER BY id) FROM t");
+        assert_eq!(
+            rows.trim(),
+            "7=b 500=a after 600=b new",
+            "arrivals {order:?}"
+        );
+    }
+    for db in &dbs[1..] {
+        assert_eq!(contents(&dbs[0]), contents(db), "arrivals {order:?}");
+    }
+    let quiet = exchange_ok(&dbs, "latest");
+    assert_eq!(quiet["rows"], 0, "{quiet}");
+}
+
+#[test]
+fn a_truncate_removes_its_nodes_rows_and_rows_written_meanwhile_elsewhere_survive() {
+    truncate_case("tw_trunc1", 2, &[(A, B), (B, A)]);
+    truncate_case("tw_trunc2", 2, &[(B, A), (A, B)]);
+    // The third node gets b's rows before or after a's TRUNCATE.
+    truncate_case("tw_trunc3", 3, &[(B, C), (A, C)]);
+    truncate_case("tw_trunc4", 3, &[(A, C), (B, C)]);
+}
+
 #[test]
 fn a_mesh_of_three_takes_latest_or_abort_only() {
     let cluster = Cluster::shared();

@@ -37,6 +37,15 @@ pub(crate) struct SourceView {
     pub applied: BTreeMap<String, String>,
 }
 
+impl SourceView {
+    /// Whether the source had applied every one of node `node_id`'s transactions `xids`.
+    fn knows(&self, node_id: &str, xids: &[String]) -> bool {
+        self.applied
+            .get(node_id)
+            .is_some_and(|s| xids.iter().all(|x| visible(x, s)))
+    }
+}
+
 /// Whether `ex`'s sync is a mesh of three or more nodes.
 pub(crate) fn applies(ex: &Exchange) -> bool {
     ex.order.len() > 2
@@ -141,14 +150,8 @@ pub(crate) async fn check(
     for r in &origins {
         let key: Key = r.get(0);
         covered.push(key.clone());
-        let node_id: String = r.get(2);
-        let xids: Vec<String> = r.get(3);
         // Made without knowing the held row's changes: the source had not applied them all.
-        let known = view
-            .applied
-            .get(&node_id)
-            .is_some_and(|s| xids.iter().all(|x| visible(x, s)));
-        if !known {
+        if !view.knows(&r.get::<_, String>(2), &r.get::<_, Vec<String>>(3)) {
             cases.push(conflict::ThirdParty {
                 key,
                 held: r.get(1),
@@ -167,6 +170,42 @@ pub(crate) async fn check(
         covered,
         plan,
     })
+}
+
+/// Keys of `local_t` whose row this node holds from a peer other than the source, through
+/// transactions the source had not applied at the round's snapshot (`view`): changes made
+/// concurrently with everything the source did since, such as its TRUNCATE.
+pub(crate) async fn unknown_to_source(
+    ttx: &Transaction<'_>,
+    ex: &Exchange,
+    view: &SourceView,
+    local_t: &CapturedTable,
+    label: &str,
+) -> Result<Vec<Key>, SyncError> {
+    let rows = ttx
+        .query_typed(
+            &format!(
+                "SELECT r.key, r.node_id, r.xids FROM pgferry.row_origin AS r
+                   LEFT JOIN LATERAL (SELECT t.xmin::text AS xmin FROM {name} AS t WHERE {same}) AS cur ON true
+                  WHERE r.table_id = $1 AND r.node_id <> $2 AND r.row_xmin IS NOT DISTINCT FROM cur.xmin",
+                name = local_t.name,
+                same = same_key(local_t, "r.key"),
+            ),
+            &[
+                (&local_t.table_id, Type::INT4),
+                (&ex.remote_node_id, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(q(
+            label,
+            format!("reading the origins of {}", local_t.name.human()),
+        ))?;
+    Ok(rows
+        .iter()
+        .filter(|r| !view.knows(&r.get::<_, String>(1), &r.get::<_, Vec<String>>(2)))
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Whether transaction `xid` is visible in `snapshot` (`xmin:xmax:xip,…`, as both

@@ -635,6 +635,100 @@ struct TwoWayRound<'a> {
     mesh: Option<&'a crate::mesh::SourceView>,
 }
 
+/// Replays a TRUNCATE of `victim` (`t` or one of its partitions) in a two-way round. A
+/// TRUNCATE removes the rows its node had; rows written concurrently elsewhere survive on every
+/// node: the local node's rows of keys it changed and the source had not applied (and, in
+/// meshes of three or more, rows it holds from another peer the source had not applied) are
+/// kept, every other local row goes, and the source's whole table at the round's snapshot
+/// comes in for the keys the local node does not keep. The source's rows written after its
+/// TRUNCATE include rows it applied from other nodes, which its capture does not list: hence
+/// the whole table. Kept keys the source also changed meet the round's conflict check as usual.
+async fn truncate_two_way(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    tw: &TwoWayRound<'_>,
+    t: &CapturedTable,
+    victim: &QualifiedName,
+    columns: &[pgferry_core::Ident],
+    labels: (&str, &str),
+) -> Result<(), SyncError> {
+    let (_, target_label) = labels;
+    let human = victim.human();
+    let lt = tw.ex.local_tables.get(&t.name.to_string()).ok_or_else(|| {
+        SyncError::NotCapturedOnPeer {
+            table: t.name.human(),
+            node: tw.ex.local.clone(),
+        }
+    })?;
+    let own = ttx
+        .query(
+            &format!(
+                "SELECT DISTINCT y.key FROM pgferry.delta d
+                   CROSS JOIN LATERAL (VALUES (d.key), (d.old_key)) AS y(key)
+                  WHERE {} AND d.table_id = {} AND d.op <> 'T' AND y.key IS NOT NULL",
+                tw.unshipped, lt.table_id
+            ),
+            &[],
+        )
+        .await
+        .map_err(tgt(
+            target_label,
+            format!("reading local changes to {human}"),
+        ))?;
+    let mut kept: Vec<Vec<Option<String>>> = own.iter().map(|r| r.get(0)).collect();
+    if let Some(view) = tw.mesh {
+        kept.extend(crate::mesh::unknown_to_source(ttx, tw.ex, view, lt, target_label).await?);
+    }
+    let cols = columns
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stage = format!("pgferry_truncated_{}", lt.table_id);
+    let delete = if kept.is_empty() {
+        format!("DELETE FROM {victim}")
+    } else {
+        format!(
+            "DELETE FROM {victim} AS t WHERE NOT {}",
+            crate::conflict::key_in(lt, &kept)
+        )
+    };
+    ttx.batch_execute(&format!(
+        "{delete};
+         DROP TABLE IF EXISTS pg_temp.{stage};
+         CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {victim} WITH NO DATA"
+    ))
+    .await
+    .map_err(tgt(target_label, format!("replaying TRUNCATE of {human}")))?;
+    pass_through(
+        stx,
+        &format!("COPY (SELECT {cols} FROM {victim}) TO STDOUT"),
+        ttx,
+        &format!("COPY pg_temp.{stage} ({cols}) FROM STDIN"),
+    )
+    .await
+    .map_err(tgt(
+        target_label,
+        format!("copying the rows of {human} after its TRUNCATE"),
+    ))?;
+    let on: Vec<String> = lt
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("t.{c} = r.{c}"))
+        .collect();
+    ttx.batch_execute(&format!(
+        "INSERT INTO {victim} ({cols}) SELECT {cols} FROM pg_temp.{stage} AS r
+          WHERE NOT EXISTS (SELECT 1 FROM {victim} AS t WHERE {})",
+        on.join(" AND ")
+    ))
+    .await
+    .map_err(tgt(
+        target_label,
+        format!("copying the rows of {human} after its TRUNCATE"),
+    ))?;
+    Ok(())
+}
+
 /// What a table needs before its rows move, read before any table is applied.
 struct Prepared {
     /// The columns to copy (checked on both sides).
@@ -739,6 +833,11 @@ async fn apply_table(
                 Some(k) if k.len() == 2 => QualifiedName::new(k[0].clone(), k[1].clone()),
                 _ => name.clone(),
             };
+            if let Some(tw) = two_way {
+                truncate_two_way(stx, ttx, tw, t, &victim, &columns, labels).await?;
+                truncated = true;
+                continue;
+            }
             let referenced: bool = ttx
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
