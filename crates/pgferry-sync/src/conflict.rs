@@ -274,6 +274,22 @@ impl Plan {
         self.groups.is_empty()
     }
 
+    /// Adds a decided group, and logs it.
+    fn push(&mut self, g: Group, table: &str, ex: &Exchange) {
+        tracing::info!(
+            table,
+            keys = ?g.keys,
+            local = %g.local_node,
+            remote = %ex.remote,
+            kind = %g.kind(),
+            rule = %g.rule,
+            winner = %g.winner,
+            third_node = g.third,
+            "conflict decided"
+        );
+        self.groups.push(g);
+    }
+
     /// Adds the decisions of `other`.
     pub fn extend(&mut self, other: Plan) {
         self.groups.extend(other.groups);
@@ -615,16 +631,7 @@ pub(crate) async fn plan(
                     .join(", ")
             );
         }
-        tracing::info!(
-            table = %human,
-            keys = ?g.keys,
-            local = %ex.local,
-            remote = %ex.remote,
-            rule = %g.rule,
-            winner = %g.winner,
-            "conflict decided"
-        );
-        plan.groups.push(g);
+        plan.push(g, &human, ex);
     }
     Ok(plan)
 }
@@ -691,16 +698,7 @@ pub(crate) async fn third_party(
             o => o,
         };
         g.winner = winner(ex, &g);
-        tracing::info!(
-            table = %human,
-            keys = ?g.keys,
-            held = %g.local_node,
-            remote = %ex.remote,
-            rule = %g.rule,
-            winner = %g.winner,
-            "conflict between two peers decided on a third node"
-        );
-        plan.groups.push(g);
+        plan.push(g, &human, ex);
     }
     Ok(plan)
 }
@@ -984,15 +982,7 @@ pub(crate) async fn clashes(
             o => o,
         };
         g.winner = winner(ex, &g);
-        tracing::info!(
-            table = %human,
-            keys = ?g.keys,
-            kind = %g.kind(),
-            rule = %g.rule,
-            winner = %g.winner,
-            "unique clash decided"
-        );
-        plan.groups.push(g);
+        plan.push(g, &human, ex);
     }
     Ok(plan)
 }

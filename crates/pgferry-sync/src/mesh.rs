@@ -89,7 +89,8 @@ fn same_key(local_t: &CapturedTable, column: &str) -> String {
     )
 }
 
-/// Checks one table's incoming keys (its rows already locked) against provenance. `pending` selects the round's capture rows of `remote_t` on the source.
+/// Checks one table's incoming keys (its rows already locked) against provenance. `pending`
+/// selects the round's capture rows of `remote_t` on the source.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn check(
     stx: &Transaction<'_>,
