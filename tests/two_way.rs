@@ -794,6 +794,11 @@ fn three_nodes_under_writers_end_equal_with_latest() {
 }
 
 #[test]
+fn kill_9_of_the_daemon_in_a_mesh_of_three_loses_nothing() {
+    mesh_under_writers("tw_m_kill", "latest", 3, 4, Some(Duration::from_millis(700)));
+}
+
+#[test]
 fn kill_9_of_the_daemon_during_two_way_traffic_loses_nothing() {
     daemon_under_writers("tw_d_kill", "latest", 4, Some(Duration::from_millis(700)));
 }
