@@ -289,7 +289,7 @@ pub(crate) async fn remember(
 }
 
 /// At the end of a round, forgets provenance every other peer has now applied (the source
-/// has, per `view`).
+/// has, per `view`), or that waits only for nodes no longer in the sync.
 pub(crate) async fn forget(
     ttx: &Transaction<'_>,
     ex: &Exchange,
@@ -316,12 +316,14 @@ pub(crate) async fn forget(
     );
     let update: [(&(dyn ToSql + Sync), Type); 2] =
         [(&ex.remote, Type::TEXT), (&applied, Type::TEXT)];
+    // Also gone: provenance waiting only for nodes no longer in the sync.
+    let nodes: [(&(dyn ToSql + Sync), Type); 1] = [(&ex.order, Type::TEXT_ARRAY)];
     // Sent together, run in order (the first error in that order is the cause).
     let (updated, deleted) = tokio::join!(
         ttx.execute_typed(&sql, &update),
         ttx.execute_typed(
-            "DELETE FROM pgferry.row_origin WHERE waiting = '{}'::text[]",
-            &[]
+            "DELETE FROM pgferry.row_origin WHERE NOT (waiting OPERATOR(pg_catalog.&&) $1)",
+            &nodes
         )
     );
     updated
