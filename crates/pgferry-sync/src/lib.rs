@@ -46,7 +46,7 @@ use pgferry_core::{catalog, Dsn, Session};
 use serde::Serialize;
 
 /// Options of a catch-up.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SyncOptions {
     /// Accept tables captured after a target registered (their rows were loaded by hand).
     pub accept_new_tables: bool,
@@ -55,6 +55,23 @@ pub struct SyncOptions {
     /// on the target. Gives up, until the round ends, the guarantee that all tables of the
     /// target are at one common snapshot.
     pub split_rounds_above: Option<u64>,
+    /// The daemon: the longest pause after a round that applied many changes
+    /// ([`daemon::round_pause`]); zero starts every round at once. Default
+    /// [`DEFAULT_MAX_ROUND_PAUSE`].
+    pub max_round_pause: std::time::Duration,
+}
+
+/// The default of [`SyncOptions::max_round_pause`].
+pub const DEFAULT_MAX_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            accept_new_tables: false,
+            split_rounds_above: None,
+            max_round_pause: DEFAULT_MAX_ROUND_PAUSE,
+        }
+    }
 }
 
 /// What a catch-up did for one target.

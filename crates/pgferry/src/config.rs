@@ -54,6 +54,7 @@ struct SyncFile {
     #[serde(default)]
     tables: Vec<String>,
     poll_interval: Option<String>,
+    max_round_pause: Option<String>,
     split_rounds_above: Option<u64>,
     #[serde(default)]
     accept_new_tables: bool,
@@ -148,6 +149,14 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 DEFAULT_POLL_INTERVAL
             }
         };
+        let max_round_pause = match sync.max_round_pause.as_deref().map(parse_round_pause) {
+            None => pgferry_sync::DEFAULT_MAX_ROUND_PAUSE,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                problems.push(format!("sync {name}: max_round_pause: {e}"));
+                pgferry_sync::DEFAULT_MAX_ROUND_PAUSE
+            }
+        };
         if !sync.nodes.is_empty() {
             if sync.source.is_some() || !sync.targets.is_empty() {
                 problems.push(format!(
@@ -205,7 +214,10 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     })
                     .specs(name, poll_interval)
                     {
-                        Ok(specs) => syncs.extend(specs),
+                        Ok(specs) => syncs.extend(specs.into_iter().map(|mut s| {
+                            s.options.max_round_pause = max_round_pause;
+                            s
+                        })),
                         Err(e) => problems.push(format!("sync {name}: {e}")),
                     }
                 }
@@ -257,6 +269,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 options: SyncOptions {
                     accept_new_tables: sync.accept_new_tables,
                     split_rounds_above: sync.split_rounds_above,
+                    max_round_pause,
                 },
                 poll_interval,
                 two_way: None,
@@ -291,9 +304,37 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// `max_round_pause`: 0 (no pacing), or a duration up to 1 s.
+pub fn parse_round_pause(text: &str) -> Result<Duration, String> {
+    if text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        == "0"
+    {
+        return Ok(Duration::ZERO);
+    }
+    let d = parse_duration(text)?;
+    if d > Duration::from_secs(1) {
+        return Err(format!("{text:?} is out of range (0 to 1s)"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_pauses_parse_from_zero_to_a_second() {
+        for zero in ["0", "0ms", " 0s "] {
+            assert_eq!(parse_round_pause(zero), Ok(Duration::ZERO), "{zero}");
+        }
+        assert_eq!(parse_round_pause("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_round_pause("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["2s", "soon", "-1ms", ""] {
+            assert!(parse_round_pause(bad).is_err(), "{bad}");
+        }
+    }
 
     fn env(var: &str) -> Option<String> {
         (var == "OLD_PW").then(|| "s3cret".to_owned())
@@ -313,6 +354,7 @@ mod tests {
             targets = ["new"]
             tables = ["public.*"]
             poll_interval = "20ms"
+            max_round_pause = "5ms"
             split_rounds_above = 1000000
             "#,
             &env,
@@ -323,6 +365,7 @@ mod tests {
         assert_eq!(s.name, "main");
         assert_eq!(s.poll_interval, Duration::from_millis(20));
         assert_eq!(s.options.split_rounds_above, Some(1_000_000));
+        assert_eq!(s.options.max_round_pause, Duration::from_millis(5));
         assert_eq!(c.nodes["old"].get("password"), Some("s3cret"));
         assert!(!format!("{:?}", c.nodes["old"]).contains("s3cret"));
     }
@@ -341,6 +384,7 @@ mod tests {
             targets = ["nowhere", "old"]
             tables = ["a.b.c"]
             poll_interval = "soon"
+            max_round_pause = "2s"
             "#,
             &env,
         )
@@ -353,6 +397,7 @@ mod tests {
             "both the source and a target",
             "tables:",
             "poll_interval",
+            "max_round_pause",
         ] {
             assert!(all.contains(needle), "{needle:?} missing from:\n{all}");
         }

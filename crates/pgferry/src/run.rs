@@ -39,6 +39,11 @@ pub struct RunArgs {
     /// Without --config: the longest wait between two polls of an idle source.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = config::parse_duration, conflicts_with = "config")]
     pub poll_interval: Duration,
+    /// Without --config: the longest pause before a round, after a round that applied many
+    /// changes (under load, so that rounds carry more changes and cost the source less; a round
+    /// of 20 changes or fewer is followed at once). 0 starts every round at once.
+    #[arg(long, value_name = "DURATION", default_value = "20ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
+    pub max_round_pause: Duration,
     /// Without --config: commit rounds holding more than ROWS changes table by table (see
     /// `pgferry sync --help`).
     #[arg(long, value_name = "ROWS", conflicts_with = "config")]
@@ -76,6 +81,15 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
                 args.name.as_deref().unwrap_or("two-way"),
                 args.poll_interval,
             )
+            .map(|specs| {
+                specs
+                    .into_iter()
+                    .map(|mut s| {
+                        s.options.max_round_pause = args.max_round_pause;
+                        s
+                    })
+                    .collect()
+            })
             .map_err(|e| {
                 let class = e.class();
                 Failure::new(e, class)
@@ -99,6 +113,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
         options: SyncOptions {
             accept_new_tables: false,
             split_rounds_above: args.split_rounds_above,
+            max_round_pause: args.max_round_pause,
         },
         poll_interval: args.poll_interval,
         two_way: None,

@@ -130,6 +130,7 @@ pub async fn sync(a: SyncArgs) -> Result<Code, Failure> {
     let opts = pgferry_sync::SyncOptions {
         accept_new_tables: a.accept_new_tables,
         split_rounds_above: a.split_rounds_above,
+        ..Default::default()
     };
     let report = pgferry_sync::sync_once(&source, &targets, &opts)
         .await
