@@ -267,7 +267,7 @@ fn the_daemon_replicates_continuously_serves_metrics_and_stops_on_sigterm() {
 
 #[test]
 fn rounds_paced_under_load_lose_nothing() {
-    // A transaction of 50 changes makes a round of at least 50 changes, after which the next
+    // A transaction of 150 changes makes a round of at least 150 changes, after which the next
     // round waits (docs/daemon.md, pacing); a write load then runs through paced rounds. The
     // target must still converge, and the pauses show in the metrics.
     let cluster = Cluster::shared();
@@ -285,7 +285,12 @@ fn rounds_paced_under_load_lose_nothing() {
     let mut daemon = Daemon::start(&args, &dir, "paced");
     daemon.wait_log("target connected", Duration::from_secs(30));
 
-    source.psql("UPDATE account SET note = 'all at once ' || id");
+    source.psql(
+        "BEGIN;
+         UPDATE account SET note = 'all at once ' || id;
+         INSERT INTO movement (account_id, amount) SELECT 1 + g % 50, g FROM generate_series(1, 100) g;
+         COMMIT;",
+    );
     let paused = || {
         http_get(port, "/metrics").and_then(|(_, body)| {
             body.lines()

@@ -50,9 +50,10 @@ const BUSY_SPELL: Duration = Duration::from_secs(2);
 /// forward, while rounds run.
 const ACK_EVERY: Duration = Duration::from_millis(500);
 /// Pacing ([`round_pause`]): a round that applied at most this many changes is followed by the
-/// next at once. At 200 transactions/s of pgbench-like writes (5 changes each) a round carries
-/// 5-10; at full speed on a 2-core machine, 50-100 or more.
-const LIGHT_ROUND_CHANGES: u64 = 20;
+/// next at once. On a 2-core machine, with pgbench-like writes of 5 changes a transaction and
+/// rounds back to back, a round carries 5-10 changes at 200 transactions/s, about 40 at 1,000,
+/// and 70 or more at full speed (2,000 and more).
+const LIGHT_ROUND_CHANGES: u64 = 50;
 /// Pacing: the pause after a round per change it applied beyond [`LIGHT_ROUND_CHANGES`].
 const PAUSE_PER_CHANGE: Duration = Duration::from_micros(100);
 
@@ -590,10 +591,9 @@ async fn follow(
 /// beyond, at most `max` (zero: never).
 ///
 /// The pause follows the load: a busier source makes larger rounds and so longer pauses, which
-/// make the rounds larger still, until the cap. At full speed on a 2-core machine rounds went
-/// from about 80 a second to 25-50 and the replication's CPU (its sessions on both servers and
-/// the daemon) fell by a third to a half, for 5-15 ms more latency; at 200 transactions/s
-/// rounds carry fewer changes than the threshold and start at once, as before.
+/// make the rounds larger still, until the cap; below the threshold (200 and 1,000
+/// transactions/s on a 2-core machine) rounds start at once, as before. The measurements are
+/// in docs/daemon.md (Performance).
 pub fn round_pause(changes: u64, max: Duration) -> Duration {
     let beyond = changes.saturating_sub(LIGHT_ROUND_CHANGES);
     if beyond == 0 || max.is_zero() {
@@ -699,7 +699,7 @@ mod tests {
 
     #[test]
     fn the_pause_grows_with_the_round_up_to_the_cap() {
-        let pauses: Vec<Duration> = [21, 50, 100, 150, 220, 221, 10_000, u64::MAX]
+        let pauses: Vec<Duration> = [51, 80, 100, 150, 250, 251, 10_000, u64::MAX]
             .iter()
             .map(|&c| round_pause(c, MAX))
             .collect();
