@@ -795,7 +795,13 @@ fn three_nodes_under_writers_end_equal_with_latest() {
 
 #[test]
 fn kill_9_of_the_daemon_in_a_mesh_of_three_loses_nothing() {
-    mesh_under_writers("tw_m_kill", "latest", 3, 4, Some(Duration::from_millis(700)));
+    mesh_under_writers(
+        "tw_m_kill",
+        "latest",
+        3,
+        4,
+        Some(Duration::from_millis(700)),
+    );
 }
 
 #[test]
