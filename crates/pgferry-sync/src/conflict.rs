@@ -472,6 +472,22 @@ pub(crate) async fn lock_rows(
 /// The labels of the source (remote) and target (local) sessions, for errors.
 pub(crate) type Labels<'a> = (&'a str, &'a str);
 
+/// One table of a two-way round as the conflict code sees it: the source's and the target's
+/// transactions, the exchange, the table on each side, the conditions selecting the round's
+/// capture rows on the source (`pending`) and the target's own rows the source has not applied
+/// (`unshipped`), and the sessions' labels for errors.
+#[derive(Clone, Copy)]
+pub(crate) struct Sides<'a> {
+    pub stx: &'a Transaction<'a>,
+    pub ttx: &'a Transaction<'a>,
+    pub ex: &'a Exchange,
+    pub remote_t: &'a CapturedTable,
+    pub local_t: &'a CapturedTable,
+    pub pending: &'a str,
+    pub unshipped: &'a str,
+    pub labels: Labels<'a>,
+}
+
 /// Locks the local rows of the incoming keys (`incoming`: a relation of typed keys, with its
 /// parameters) and reads the local node's unshipped changes to them (`unshipped`: the condition
 /// on local capture rows `d`). Empty: no conflict in this table.
@@ -520,18 +536,17 @@ pub(crate) async fn probe(
 /// Decides the conflicts of one table, given the local node's keys [`probe`] found. `pending`
 /// selects the remote's capture rows of this round (on `stx`), `unshipped` the local node's
 /// (on `ttx`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn plan(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    ex: &Exchange,
-    remote_t: &CapturedTable,
-    local_t: &CapturedTable,
-    pending: &str,
-    unshipped: &str,
-    found: Vec<Key>,
-    labels: Labels<'_>,
-) -> Result<Plan, SyncError> {
+pub(crate) async fn plan(s: Sides<'_>, found: Vec<Key>) -> Result<Plan, SyncError> {
+    let Sides {
+        stx,
+        ttx,
+        ex,
+        remote_t,
+        local_t,
+        pending,
+        unshipped,
+        labels,
+    } = s;
     let (source_label, target_label) = labels;
     let human = local_t.name.human();
     // The keys linked to the ones found, on either side, until no new key appears (a key
@@ -651,15 +666,16 @@ pub(crate) struct ThirdParty {
 /// themselves: the held peer's row kept (left out of the apply), or the remote's applied. A
 /// custom function's merged row is not kept here (the apply writes the remote's row): the two
 /// peers merge, and their merge reaches this node as their change. Nothing is reshipped.
-pub(crate) async fn third_party(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    ex: &Exchange,
-    remote_t: &CapturedTable,
-    local_t: &CapturedTable,
-    cases: Vec<ThirdParty>,
-    labels: Labels<'_>,
-) -> Result<Plan, SyncError> {
+pub(crate) async fn third_party(s: Sides<'_>, cases: Vec<ThirdParty>) -> Result<Plan, SyncError> {
+    let Sides {
+        stx,
+        ttx,
+        ex,
+        remote_t,
+        local_t,
+        labels,
+        ..
+    } = s;
     let (source_label, target_label) = labels;
     let human = local_t.name.human();
     let keys: Vec<Key> = cases.iter().map(|c| c.key.clone()).collect();
@@ -787,18 +803,17 @@ pub(crate) struct Incoming<'a> {
 /// decided like a conflict (the remote's change of its key against the local node's change of
 /// the other key). Called after the table's apply failed on a unique index (rolled back to a
 /// savepoint), so a round without clashes pays nothing for the check.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn clashes(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    ex: &Exchange,
-    remote_t: &CapturedTable,
-    local_t: &CapturedTable,
-    inc: &Incoming<'_>,
-    pending: &str,
-    unshipped: &str,
-    labels: Labels<'_>,
-) -> Result<Plan, SyncError> {
+pub(crate) async fn clashes(s: Sides<'_>, inc: &Incoming<'_>) -> Result<Plan, SyncError> {
+    let Sides {
+        stx,
+        ttx,
+        ex,
+        remote_t,
+        local_t,
+        pending,
+        unshipped,
+        labels,
+    } = s;
     let (source_label, target_label) = labels;
     let name = &local_t.name;
     let human = name.human();
@@ -1243,18 +1258,21 @@ pub fn show_keys(keys: &[Key]) -> String {
 
 /// After the bulk apply: carries out every decision of `plan` on the local node, in `ttx`, and
 /// records it.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn carry_out(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    ex: &Exchange,
-    remote_t: &CapturedTable,
-    local_t: &CapturedTable,
+    s: Sides<'_>,
     columns: &[pgferry_core::Ident],
-    unshipped: &str,
     plan: &Plan,
-    labels: Labels<'_>,
 ) -> Result<(), SyncError> {
+    let Sides {
+        stx,
+        ttx,
+        ex,
+        remote_t,
+        local_t,
+        unshipped,
+        labels,
+        ..
+    } = s;
     let (_, target_label) = labels;
     let name = &local_t.name;
     let human = name.human();

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 
-use crate::conflict::{self, Exchange, Key, Labels, Plan};
+use crate::conflict::{self, Exchange, Key, Plan, Sides};
 use crate::error::q;
 use crate::registry::CapturedTable;
 use crate::SyncError;
@@ -91,17 +91,17 @@ fn same_key(local_t: &CapturedTable, column: &str) -> String {
 
 /// Checks one table's incoming keys (its rows already locked) against provenance. `pending`
 /// selects the round's capture rows of `remote_t` on the source.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn check(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    ex: &Exchange,
-    view: &SourceView,
-    remote_t: &CapturedTable,
-    local_t: &CapturedTable,
-    pending: &str,
-    labels: Labels<'_>,
-) -> Result<Checked, SyncError> {
+pub(crate) async fn check(s: Sides<'_>, view: &SourceView) -> Result<Checked, SyncError> {
+    let Sides {
+        stx,
+        ttx,
+        ex,
+        remote_t,
+        local_t,
+        pending,
+        labels,
+        ..
+    } = s;
     let (_, target_label) = labels;
     let human = local_t.name.human();
     let stage = format!("pgferry_origin_{}", local_t.table_id);
@@ -164,7 +164,7 @@ pub(crate) async fn check(
     let plan = if cases.is_empty() {
         Plan::default()
     } else {
-        conflict::third_party(stx, ttx, ex, remote_t, local_t, cases, labels).await?
+        conflict::third_party(s, cases).await?
     };
     Ok(Checked {
         stage,

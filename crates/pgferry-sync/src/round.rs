@@ -937,7 +937,7 @@ async fn apply_table(
     // Two-way: the target's own unshipped changes to these keys are conflicts, decided before
     // any row moves; keys the target keeps are left out of the delete and the copy.
     let mut plan = crate::conflict::Plan::default();
-    let mut local_t = None;
+    let mut sides: Option<crate::conflict::Sides<'_>> = None;
     let mut origins = None;
     if let Some(&TwoWayRound {
         ex,
@@ -953,7 +953,17 @@ async fn apply_table(
                     table: human.clone(),
                     node: ex.local.clone(),
                 })?;
-        local_t = Some(lt);
+        let s = crate::conflict::Sides {
+            stx,
+            ttx,
+            ex,
+            remote_t: t,
+            local_t: lt,
+            pending,
+            unshipped,
+            labels,
+        };
+        sides = Some(s);
         let incoming = if small {
             format!("({})", t.keys_from_params())
         } else {
@@ -973,17 +983,14 @@ async fn apply_table(
         // Meshes of three or more nodes: keys whose row came from another peer are decided
         // against that peer's change (crate::mesh), not against this node's older changes.
         let checked = match mesh {
-            Some(view) => {
-                Some(crate::mesh::check(stx, ttx, ex, view, t, lt, pending, labels).await?)
-            }
+            Some(view) => Some(crate::mesh::check(s, view).await?),
             None => None,
         };
         if let Some(c) = &checked {
             found.retain(|k| !c.covered.contains(k));
         }
         if !found.is_empty() {
-            plan = crate::conflict::plan(stx, ttx, ex, t, lt, pending, unshipped, found, labels)
-                .await?;
+            plan = crate::conflict::plan(s, found).await?;
         }
         if let Some(c) = checked {
             plan.extend(c.plan);
@@ -1066,10 +1073,8 @@ async fn apply_table(
         let unique = |e: &tokio_postgres::Error| {
             e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
         };
-        let clash = match (&failed, two_way, local_t) {
-            (PassError::Copy(e), Some(&TwoWayRound { ex, unshipped, .. }), Some(lt))
-                if !clash_checked && unique(e) =>
-            {
+        let clash = match (&failed, sides) {
+            (PassError::Copy(e), Some(s)) if !clash_checked && unique(e) => {
                 clash_checked = true;
                 ttx.batch_execute("ROLLBACK TO SAVEPOINT pgferry_apply")
                     .await
@@ -1086,11 +1091,8 @@ async fn apply_table(
                     columns: &columns,
                     rows_sql: &rows_sql,
                 };
-                let clashes = crate::conflict::clashes(
-                    stx, ttx, ex, t, lt, &incoming, pending, unshipped, labels,
-                )
-                .await?;
-                (!clashes.is_empty()).then_some((clashes, lt))
+                let clashes = crate::conflict::clashes(s, &incoming).await?;
+                (!clashes.is_empty()).then_some((clashes, s.local_t))
             }
             _ => None,
         };
@@ -1112,24 +1114,14 @@ async fn apply_table(
             .map_err(|e| sq("choosing the join", e))?;
     }
     let mut conflicts = Vec::new();
-    if let (Some(tw), Some(lt)) = (two_way, local_t) {
+    if let Some(s) = sides {
         if !plan.is_empty() {
-            crate::conflict::carry_out(
-                stx,
-                ttx,
-                tw.ex,
-                t,
-                lt,
-                &columns,
-                tw.unshipped,
-                &plan,
-                labels,
-            )
-            .await?;
-            conflicts = plan.decisions(&human, tw.ex);
+            crate::conflict::carry_out(s, &columns, &plan).await?;
+            conflicts = plan.decisions(&human, s.ex);
         }
         if let Some(stage) = &origins {
-            crate::mesh::remember(ttx, tw.ex, lt, stage, &plan.excluded(), target_label).await?;
+            crate::mesh::remember(ttx, s.ex, s.local_t, stage, &plan.excluded(), target_label)
+                .await?;
         }
     }
     tracing::debug!(
