@@ -24,7 +24,7 @@ log() { printf '%s\n' "$*" >&2; }
 . "$root/scripts/lib/throwaway-pg.sh"
 bench_pgferry
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; _pg_cleanup' EXIT
 
 log "starting clusters"
 conf=("shared_buffers=256MB" "max_wal_size=4GB" "checkpoint_timeout=30min")
