@@ -291,6 +291,19 @@ fn lock_conflict(e: &SyncError) -> bool {
         })
 }
 
+/// How many times a two-way round starts over after a key it inserts was inserted meanwhile by
+/// another transaction (another peer's round into the same node, or an application): the next
+/// attempt sees that row and decides against it. A key refused again and again is not a race.
+const MAX_KEY_RACES: u32 = 5;
+
+/// A unique violation: in a two-way round, after unique clashes were looked for, a key the
+/// round inserts that another transaction inserted after the round looked.
+fn key_race(e: &SyncError) -> bool {
+    pgferry_core::error::find_db_error(e)
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
 /// Runs one round, starting over (with growing pauses) while a TRUNCATE is in the way.
 pub(crate) async fn round_with_retries(
     src: &mut Session,
@@ -300,6 +313,7 @@ pub(crate) async fn round_with_retries(
 ) -> Result<RoundOutcome, SyncError> {
     let mut tries = 0;
     let mut lock_waits = 0;
+    let mut key_races = 0;
     loop {
         let result = match round::run(src, probe, dst, ctx).await {
             // Two-way: the round gave way to an application holding a row it needs (lock
@@ -314,6 +328,15 @@ pub(crate) async fn round_with_retries(
                 );
                 let pause = std::time::Duration::from_millis(2 << lock_waits.min(3));
                 tokio::time::sleep(pause).await;
+                continue;
+            }
+            Err(e) if ctx.two_way.is_some() && key_race(&e) && key_races < MAX_KEY_RACES => {
+                key_races += 1;
+                tracing::debug!(
+                    tries = key_races,
+                    "two-way round met a key inserted meanwhile: starting over"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2 << key_races)).await;
                 continue;
             }
             other => other?,
