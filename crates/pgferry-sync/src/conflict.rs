@@ -381,6 +381,15 @@ fn key_text(table: &CapturedTable, alias: &str) -> String {
     format!("ARRAY[{}]::pg_catalog.text[]", items.join(", "))
 }
 
+/// `FROM … WHERE …` of the keys (`y.key`) the row changes of `table_id` matching `cond` touch,
+/// old keys of key changes included, one row per capture row and key (`d`: the capture row).
+pub(crate) fn touched_keys(cond: &str, table_id: i32) -> String {
+    format!(
+        "FROM pgferry.delta d CROSS JOIN LATERAL (VALUES (d.key), (d.old_key)) AS y(key)
+         WHERE {cond} AND d.table_id = {table_id} AND d.op <> 'T' AND y.key IS NOT NULL"
+    )
+}
+
 /// Capture rows matching `cond` whose key or old key is among `keys`.
 fn changes_sql(table_id: i32, cond: &str, time: &str, keys: &[Key]) -> String {
     let rel = keys_relation(keys);

@@ -284,11 +284,20 @@ const MAX_LOCK_RETRIES: u32 = 1000;
 /// Whether `e` is a lock timeout or a deadlock.
 fn lock_conflict(e: &SyncError) -> bool {
     use tokio_postgres::error::SqlState;
+    sqlstate_in(
+        e,
+        &[
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ],
+    )
+}
+
+/// Whether the server error behind `e` has one of `codes`.
+fn sqlstate_in(e: &SyncError, codes: &[tokio_postgres::error::SqlState]) -> bool {
     pgferry_core::error::find_db_error(e)
         .and_then(|e| e.code())
-        .is_some_and(|c| {
-            *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
-        })
+        .is_some_and(|c| codes.contains(c))
 }
 
 /// How many times a two-way round starts over after a key it inserts was inserted meanwhile by
@@ -299,9 +308,7 @@ const MAX_KEY_RACES: u32 = 5;
 /// A unique violation: in a two-way round, after unique clashes were looked for, a key the
 /// round inserts that another transaction inserted after the round looked.
 fn key_race(e: &SyncError) -> bool {
-    pgferry_core::error::find_db_error(e)
-        .and_then(|e| e.code())
-        .is_some_and(|c| *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    sqlstate_in(e, &[tokio_postgres::error::SqlState::UNIQUE_VIOLATION])
 }
 
 /// Runs one round, starting over (with growing pauses) while a TRUNCATE is in the way.

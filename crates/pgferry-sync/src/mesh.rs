@@ -80,14 +80,20 @@ pub(crate) struct Checked {
     pub plan: Plan,
 }
 
-/// The row `t` of `local_t` whose key is the recorded key `column`, as a join condition.
-fn same_key(local_t: &CapturedTable, column: &str) -> String {
+/// A join giving, as `cur.xmin`, the version (xmin) of `local_t`'s row whose key is the
+/// recorded key `column`, NULL when there is no such row.
+fn current_version(local_t: &CapturedTable, column: &str) -> String {
     format!(
-        "{} = {}",
+        "LEFT JOIN LATERAL (SELECT t.xmin::text AS xmin FROM {} AS t WHERE {} = {}) AS cur ON true",
+        local_t.name,
         conflict::key_tuple(local_t, "t"),
         conflict::restored_tuple(local_t, column)
     )
 }
+
+/// Provenance `r` still describes the row (joined by [`current_version`]): no local write
+/// since the round (or the row the round deleted is still absent).
+const STILL_APPLIED: &str = "r.row_xmin IS NOT DISTINCT FROM cur.xmin";
 
 /// Checks one table's incoming keys (its rows already locked) against provenance. `pending`
 /// selects the round's capture rows of `remote_t` on the source.
@@ -115,11 +121,9 @@ pub(crate) async fn check(s: Sides<'_>, view: &SourceView) -> Result<Checked, Sy
         stx,
         &format!(
             "COPY (SELECT y.key, pg_catalog.array_agg(d.xid::text), pg_catalog.max({time})
-                     FROM pgferry.delta d CROSS JOIN LATERAL (VALUES (d.key), (d.old_key)) AS y(key)
-                    WHERE {pending} AND d.table_id = {id} AND d.op <> 'T' AND y.key IS NOT NULL
-                    GROUP BY y.key) TO STDOUT",
+                    {touched} GROUP BY y.key) TO STDOUT",
             time = ex.remote_time,
-            id = remote_t.table_id,
+            touched = conflict::touched_keys(pending, remote_t.table_id),
         ),
         ttx,
         &format!("COPY pg_temp.{stage} FROM STDIN"),
@@ -130,11 +134,10 @@ pub(crate) async fn check(s: Sides<'_>, view: &SourceView) -> Result<Checked, Sy
         "SELECT o.key, r.node, r.node_id, r.xids, {held_at}, o.micros
            FROM pg_temp.{stage} AS o
            JOIN pgferry.row_origin AS r ON r.table_id = $1 AND r.key = o.key AND r.node_id <> $2
-           LEFT JOIN LATERAL (SELECT t.xmin::text AS xmin FROM {name} AS t WHERE {same}) AS cur ON true
-          WHERE r.row_xmin IS NOT DISTINCT FROM cur.xmin",
+           {cur}
+          WHERE {STILL_APPLIED}",
         held_at = conflict::micros("r.changed_at"),
-        name = local_t.name,
-        same = same_key(local_t, "o.key"),
+        cur = current_version(local_t, "o.key"),
     );
     let origins = ttx
         .query_typed(
@@ -186,11 +189,9 @@ pub(crate) async fn unknown_to_source(
     let rows = ttx
         .query_typed(
             &format!(
-                "SELECT r.key, r.node_id, r.xids FROM pgferry.row_origin AS r
-                   LEFT JOIN LATERAL (SELECT t.xmin::text AS xmin FROM {name} AS t WHERE {same}) AS cur ON true
-                  WHERE r.table_id = $1 AND r.node_id <> $2 AND r.row_xmin IS NOT DISTINCT FROM cur.xmin",
-                name = local_t.name,
-                same = same_key(local_t, "r.key"),
+                "SELECT r.key, r.node_id, r.xids FROM pgferry.row_origin AS r {cur}
+                  WHERE r.table_id = $1 AND r.node_id <> $2 AND {STILL_APPLIED}",
+                cur = current_version(local_t, "r.key"),
             ),
             &[
                 (&local_t.table_id, Type::INT4),
@@ -264,16 +265,14 @@ pub(crate) async fn remember(
     let sql = format!(
         "INSERT INTO pgferry.row_origin AS r (table_id, key, node, node_id, xids, changed_at, row_xmin, waiting)
          SELECT $1, o.key, $2, $3, o.xids, {at}, cur.xmin, $4
-           FROM pg_temp.{stage} AS o
-           LEFT JOIN LATERAL (SELECT t.xmin::text AS xmin FROM {name} AS t WHERE {same}) AS cur ON true
+           FROM pg_temp.{stage} AS o {cur}
           {keep}
          ON CONFLICT (table_id, key) DO UPDATE
             SET node = excluded.node, node_id = excluded.node_id, xids = excluded.xids,
                 changed_at = excluded.changed_at, row_xmin = excluded.row_xmin,
                 waiting = excluded.waiting",
         at = conflict::from_micros("o.micros"),
-        name = local_t.name,
-        same = same_key(local_t, "o.key"),
+        cur = current_version(local_t, "o.key"),
     );
     let params: [(&(dyn ToSql + Sync), Type); 4] = [
         (&local_t.table_id, Type::INT4),

@@ -400,11 +400,7 @@ async fn merge_rows(
     let name = &t.name;
     let stage = format!("pgferry_rows_{}", t.table_id);
     let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
-    let on: Vec<String> = t
-        .key
-        .iter()
-        .map(|(c, _, _)| format!("t.{c} = r.{c}"))
-        .collect();
+    let on = same_key_rows(t);
     let key_names: Vec<&str> = t.key.iter().map(|(c, _, _)| c.as_str()).collect();
     let set: Vec<String> = columns
         .iter()
@@ -412,24 +408,9 @@ async fn merge_rows(
         .map(|c| format!("{c} = r.{c}"))
         .collect();
     first.await.map_err(PassError::First)?;
-    ttx.batch_execute(&format!(
-        "DROP TABLE IF EXISTS pg_temp.{stage};
-         CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {} FROM {name} WITH NO DATA",
-        cols.join(", ")
-    ))
-    .await
-    .map_err(PassError::First)?;
-    let rows = pass_through(
-        stx,
-        rows_sql,
-        ttx,
-        &format!("COPY pg_temp.{stage} ({}) FROM STDIN", cols.join(", ")),
-    )
-    .await?;
-    let gone = format!(
-        "{delete_sql} AND NOT EXISTS (SELECT 1 FROM pg_temp.{stage} AS r WHERE {})",
-        on.join(" AND ")
-    );
+    let rows = stage_rows(stx, ttx, name, &stage, &cols.join(", "), rows_sql).await?;
+    let gone =
+        format!("{delete_sql} AND NOT EXISTS (SELECT 1 FROM pg_temp.{stage} AS r WHERE {on})");
     if small {
         ttx.execute_typed(&gone, params).await?;
     } else {
@@ -438,19 +419,57 @@ async fn merge_rows(
     let mut sql = String::new();
     if !set.is_empty() {
         sql.push_str(&format!(
-            "UPDATE {name} AS t SET {} FROM pg_temp.{stage} AS r WHERE {};",
+            "UPDATE {name} AS t SET {} FROM pg_temp.{stage} AS r WHERE {on};",
             set.join(", "),
-            on.join(" AND ")
         ));
     }
-    sql.push_str(&format!(
-        "INSERT INTO {name} ({c}) SELECT {c} FROM pg_temp.{stage} AS r
-          WHERE NOT EXISTS (SELECT 1 FROM {name} AS t WHERE {})",
-        on.join(" AND "),
-        c = cols.join(", ")
-    ));
+    sql.push_str(&insert_missing(name, &stage, &cols.join(", "), &on));
     ttx.batch_execute(&sql).await?;
     Ok(rows)
+}
+
+/// `t.k1 = r.k1 AND …`: a row `t` of `table` and a staged row `r` with the same key.
+fn same_key_rows(table: &CapturedTable) -> String {
+    table
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("t.{c} = r.{c}"))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Copies the rows of `copy_out` (a `COPY (…) TO STDOUT` on `stx`) into `stage`, a new
+/// temporary table on `ttx` with the columns `cols` of `table`, dropped at commit (one of the
+/// same name from earlier in the transaction is replaced). Returns the rows copied.
+async fn stage_rows(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    table: &QualifiedName,
+    stage: &str,
+    cols: &str,
+    copy_out: &str,
+) -> Result<u64, PassError<tokio_postgres::Error>> {
+    ttx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS pg_temp.{stage};
+         CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {table} WITH NO DATA"
+    ))
+    .await
+    .map_err(PassError::First)?;
+    Ok(pass_through(
+        stx,
+        copy_out,
+        ttx,
+        &format!("COPY pg_temp.{stage} ({cols}) FROM STDIN"),
+    )
+    .await?)
+}
+
+/// The INSERT into `table` of the rows of `stage` whose key it lacks (`on`: [`same_key_rows`]).
+fn insert_missing(table: &QualifiedName, stage: &str, cols: &str, on: &str) -> String {
+    format!(
+        "INSERT INTO {table} ({cols}) SELECT {cols} FROM pg_temp.{stage} AS r
+          WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})"
+    )
 }
 
 /// Two-way: locks the local rows of every small table's incoming keys at once, all or nothing
@@ -663,10 +682,8 @@ async fn truncate_two_way(
     let own = ttx
         .query(
             &format!(
-                "SELECT DISTINCT y.key FROM pgferry.delta d
-                   CROSS JOIN LATERAL (VALUES (d.key), (d.old_key)) AS y(key)
-                  WHERE {} AND d.table_id = {} AND d.op <> 'T' AND y.key IS NOT NULL",
-                tw.unshipped, lt.table_id
+                "SELECT DISTINCT y.key {}",
+                crate::conflict::touched_keys(tw.unshipped, lt.table_id)
             ),
             &[],
         )
@@ -693,39 +710,19 @@ async fn truncate_two_way(
             crate::conflict::key_in(lt, &kept)
         )
     };
-    ttx.batch_execute(&format!(
-        "{delete};
-         DROP TABLE IF EXISTS pg_temp.{stage};
-         CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {victim} WITH NO DATA"
-    ))
-    .await
-    .map_err(tgt(target_label, format!("replaying TRUNCATE of {human}")))?;
-    pass_through(
-        stx,
-        &format!("COPY (SELECT {cols} FROM {victim}) TO STDOUT"),
-        ttx,
-        &format!("COPY pg_temp.{stage} ({cols}) FROM STDIN"),
-    )
-    .await
-    .map_err(tgt(
-        target_label,
-        format!("copying the rows of {human} after its TRUNCATE"),
-    ))?;
-    let on: Vec<String> = lt
-        .key
-        .iter()
-        .map(|(c, _, _)| format!("t.{c} = r.{c}"))
-        .collect();
-    ttx.batch_execute(&format!(
-        "INSERT INTO {victim} ({cols}) SELECT {cols} FROM pg_temp.{stage} AS r
-          WHERE NOT EXISTS (SELECT 1 FROM {victim} AS t WHERE {})",
-        on.join(" AND ")
-    ))
-    .await
-    .map_err(tgt(
-        target_label,
-        format!("copying the rows of {human} after its TRUNCATE"),
-    ))?;
+    ttx.batch_execute(&delete)
+        .await
+        .map_err(tgt(target_label, format!("replaying TRUNCATE of {human}")))?;
+    let copying = format!("copying the rows of {human} after its TRUNCATE");
+    let copy_out = format!("COPY (SELECT {cols} FROM {victim}) TO STDOUT");
+    stage_rows(stx, ttx, victim, &stage, &cols, &copy_out)
+        .await
+        .map_err(|(PassError::First(e) | PassError::Copy(e))| {
+            tgt(target_label, copying.clone())(e)
+        })?;
+    ttx.batch_execute(&insert_missing(victim, &stage, &cols, &same_key_rows(lt)))
+        .await
+        .map_err(tgt(target_label, copying))?;
     Ok(())
 }
 
