@@ -99,6 +99,52 @@ impl fmt::Display for QualifiedName {
     }
 }
 
+/// Why [`split_dotted`] refused a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DottedError {
+    /// White space outside double quotes.
+    UnquotedWhiteSpace,
+    /// A double quote opened and never closed.
+    UnterminatedQuote,
+}
+
+/// A dotted name (`schema.table`, `"My Schema".t.col`) split into its parts the way SQL reads
+/// identifiers: unquoted letters fold to lower case, a double-quoted run is taken literally
+/// (`""` inside it is one quote), unquoted white space is refused. Each character comes with
+/// whether it was quoted, for callers giving some unquoted characters a meaning (`*` in
+/// table patterns). Parts may be empty: what an empty part means is the caller's to say.
+pub fn split_dotted(text: &str) -> Result<Vec<Vec<(char, bool)>>, DottedError> {
+    let mut parts: Vec<Vec<(char, bool)>> = vec![Vec::new()];
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        let cur = parts.last_mut().expect("one part at least");
+        if quoted {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    cur.push(('"', true));
+                } else {
+                    quoted = false;
+                }
+            } else {
+                cur.push((c, true));
+            }
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '.' => parts.push(Vec::new()),
+            c if c.is_whitespace() => return Err(DottedError::UnquotedWhiteSpace),
+            c => cur.extend(c.to_lowercase().map(|l| (l, false))),
+        }
+    }
+    if quoted {
+        return Err(DottedError::UnterminatedQuote);
+    }
+    Ok(parts)
+}
+
 /// A SQL string literal (`'…'`, `E'…'` where needed), for the few places where a value cannot be
 /// a bound parameter: DDL, and function bodies generated at install time.
 pub fn literal(value: &str) -> String {

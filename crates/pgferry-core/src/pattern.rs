@@ -7,6 +7,7 @@
 use std::fmt;
 
 use crate::error::Error;
+use crate::ident::DottedError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Tok {
@@ -41,38 +42,26 @@ impl TablePattern {
             pattern: text.to_owned(),
             reason: reason.to_owned(),
         };
-        let mut parts: Vec<Vec<Tok>> = vec![Vec::new()];
-        let mut chars = text.chars().peekable();
-        let mut quoted = false;
-        while let Some(c) = chars.next() {
-            let cur = parts.last_mut().expect("one part at least");
-            if quoted {
-                if c == '"' {
-                    if chars.peek() == Some(&'"') {
-                        chars.next();
-                        cur.push(Tok::Char('"'));
-                    } else {
-                        quoted = false;
+        let mut parts: Vec<Vec<Tok>> = crate::ident::split_dotted(text)
+            .map_err(|e| {
+                bad(match e {
+                    DottedError::UnquotedWhiteSpace => {
+                        "unquoted white space; quote the name (\"my table\")"
                     }
-                } else {
-                    cur.push(Tok::Char(c));
-                }
-                continue;
-            }
-            match c {
-                '"' => quoted = true,
-                '.' => parts.push(Vec::new()),
-                '*' => cur.push(Tok::Star),
-                '?' => cur.push(Tok::One),
-                c if c.is_whitespace() => {
-                    return Err(bad("unquoted white space; quote the name (\"my table\")"))
-                }
-                c => cur.extend(c.to_lowercase().map(Tok::Char)),
-            }
-        }
-        if quoted {
-            return Err(bad("unterminated double quote"));
-        }
+                    DottedError::UnterminatedQuote => "unterminated double quote",
+                })
+            })?
+            .into_iter()
+            .map(|part| {
+                part.into_iter()
+                    .map(|(c, quoted)| match c {
+                        '*' if !quoted => Tok::Star,
+                        '?' if !quoted => Tok::One,
+                        c => Tok::Char(c),
+                    })
+                    .collect()
+            })
+            .collect();
         let (schema, table) = match parts.len() {
             1 => (vec![Tok::Star], parts.pop().expect("one part")),
             2 => {

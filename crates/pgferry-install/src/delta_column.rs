@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use pgferry_core::ident::{split_dotted, DottedError};
 use pgferry_core::{Ident, QualifiedName};
 use serde::Serialize;
 
@@ -26,36 +27,18 @@ pub struct DeltaColumn {
 impl DeltaColumn {
     pub fn parse(text: &str) -> Result<DeltaColumn, String> {
         let bad = |reason: &str| format!("delta column {text:?}: {reason}");
-        let mut parts: Vec<String> = vec![String::new()];
-        let mut chars = text.chars().peekable();
-        let mut quoted = false;
-        while let Some(c) = chars.next() {
-            let cur = parts.last_mut().expect("one part at least");
-            if quoted {
-                if c == '"' {
-                    if chars.peek() == Some(&'"') {
-                        chars.next();
-                        cur.push('"');
-                    } else {
-                        quoted = false;
+        let parts: Vec<String> = split_dotted(text)
+            .map_err(|e| {
+                bad(match e {
+                    DottedError::UnquotedWhiteSpace => {
+                        "unquoted white space; quote the name (\"my column\")"
                     }
-                } else {
-                    cur.push(c);
-                }
-                continue;
-            }
-            match c {
-                '"' => quoted = true,
-                '.' => parts.push(String::new()),
-                c if c.is_whitespace() => {
-                    return Err(bad("unquoted white space; quote the name (\"my column\")"))
-                }
-                c => cur.extend(c.to_lowercase()),
-            }
-        }
-        if quoted {
-            return Err(bad("unterminated double quote"));
-        }
+                    DottedError::UnterminatedQuote => "unterminated double quote",
+                })
+            })?
+            .into_iter()
+            .map(|part| part.into_iter().map(|(c, _)| c).collect())
+            .collect();
         if parts.iter().any(String::is_empty) {
             return Err(bad("empty name; write SCHEMA.TABLE.COLUMN or TABLE.COLUMN"));
         }
