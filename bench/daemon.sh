@@ -91,26 +91,9 @@ command -v curl >/dev/null || die "curl not found"
 bench_pgferry
 [[ -x $PGFERRY_BIN ]] || die "pgferry binary not found: $PGFERRY_BIN"
 
-# --- processes this script starts: the daemon and the sampler ----------------------------
+# --- processes this script starts: the daemon and the sampler (stop_daemon, stop_sampler:
+# scripts/lib/bench.sh) -----------------------------------------------------------------
 DAEMON_PID="" SAMPLER_PID=""
-stop_sampler() {
-    if [[ -n $SAMPLER_PID ]]; then
-        kill "$SAMPLER_PID" 2>/dev/null || true
-        wait "$SAMPLER_PID" 2>/dev/null || true
-        SAMPLER_PID=""
-    fi
-}
-stop_daemon() { # SIGTERM, then up to 15 s for a clean stop; sets DAEMON_RC
-    DAEMON_RC=""
-    [[ -n $DAEMON_PID ]] || return 0
-    kill -TERM "$DAEMON_PID" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 150; i++)); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$DAEMON_PID" 2>/dev/null && kill -KILL "$DAEMON_PID" 2>/dev/null
-    DAEMON_RC=0
-    wait "$DAEMON_PID" 2>/dev/null || DAEMON_RC=$?
-    DAEMON_PID=""
-}
 on_exit() {
     local rc=$?
     trap - EXIT

@@ -24,3 +24,24 @@ bench_pgferry() {
         PGFERRY_BIN=${CARGO_TARGET_DIR:-$root/target}/release/pgferry
     fi
 }
+
+# For benchmarks that start the daemon (pid in DAEMON_PID) and a sampler (SAMPLER_PID); each
+# does nothing when its pid is empty.
+stop_sampler() {
+    if [[ -n ${SAMPLER_PID:-} ]]; then
+        kill "$SAMPLER_PID" 2>/dev/null || true
+        wait "$SAMPLER_PID" 2>/dev/null || true
+        SAMPLER_PID=""
+    fi
+}
+stop_daemon() { # SIGTERM, then up to 15 s for a clean stop; sets DAEMON_RC
+    DAEMON_RC=""
+    [[ -n ${DAEMON_PID:-} ]] || return 0
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 150; i++)); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$DAEMON_PID" 2>/dev/null && kill -KILL "$DAEMON_PID" 2>/dev/null
+    DAEMON_RC=0
+    wait "$DAEMON_PID" 2>/dev/null || DAEMON_RC=$?
+    DAEMON_PID=""
+}
