@@ -434,11 +434,15 @@ fn an_interrupted_copy_is_refused_by_rounds_and_a_rerun_converges() {
     });
     child.kill().expect("kill pgferry");
     let _ = child.wait();
-    // Its sessions die with it (the one asleep in the trigger is ended here).
-    poll.batch(
+    // Its sessions die with it (the one asleep in the trigger is ended here) — only this
+    // test's: other tests' pgferry sessions share the cluster.
+    poll.batch(&format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name LIKE 'pgferry%' AND pid <> pg_backend_pid()",
-    );
+          WHERE application_name LIKE 'pgferry%' AND pid <> pg_backend_pid()
+            AND datname IN ('{}', '{}')",
+        source.name(),
+        target.name()
+    ));
     target.psql("DROP TRIGGER stall ON big");
     let partial: u64 = target.scalar("SELECT count(*) FROM big").parse().unwrap();
     assert!(partial > 0 && partial < 30000, "{partial}");
