@@ -3,8 +3,11 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
-use common::{contents, copy_schema, dump, load_hostile, pgferry, restore, sync_json, sync_run};
+use common::{
+    contents, copy_schema, dump, load_hostile, pgferry, restore, sync_json, sync_run, wait_for,
+};
 use pgferry_testkit::{client_tool, Cluster, TestDb};
 
 const APP: &str = "
@@ -127,6 +130,18 @@ fn a_restored_copy_converges_after_clean() {
         refused.stderr
     );
 
+    // The refused run's session ends after its process does; until then clean would rightly
+    // count it as a sign of a live source.
+    wait_for(
+        Duration::from_secs(10),
+        "the refused run's session to end",
+        || {
+            target.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                AND application_name LIKE 'pgferry%' AND pid <> pg_backend_pid()",
+            ) == "0"
+        },
+    );
     pgferry(&["clean", "--db", &target.dsn(), "--watch", "0"]).expect(0);
     sync_json(&source, &target);
     assert_eq!(contents(&source), contents(&target));

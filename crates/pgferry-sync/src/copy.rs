@@ -6,7 +6,7 @@
 //! bounded: chunks are forwarded as they arrive, whatever the number of rows.
 
 use futures_util::{pin_mut, FutureExt, SinkExt, StreamExt};
-use tokio_postgres::Transaction;
+use tokio_postgres::{ToStatement, Transaction};
 
 /// Streams `copy_out` (a `COPY (…) TO STDOUT`) on `from` into `copy_in` (a `COPY … FROM STDIN`)
 /// on `to`, and returns the number of rows the target took.
@@ -77,13 +77,19 @@ impl<E> From<tokio_postgres::Error> for PassError<E> {
 /// Like [`pass_through`], but the source starts `copy_out` while `first` (the target's work
 /// that must precede the rows) runs, holding at most [`PREFETCH_BYTES`] meanwhile; so the
 /// source's query start-up and first rows overlap the target's work instead of following it.
-pub async fn pass_through_after<E>(
+/// The statements may be SQL text or statements prepared beforehand (text costs each side a
+/// round trip to prepare it first).
+pub async fn pass_through_after<E, O, I>(
     from: &Transaction<'_>,
-    copy_out: &str,
+    copy_out: &O,
     to: &Transaction<'_>,
-    copy_in: &str,
+    copy_in: &I,
     first: impl std::future::Future<Output = Result<(), E>>,
-) -> Result<u64, PassError<E>> {
+) -> Result<u64, PassError<E>>
+where
+    O: ?Sized + ToStatement,
+    I: ?Sized + ToStatement,
+{
     let stream = from.copy_out(copy_out);
     let sink = futures_util::future::maybe_done(to.copy_in::<_, bytes::Bytes>(copy_in));
     pin_mut!(first);

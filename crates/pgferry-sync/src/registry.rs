@@ -4,6 +4,9 @@ use pgferry_core::artifact::{delta_columns_expr, KeyForm};
 use pgferry_core::{Ident, QualifiedName};
 use tokio_postgres::GenericClient;
 
+/// A key as the capture records it: one text per key column, in its `KeyForm`.
+pub type Key = Vec<Option<String>>;
+
 /// A captured table and how its keys are recorded.
 #[derive(Clone, Debug)]
 pub struct CapturedTable {
@@ -70,10 +73,16 @@ impl CapturedTable {
     /// returns untyped) split into one list per key column: the parameters of
     /// [`Self::keys_from_params`].
     pub fn key_params(&self, rows: &[tokio_postgres::Row]) -> Vec<Vec<Option<String>>> {
+        let keys: Vec<Key> = rows.iter().map(|r| r.get(0)).collect();
+        self.key_columns(&keys)
+    }
+
+    /// Recorded keys split into one list per key column: the parameters of
+    /// [`Self::keys_from_params`].
+    pub fn key_columns(&self, keys: &[Key]) -> Vec<Vec<Option<String>>> {
         let mut values: Vec<Vec<Option<String>>> =
-            vec![Vec::with_capacity(rows.len()); self.key.len()];
-        for r in rows {
-            let key: Vec<Option<String>> = r.get(0);
+            vec![Vec::with_capacity(keys.len()); self.key.len()];
+        for key in keys {
             for (i, column) in values.iter_mut().enumerate() {
                 column.push(key.get(i).cloned().flatten());
             }

@@ -25,10 +25,10 @@ use pgferry_core::ident::literal;
 use pgferry_core::{QualifiedName, Session};
 use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Transaction;
+use tokio_postgres::{Statement, Transaction};
 
 use crate::copy::{pass_through, pass_through_after, PassError};
-use crate::registry::CapturedTable;
+use crate::registry::{CapturedTable, Key};
 use crate::SyncError;
 
 /// What a round applied to one table.
@@ -114,6 +114,10 @@ pub(crate) enum RoundResult {
 /// whose creation, COPY and ANALYZE cost more than the whole small round otherwise.
 const SMALL_TABLE_CHANGES: u64 = 1_000;
 
+/// A round with at most this many changes in all reads them, keys included, with its snapshot
+/// (one round trip and one scan of the capture table); every table of it is small.
+const FEW_CHANGES: u64 = SMALL_TABLE_CHANGES;
+
 /// `work_mem` of a round's sessions: enough for the hash joins and aggregates over a large
 /// round's keys to stay in memory (on the servers; pgferry's own memory does not grow with it).
 const ROUND_WORK_MEM: &str = "64MB";
@@ -169,12 +173,16 @@ pub(crate) async fn run(
     // each instead of a prepare and an execute.
     let set_work_mem = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
     let snapshot_sql = format!("SELECT {}::text", ctx.dialect.current_snapshot());
-    let pending_sql = format!(
-        "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
-          WHERE {pending} GROUP BY 1 ORDER BY 1"
+    // A round of few changes (the daemon's usual one) reads them all, keys included, in this
+    // first round trip and in one scan of the capture table; a larger one counts them per
+    // table here and reads its small tables' keys later.
+    let few_sql = format!(
+        "SELECT d.table_id, d.op = 'T', d.key, d.old_key FROM pgferry.delta d
+          WHERE {pending} LIMIT {}",
+        FEW_CHANGES + 1
     );
     let shipped_sql = "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1";
-    let (_, snapshot, rows, shipped, view) = tokio::try_join!(
+    let (_, snapshot, few, shipped, view) = tokio::try_join!(
         async {
             stx.batch_execute(&set_work_mem)
                 .await
@@ -187,7 +195,7 @@ pub(crate) async fn run(
                 .map_err(|e| sq("taking the round's snapshot", e))
         },
         async {
-            stx.query_typed(&pending_sql, &[])
+            stx.query_typed(&few_sql, &[])
                 .await
                 .map_err(|e| sq("finding pending changes", e))
         },
@@ -226,12 +234,40 @@ pub(crate) async fn run(
         _ => None,
     };
     tracing::debug!(snapshot = %snapshot, "round started");
+    // Per table: changes, whether one is a TRUNCATE, and (a round of few changes) the keys.
+    let mut found: BTreeMap<i32, (u64, bool, Vec<Key>)> = BTreeMap::new();
+    let few_keys = few.len() as u64 <= FEW_CHANGES;
+    if few_keys {
+        for r in &few {
+            let e = found.entry(r.get(0)).or_default();
+            let truncate: bool = r.get(1);
+            e.0 += 1;
+            e.1 |= truncate;
+            if !truncate {
+                e.2.extend(r.get::<_, Option<Key>>(2));
+            }
+            e.2.extend(r.get::<_, Option<Key>>(3));
+        }
+    } else {
+        let pending_sql = format!(
+            "SELECT d.table_id, count(*), bool_or(d.op = 'T') FROM pgferry.delta d
+              WHERE {pending} GROUP BY 1 ORDER BY 1"
+        );
+        for r in stx
+            .query_typed(&pending_sql, &[])
+            .await
+            .map_err(|e| sq("counting pending changes", e))?
+        {
+            let count: i64 = r.get(1);
+            found.insert(r.get(0), (count as u64, r.get(2), Vec::new()));
+        }
+    }
     let mut work: Vec<(&CapturedTable, u64, bool)> = Vec::new();
-    for r in &rows {
-        let id: i32 = r.get(0);
-        let count: i64 = r.get(1);
+    let mut keys_found = Vec::new();
+    for (id, (count, truncate, keys)) in found {
         if let Some(t) = ctx.tables.get(&id) {
-            work.push((t, count as u64, r.get(2)));
+            work.push((t, count, truncate));
+            keys_found.push(keys);
         } else if !ctx.skipped.contains(&id) {
             // Captured after this sync read the source's tables: its changes must not be
             // acknowledged unapplied (purge would drop them). Start over with fresh tables.
@@ -240,22 +276,6 @@ pub(crate) async fn run(
             });
         }
     }
-    // The target's transaction starts (its progress row locked and checked) while the source
-    // guards the round's tables against TRUNCATE: neither waits for the other, and a round that
-    // starts over rolls the target's back.
-    let hold = async {
-        if work.is_empty() {
-            return Ok(true);
-        }
-        let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
-        hold_against_truncate(&stx, probe, ctx.dialect, &tables, &snapshot, &source_label).await
-    };
-    let (held, (mut ttx, ahead)) =
-        tokio::try_join!(hold, begin_target(target, ctx, &target_label))?;
-    if !held {
-        return Ok(RoundResult::Retry);
-    }
-
     let labels = (source_label.as_str(), target_label.as_str());
     let total: u64 = work.iter().map(|(_, c, _)| c).sum();
     let split = match ctx.split_above {
@@ -277,11 +297,59 @@ pub(crate) async fn run(
              so until the round ends the target's tables are not at one common snapshot"
         );
     }
+    // The target's transaction starts (its progress row locked and checked, the columns read,
+    // and, unless the round is split, the progress recorded) while the source locks the
+    // round's tables against TRUNCATE and reads their columns: neither waits for the other, and
+    // a round that starts over rolls the target's back.
+    let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
+    let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    let lock = async {
+        if names.is_empty() {
+            return Ok((true, Vec::new()));
+        }
+        let (locked, columns) = tokio::join!(
+            lock_against_truncate(&stx, &names, &source_label),
+            crate::schema::columns(&stx, &names, ctx.versions.0, &source_label)
+        );
+        // A table locked exclusively fails the column query too: the lock decides.
+        if !locked? {
+            return Ok((false, Vec::new()));
+        }
+        Ok((true, columns?))
+    };
+    let start = TargetStart {
+        columns_of: &names,
+        progress: (!split).then_some(snapshot.as_str()),
+    };
+    let ((locked, src_columns), (mut ttx, ahead, dst_columns)) =
+        tokio::try_join!(lock, begin_target(target, ctx, &target_label, start))?;
+    if !locked {
+        return Ok(RoundResult::Retry);
+    }
+    let columns: Vec<Vec<pgferry_core::Ident>> =
+        crate::schema::compare_all(&tables, &src_columns, &dst_columns, labels.1)?
+            .into_iter()
+            .map(|cs| cs.into_iter().map(|c| c.name).collect())
+            .collect();
+    // Whether a TRUNCATE slipped under S between the snapshot and the locks: asked now, from
+    // the probe session, while the tables are applied; the answer is awaited before anything
+    // commits (a split round commits table by table, so it waits for it first).
+    let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+    let at = snapshot.clone();
+    let late = async {
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        truncated_after(probe, ctx.dialect, &ids, &at, &source_label).await
+    };
+    futures_util::pin_mut!(late);
+    if split && late.as_mut().await? {
+        return Ok(RoundResult::Retry);
+    }
 
-    let mut applied = Vec::new();
-    // What every table needs before its rows move — the column check on both sides, and a
-    // small table's pending keys — is read for all tables at once: tokio-postgres pipelines the
-    // queries, so a round with several tables pays one round trip for them, not one per table.
+    // A small table's pending keys: found above (a round of few changes, unless a split round
+    // left tables ahead of P, which have their own pending changes) or read now for all small
+    // tables at once.
     let mut pendings = Vec::with_capacity(work.len());
     for (t, _, _) in &work {
         pendings.push(pending_condition(
@@ -289,43 +357,65 @@ pub(crate) async fn run(
             ahead.get(&t.table_id).map(String::as_str).or(ctx.previous),
         )?);
     }
-    let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
-    let (columns, small_keys) = tokio::try_join!(
-        crate::schema::columns_to_copy_of(&stx, &ttx, &tables, ctx.versions, labels),
-        small_keys(&stx, &work, &pendings, labels)
-    )?;
+    let small_keys: Vec<Option<Vec<Key>>> = if few_keys && ahead.is_empty() {
+        keys_found.into_iter().map(Some).collect()
+    } else {
+        small_keys(&stx, &work, &pendings, labels).await?
+    };
     if let Some(ex) = ctx.two_way {
-        let small: Vec<(&CapturedTable, &[tokio_postgres::Row])> = work
+        let small: Vec<(&CapturedTable, &[Key])> = work
             .iter()
             .zip(&small_keys)
             .filter_map(|((t, _, _), k)| Some((*t, k.as_deref()?)))
             .collect();
         lock_all(&ttx, ex, &small, &target_label).await?;
     }
-    let prepared = columns
-        .into_iter()
-        .zip(small_keys)
-        .map(|(columns, small_keys)| Prepared {
+    let mut statements = if ctx.two_way.is_none() {
+        let each: Vec<_> = work
+            .iter()
+            .zip(&pendings)
+            .zip(columns.iter().zip(&small_keys))
+            .map(|(((t, _, _), pending), (columns, small))| CopyOf {
+                table: t,
+                pending,
+                columns,
+                small: small.as_deref(),
+            })
+            .collect();
+        copy_statements(&stx, &ttx, &each, labels)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    statements.resize_with(work.len(), || None);
+    let prepared = columns.into_iter().zip(small_keys).zip(statements).map(
+        |((columns, small_keys), statements)| Prepared {
             columns,
             small_keys,
-        });
-    for (((t, changes, has_truncate), pending), prep) in
-        work.into_iter().zip(&pendings).zip(prepared)
-    {
-        let one = apply_table(
-            &stx,
-            &ttx,
-            t,
-            changes,
-            has_truncate,
-            pending,
-            prep,
-            two_way.as_ref(),
-            labels,
-        )
-        .await?;
-        applied.push(one);
-        if split {
+            statements,
+        },
+    );
+    let mut applied = Vec::new();
+    if split {
+        for (((t, changes, has_truncate), pending), prep) in
+            work.into_iter().zip(&pendings).zip(prepared)
+        {
+            let one = apply_table(
+                &stx,
+                &ttx,
+                t,
+                changes,
+                has_truncate,
+                pending,
+                prep,
+                None,
+                labels,
+            )
+            .await?;
+            applied.push(one);
             // This table is at S: record it, commit, and go on in a new transaction.
             ttx.execute(
                 "INSERT INTO pgferry.applied_table (source_node_id, table_id, snapshot) VALUES ($1, $2, $3)
@@ -337,34 +427,42 @@ pub(crate) async fn run(
             ttx.commit()
                 .await
                 .map_err(tgt(&target_label, "committing a table of a split round"))?;
-            ttx = begin_target(target, ctx, &target_label).await?.0;
+            ttx = begin_target(target, ctx, &target_label, TargetStart::default())
+                .await?
+                .0;
+        }
+        record_progress(&ttx, ctx.source_node, &snapshot)
+            .await
+            .map_err(tgt(&target_label, "recording the target's progress"))?;
+    } else {
+        let apply = async {
+            for (((t, changes, has_truncate), pending), prep) in
+                work.into_iter().zip(&pendings).zip(prepared)
+            {
+                let one = apply_table(
+                    &stx,
+                    &ttx,
+                    t,
+                    changes,
+                    has_truncate,
+                    pending,
+                    prep,
+                    two_way.as_ref(),
+                    labels,
+                )
+                .await?;
+                applied.push(one);
+            }
+            Ok(())
+        };
+        let (truncated, ()) = tokio::try_join!(late, apply)?;
+        if truncated {
+            return Ok(RoundResult::Retry);
         }
     }
-    let progress: [(&(dyn ToSql + Sync), Type); 2] =
-        [(&ctx.source_node, Type::TEXT), (&snapshot, Type::TEXT)];
-    // Sent together, run in order; the first error in statement order is the cause (the
-    // statements after it fail only because the transaction has).
-    let (progressed, cleared, forgotten) = tokio::join!(
-        ttx.execute_typed(
-            "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
-              WHERE source_node_id = $1",
-            &progress,
-        ),
-        ttx.execute_typed(
-            "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
-            &progress[..1],
-        ),
-        async {
-            match (ctx.two_way, &view) {
-                (Some(ex), Some(view)) => crate::mesh::forget(&ttx, ex, view, &target_label).await,
-                _ => Ok(()),
-            }
-        }
-    );
-    progressed
-        .and(cleared)
-        .map_err(tgt(&target_label, "recording the target's progress"))?;
-    forgotten?;
+    if let (Some(ex), Some(view)) = (ctx.two_way, &view) {
+        crate::mesh::forget(&ttx, ex, view, &target_label).await?;
+    }
     // Ending the read-only source transaction alongside the target's commit changes nothing
     // the round guarantees.
     let (committed, ended) = tokio::join!(ttx.commit(), stx.commit());
@@ -478,7 +576,7 @@ fn insert_missing(table: &QualifiedName, stage: &str, cols: &str, on: &str) -> S
 async fn lock_all(
     ttx: &Transaction<'_>,
     ex: &crate::conflict::Exchange,
-    tables: &[(&CapturedTable, &[tokio_postgres::Row])],
+    tables: &[(&CapturedTable, &[Key])],
     label: &str,
 ) -> Result<(), SyncError> {
     let statements: Vec<(String, Vec<Vec<Option<String>>>)> = tables
@@ -488,7 +586,7 @@ async fn lock_all(
             let incoming = format!("({})", local.keys_from_params());
             Some((
                 crate::conflict::lock_sql(local, &incoming),
-                t.key_params(rows),
+                t.key_columns(rows),
             ))
         })
         .collect();
@@ -518,28 +616,50 @@ pub(crate) async fn hold_against_truncate(
     snapshot: &str,
     source_label: &str,
 ) -> Result<bool, SyncError> {
-    let sq = |ctx: &str, e: tokio_postgres::Error| {
-        SyncError::Core(pgferry_core::Error::Query {
-            context: ctx.to_owned(),
-            target: source_label.to_owned(),
-            source: e,
-        })
-    };
     let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
-    if let Err(e) = stx
+    if !lock_against_truncate(stx, &names, source_label).await? {
+        return Ok(false);
+    }
+    let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+    Ok(!truncated_after(probe, dialect, &ids, snapshot, source_label).await?)
+}
+
+/// The first half of [`hold_against_truncate`]: locks `tables` (quoted names) `IN ACCESS SHARE
+/// MODE NOWAIT` in `stx`. False: one is locked exclusively right now.
+async fn lock_against_truncate(
+    stx: &Transaction<'_>,
+    tables: &[String],
+    source_label: &str,
+) -> Result<bool, SyncError> {
+    match stx
         .batch_execute(&format!(
             "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
-            names.join(", ")
+            tables.join(", ")
         ))
         .await
     {
-        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
             tracing::debug!("a captured table is locked exclusively: starting over");
-            return Ok(false);
+            Ok(false)
         }
-        return Err(sq("locking captured tables against TRUNCATE", e));
+        Err(e) => Err(SyncError::Core(pgferry_core::Error::Query {
+            context: "locking captured tables against TRUNCATE".into(),
+            target: source_label.to_owned(),
+            source: e,
+        })),
     }
-    let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+}
+
+/// The second half of [`hold_against_truncate`], once the tables are locked: whether a
+/// TRUNCATE of one of `ids` committed after `snapshot` (seen from `probe`, another session).
+async fn truncated_after(
+    probe: &Session,
+    dialect: Dialect,
+    ids: &[i32],
+    snapshot: &str,
+    source_label: &str,
+) -> Result<bool, SyncError> {
     let late: bool = probe
         .client
         .query_typed_one(
@@ -552,12 +672,18 @@ pub(crate) async fn hold_against_truncate(
             &[(&ids, Type::INT4_ARRAY), (&snapshot, Type::TEXT)],
         )
         .await
-        .map_err(|e| sq("looking for TRUNCATEs after the snapshot", e))?
+        .map_err(|e| {
+            SyncError::Core(pgferry_core::Error::Query {
+                context: "looking for TRUNCATEs after the snapshot".into(),
+                target: source_label.to_owned(),
+                source: e,
+            })
+        })?
         .get(0);
     if late {
         tracing::info!("a TRUNCATE committed after the snapshot: starting over");
     }
-    Ok(!late)
+    Ok(late)
 }
 
 /// An error of the target session, with what was being done.
@@ -572,13 +698,33 @@ fn tgt(label: &str, ctx: impl Into<String>) -> impl FnOnce(tokio_postgres::Error
     }
 }
 
+/// What a round's target transaction reads and writes as it starts, in the same round trip.
+#[derive(Default)]
+struct TargetStart<'s> {
+    /// Tables (quoted names) whose columns are read for the column check.
+    columns_of: &'s [String],
+    /// The round's snapshot, recorded as the target's progress at once when the round commits
+    /// in one transaction: the progress row is locked anyway, and the rest of the round commits
+    /// with it or not at all.
+    progress: Option<&'s str>,
+}
+
+/// A round's target transaction as it starts: the tables a split round already moved past P
+/// (their own progress), and the target's columns of [`TargetStart::columns_of`].
+type Started<'a> = (
+    Transaction<'a>,
+    BTreeMap<i32, String>,
+    Vec<Vec<crate::schema::Column>>,
+);
+
 /// Starts a target transaction of the round: replica role when allowed, and the progress row
 /// locked and checked against P, so a second applier rolls back instead of applying twice.
 async fn begin_target<'a>(
     target: &'a mut Session,
     ctx: &RoundContext<'_>,
     label: &str,
-) -> Result<(Transaction<'a>, BTreeMap<i32, String>), SyncError> {
+    start: TargetStart<'_>,
+) -> Result<Started<'a>, SyncError> {
     let ttx = target
         .client
         .transaction()
@@ -609,40 +755,74 @@ async fn begin_target<'a>(
             None => "",
         }
     );
-    // Pipelined: settings, the progress row locked, and (under that lock) the tables a split
-    // round already moved past P, which keep their own progress.
-    let (_, held, ahead) = tokio::try_join!(
+    let node: [(&(dyn ToSql + Sync), Type); 1] = [(&ctx.source_node, Type::TEXT)];
+    // Pipelined, run in order: settings, the progress row locked, (under that lock) the tables
+    // a split round already moved past P, which keep their own progress, the columns, and the
+    // progress recorded. The first error in statement order is the cause (the statements after
+    // it fail only because the transaction has).
+    let (set, held, ahead, columns, progressed) = tokio::join!(
+        ttx.batch_execute(&settings),
+        ttx.query_typed_one(
+            "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
+            &node,
+        ),
+        ttx.query_typed(
+            "SELECT table_id, snapshot FROM pgferry.applied_table WHERE source_node_id = $1",
+            &node,
+        ),
         async {
-            ttx.batch_execute(&settings).await.map_err(tgt(
-                label,
-                "setting the round's work_mem, synchronous_commit, apply mark and replica role",
-            ))
+            if start.columns_of.is_empty() {
+                return Ok(Vec::new());
+            }
+            crate::schema::columns(&ttx, start.columns_of, ctx.versions.1, label).await
         },
         async {
-            ttx.query_typed_one(
-                "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1 FOR UPDATE",
-                &[(&ctx.source_node, Type::TEXT)],
-            )
-            .await
-            .map(|r| r.get::<_, Option<String>>(0))
-            .map_err(tgt(label, "locking the target's progress"))
-        },
-        async {
-            ttx.query_typed(
-                "SELECT table_id, snapshot FROM pgferry.applied_table WHERE source_node_id = $1",
-                &[(&ctx.source_node, Type::TEXT)],
-            )
-            .await
-            .map_err(tgt(label, "reading the target's per-table progress"))
+            let Some(snapshot) = start.progress else {
+                return Ok(());
+            };
+            record_progress(&ttx, ctx.source_node, snapshot).await
         }
-    )?;
+    );
+    set.map_err(tgt(
+        label,
+        "setting the round's work_mem, synchronous_commit, apply mark and replica role",
+    ))?;
+    let held: Option<String> = held
+        .map_err(tgt(label, "locking the target's progress"))?
+        .get(0);
+    let ahead = ahead.map_err(tgt(label, "reading the target's per-table progress"))?;
+    let columns = columns?;
+    progressed.map_err(tgt(label, "recording the target's progress"))?;
     if held.as_deref() != ctx.previous {
         return Err(SyncError::AnotherApplier {
             target: label.to_owned(),
         });
     }
     let ahead = ahead.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok((ttx, ahead))
+    Ok((ttx, ahead, columns))
+}
+
+/// Records `snapshot` as the target's progress from `source_node` (and ends the per-table
+/// progress of a split round), inside the round's transaction.
+async fn record_progress(
+    ttx: &Transaction<'_>,
+    source_node: &str,
+    snapshot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let progress: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&source_node, Type::TEXT), (&snapshot, Type::TEXT)];
+    let (progressed, cleared) = tokio::join!(
+        ttx.execute_typed(
+            "UPDATE pgferry.applied SET snapshot = $2, rounds = rounds + 1, applied_at = pg_catalog.now()
+              WHERE source_node_id = $1",
+            &progress,
+        ),
+        ttx.execute_typed(
+            "DELETE FROM pgferry.applied_table WHERE source_node_id = $1",
+            &progress[..1],
+        )
+    );
+    progressed.and(cleared).map(|_| ())
 }
 
 /// What a two-way round's tables need to find and decide conflicts.
@@ -731,7 +911,124 @@ struct Prepared {
     /// The columns to copy (checked on both sides).
     columns: Vec<pgferry_core::Ident>,
     /// A small table's pending keys (None: a large one streams them).
-    small_keys: Option<Vec<tokio_postgres::Row>>,
+    small_keys: Option<Vec<Key>>,
+    /// One-way rounds: the source's COPY of the rows and the target's COPY into the table
+    /// ([`copy_statements`]), prepared for every table of the round at once.
+    statements: Option<(Statement, Statement)>,
+}
+
+/// The keys whose rows a table's COPY moves: a one-way round's small table writes the keys it
+/// read (`small`, [`CapturedTable::key_params`]) into the COPY (which takes no parameters; they
+/// include the old keys of key changes, whose rows at the snapshot are copied like any other
+/// deleted key's), so the source does not scan the capture table again for each table; the
+/// others read them from the capture rows matching `pending`.
+fn copied_keys(t: &CapturedTable, pending: &str, small: Option<&[Vec<Option<String>>]>) -> String {
+    match small {
+        Some(values) => t.keys_from_literals(values),
+        None => format!(
+            "SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'",
+            new = t.restore("d.key"),
+            id = t.table_id,
+        ),
+    }
+}
+
+/// The source's `COPY (…) TO STDOUT` of `t`'s rows whose key is among `keys` (a query), and
+/// for which `keep` (empty, or ` AND …` over `t`) holds.
+fn rows_copy_sql(
+    t: &CapturedTable,
+    columns: &[pgferry_core::Ident],
+    keys: &str,
+    keep: &str,
+) -> String {
+    let key_tuple = if t.key.len() == 1 {
+        format!("t.{}", t.key[0].0)
+    } else {
+        format!(
+            "({})",
+            t.key
+                .iter()
+                .map(|(c, _, _)| format!("t.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN ({keys}){keep}) TO STDOUT",
+        cols = columns
+            .iter()
+            .map(|c| format!("t.{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        name = t.name,
+    )
+}
+
+/// The target's `COPY … FROM STDIN` of `columns` into `t`.
+fn copy_in_sql(t: &CapturedTable, columns: &[pgferry_core::Ident]) -> String {
+    format!(
+        "COPY {} ({}) FROM STDIN",
+        t.name,
+        columns
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// What [`copy_statements`] needs of a table.
+struct CopyOf<'a> {
+    table: &'a CapturedTable,
+    /// Its pending condition ([`pending_condition`]).
+    pending: &'a str,
+    columns: &'a [pgferry_core::Ident],
+    /// A small table's pending keys.
+    small: Option<&'a [Key]>,
+}
+
+/// A one-way round's COPY statements for every table (the order of `tables`), prepared at
+/// once: tokio-postgres prepares a COPY given as text before running it, a round trip on each
+/// side per table; prepared together, the round pays one for all of them.
+async fn copy_statements(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    tables: &[CopyOf<'_>],
+    labels: (&str, &str),
+) -> Result<Vec<(Statement, Statement)>, SyncError> {
+    let sql: Vec<(String, String)> = tables
+        .iter()
+        .map(|c| {
+            let values = c.small.map(|keys| c.table.key_columns(keys));
+            let keys = copied_keys(c.table, c.pending, values.as_deref());
+            (
+                rows_copy_sql(c.table, c.columns, &keys, ""),
+                copy_in_sql(c.table, c.columns),
+            )
+        })
+        .collect();
+    let (rows, into) = tokio::try_join!(
+        async {
+            futures_util::future::try_join_all(sql.iter().map(|(rows, _)| stx.prepare(rows)))
+                .await
+                .map_err(|e| {
+                    SyncError::Core(pgferry_core::Error::Query {
+                        context: "preparing the copies of the round's rows".into(),
+                        target: labels.0.to_owned(),
+                        source: e,
+                    })
+                })
+        },
+        async {
+            futures_util::future::try_join_all(sql.iter().map(|(_, into)| ttx.prepare(into)))
+                .await
+                .map_err(tgt(
+                    labels.1,
+                    "preparing the copies into the round's tables",
+                ))
+        }
+    )?;
+    Ok(rows.into_iter().zip(into).collect())
 }
 
 /// The small tables' pending keys, in the order of `work` (None for a large table: its keys
@@ -744,7 +1041,7 @@ async fn small_keys(
     work: &[(&CapturedTable, u64, bool)],
     pendings: &[String],
     labels: (&str, &str),
-) -> Result<Vec<Option<Vec<tokio_postgres::Row>>>, SyncError> {
+) -> Result<Vec<Option<Vec<Key>>>, SyncError> {
     let is_small = |changes: u64| changes <= SMALL_TABLE_CHANGES;
     let mut ids_by_pending: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
     for ((t, changes, _), pending) in work.iter().zip(pendings) {
@@ -772,9 +1069,9 @@ async fn small_keys(
             source: e,
         })
     })?;
-    let mut by_table: BTreeMap<i32, Vec<tokio_postgres::Row>> = BTreeMap::new();
+    let mut by_table: BTreeMap<i32, Vec<Key>> = BTreeMap::new();
     for row in found.into_iter().flatten() {
-        by_table.entry(row.get(1)).or_default().push(row);
+        by_table.entry(row.get(1)).or_default().push(row.get(0));
     }
     Ok(work
         .iter()
@@ -811,6 +1108,7 @@ async fn apply_table(
     let Prepared {
         columns,
         small_keys,
+        statements,
     } = prep;
     let mut truncated = false;
     if has_truncate {
@@ -865,27 +1163,7 @@ async fn apply_table(
         .iter()
         .map(|(c, _, _)| format!("t.{c} = k.{c}"))
         .collect();
-    let key_tuple = if t.key.len() == 1 {
-        format!("t.{}", t.key[0].0)
-    } else {
-        format!(
-            "({})",
-            t.key
-                .iter()
-                .map(|(c, _, _)| format!("t.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
     let keys_sql = format!("COPY ({}) TO STDOUT", t.pending_keys(pending, true));
-    let copy_in = format!(
-        "COPY {name} ({}) FROM STDIN",
-        columns
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     // The target side before the rows: every target row with a pending key (old keys of key
     // changes included) is deleted. A small round passes its keys as parameters; a large one
     // streams them into a temporary table (never collected in pgferry's memory).
@@ -896,7 +1174,7 @@ async fn apply_table(
             t.keys_from_params(),
             join.join(" AND ")
         );
-        (rows.len() as u64, sql, t.key_params(&rows))
+        (rows.len() as u64, sql, t.key_columns(&rows))
     } else {
         ttx.batch_execute(&format!(
             "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
@@ -999,20 +1277,12 @@ async fn apply_table(
     // into the COPY (which takes no parameters; they include the old keys of key changes, whose
     // rows at the snapshot are copied like any other deleted key's), so the source does not
     // scan the capture table again for each table.
-    let copied_keys = if small && two_way.is_none() {
-        t.keys_from_literals(&key_values)
-    } else {
-        format!(
-            "SELECT {new} FROM pgferry.delta d WHERE {pending} AND d.table_id = {id} AND d.op <> 'T'",
-            new = t.restore("d.key"),
-        )
-    };
-    let rows_sql = |keep: &str| {
-        format!(
-            "COPY (SELECT {cols} FROM {name} AS t WHERE {key_tuple} IN ({copied_keys}){keep}) TO STDOUT",
-            cols = columns.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
-        )
-    };
+    let copied_keys = copied_keys(
+        t,
+        pending,
+        (small && two_way.is_none()).then_some(key_values.as_slice()),
+    );
+    let rows_sql = |keep: &str| rows_copy_sql(t, &columns, &copied_keys, keep);
     // Two-way: the delete and the copy run under a savepoint; a unique index other than the
     // key refusing a row (two nodes gave two keys the same value) is a clash, decided like a
     // conflict, and the table is applied again.
@@ -1061,7 +1331,13 @@ async fn apply_table(
             )
             .await
         } else {
-            pass_through_after(stx, &rows_sql, ttx, &copy_in, delete).await
+            match &statements {
+                Some((rows, into)) => pass_through_after(stx, rows, ttx, into, delete).await,
+                None => {
+                    let into = copy_in_sql(t, &columns);
+                    pass_through_after(stx, rows_sql.as_str(), ttx, into.as_str(), delete).await
+                }
+            }
         };
         let failed = match applied {
             Ok(rows) => break rows,

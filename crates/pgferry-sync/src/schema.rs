@@ -6,7 +6,7 @@ use tokio_postgres::Transaction;
 use crate::registry::CapturedTable;
 use crate::SyncError;
 
-struct Column {
+pub(crate) struct Column {
     name: String,
     /// For messages only (its text depends on the session's search_path).
     sql_type: String,
@@ -19,7 +19,7 @@ struct Column {
 /// The columns of each of `tables` (quoted names), in one query whatever their number: a
 /// round with several tables pays one catalog query, and its planning, per side. A table that
 /// does not exist gets no columns.
-async fn columns(
+pub(crate) async fn columns(
     tx: &Transaction<'_>,
     tables: &[String],
     server_version: u32,
@@ -102,22 +102,8 @@ pub(crate) async fn checked_columns(
     Ok(all.pop().unwrap_or_default())
 }
 
-/// [`columns_to_copy`] for several tables at once (one catalog query per side), in the order
+/// [`checked_columns`] for several tables at once (one catalog query per side), in the order
 /// of `tables`.
-pub(crate) async fn columns_to_copy_of(
-    source: &Transaction<'_>,
-    target: &Transaction<'_>,
-    tables: &[&CapturedTable],
-    versions: (u32, u32),
-    labels: (&str, &str),
-) -> Result<Vec<Vec<Ident>>, SyncError> {
-    Ok(checked_columns_of(source, target, tables, versions, labels)
-        .await?
-        .into_iter()
-        .map(|cs| cs.into_iter().map(|c| c.name).collect())
-        .collect())
-}
-
 async fn checked_columns_of(
     source: &Transaction<'_>,
     target: &Transaction<'_>,
@@ -133,10 +119,20 @@ async fn checked_columns_of(
         columns(source, &names, versions.0, labels.0),
         columns(target, &names, versions.1, labels.1)
     )?;
+    compare_all(tables, &src, &dst, labels.1)
+}
+
+/// [`checked_columns_of`] from the columns [`columns`] read on each side.
+pub(crate) fn compare_all(
+    tables: &[&CapturedTable],
+    src: &[Vec<Column>],
+    dst: &[Vec<Column>],
+    target_label: &str,
+) -> Result<Vec<Vec<SharedColumn>>, SyncError> {
     tables
         .iter()
-        .zip(src.iter().zip(&dst))
-        .map(|(t, (s, d))| compare(t, s, d, labels.1))
+        .zip(src.iter().zip(dst))
+        .map(|(t, (s, d))| compare(t, s, d, target_label))
         .collect()
 }
 
