@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::{SinkExt, StreamExt};
 use pgferry_core::artifact::Dialect;
 use pgferry_core::ident::literal;
 use pgferry_core::{QualifiedName, Session};
@@ -436,9 +437,34 @@ pub(crate) async fn run(
             .map_err(tgt(&target_label, "recording the target's progress"))?;
     } else {
         let apply = async {
-            for (((t, changes, has_truncate), pending), prep) in
+            // One-way: the small tables without a TRUNCATE go through one pipeline
+            // (apply_small), after the others.
+            let mut small = Vec::new();
+            let mut order = Vec::new();
+            for (((t, changes, has_truncate), pending), mut prep) in
                 work.into_iter().zip(&pendings).zip(prepared)
             {
+                let batched = two_way.is_none()
+                    && !has_truncate
+                    && prep.small_keys.is_some()
+                    && prep.statements.is_some();
+                if let Prepared {
+                    small_keys: Some(keys),
+                    statements: Some((rows, into)),
+                    ..
+                } = prep.take_if(batched)
+                {
+                    order.push((t.table_id, false));
+                    small.push(Small {
+                        table: t,
+                        changes,
+                        keys,
+                        rows,
+                        into,
+                    });
+                    continue;
+                }
+                order.push((t.table_id, true));
                 let one = apply_table(
                     &stx,
                     &ttx,
@@ -452,6 +478,12 @@ pub(crate) async fn run(
                 )
                 .await?;
                 applied.push(one);
+            }
+            let mut batch = apply_small(&stx, &ttx, small, labels).await?.into_iter();
+            // Reported in the order of the tables, as before.
+            let mut each = std::mem::take(&mut applied).into_iter();
+            for (_, alone) in order {
+                applied.extend(if alone { each.next() } else { batch.next() });
             }
             Ok(())
         };
@@ -917,6 +949,165 @@ struct Prepared {
     statements: Option<(Statement, Statement)>,
 }
 
+/// The target's DELETE of `t`'s rows whose keys are bound as parameters
+/// ([`CapturedTable::keys_from_params`]).
+fn delete_keys_sql(t: &CapturedTable) -> String {
+    let join: Vec<String> = t
+        .key
+        .iter()
+        .map(|(c, _, _)| format!("t.{c} = k.{c}"))
+        .collect();
+    format!(
+        "DELETE FROM {} AS t USING ({}) AS k WHERE {}",
+        t.name,
+        t.keys_from_params(),
+        join.join(" AND ")
+    )
+}
+
+/// A table a one-way round applies in [`apply_small`].
+struct Small<'a> {
+    table: &'a CapturedTable,
+    changes: u64,
+    keys: Vec<Key>,
+    /// The source's COPY of the rows and the target's COPY into the table ([`copy_statements`]).
+    rows: Statement,
+    into: Statement,
+}
+
+/// Applies the small tables of a one-way round (no TRUNCATE among their changes) as one
+/// pipeline: every table's DELETE of its pending keys and every source COPY are sent at once,
+/// then the rows of each table are copied in turn, the next table's COPY starting while the
+/// previous one ends — about one round trip per table instead of three. The order of the
+/// tables does not matter: the target runs under the replica role (or its tables have no
+/// foreign keys), and all of it commits together.
+async fn apply_small(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    tables: Vec<Small<'_>>,
+    labels: (&str, &str),
+) -> Result<Vec<TableApplied>, SyncError> {
+    let (source_label, target_label) = labels;
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let clock = std::time::Instant::now();
+    let sql: Vec<String> = tables.iter().map(|s| delete_keys_sql(s.table)).collect();
+    let values: Vec<Vec<Vec<Option<String>>>> = tables
+        .iter()
+        .map(|s| s.table.key_columns(&s.keys))
+        .collect();
+    let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> = values
+        .iter()
+        .map(|v| {
+            v.iter()
+                .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+                .collect()
+        })
+        .collect();
+    // Sent on their first poll, in this order: the deletes (driven to their end beside the
+    // copies, so their answers never hold up the connection), then the copies.
+    let deletes = futures_util::future::join_all(
+        sql.iter()
+            .zip(&params)
+            .map(|(sql, params)| ttx.execute_typed(sql, params)),
+    );
+    let mut sources: Vec<_> = tables
+        .iter()
+        .map(|s| Box::pin(futures_util::future::maybe_done(stx.copy_out(&s.rows))))
+        .collect();
+    let copies = async {
+        // The source's COPYs are all sent now; their rows come back in order, each read to its
+        // end before the next.
+        for source in &mut sources {
+            let _ = futures_util::poll!(source.as_mut());
+        }
+        let into = |i: usize| {
+            tgt(
+                target_label,
+                format!("copying the rows of {}", tables[i].table.name.human()),
+            )
+        };
+        let from = |i: usize| {
+            let context = format!("reading the rows of {}", tables[i].table.name.human());
+            move |e| {
+                SyncError::Core(pgferry_core::Error::Query {
+                    context,
+                    target: source_label.to_owned(),
+                    source: e,
+                })
+            }
+        };
+        let mut rows = Vec::with_capacity(tables.len());
+        let mut sink = Box::pin(
+            ttx.copy_in::<_, bytes::Bytes>(&tables[0].into)
+                .await
+                .map_err(into(0))?,
+        );
+        for (i, source) in sources.iter_mut().enumerate() {
+            source.as_mut().await;
+            let stream = source
+                .as_mut()
+                .take_output()
+                .expect("the source's COPY was awaited above")
+                .map_err(from(i))?;
+            futures_util::pin_mut!(stream);
+            while let Some(chunk) = stream.next().await {
+                sink.feed(chunk.map_err(from(i))?).await.map_err(into(i))?;
+            }
+            match tables.get(i + 1) {
+                Some(next) => {
+                    let (done, started) =
+                        tokio::join!(sink.as_mut().finish(), ttx.copy_in(&next.into));
+                    rows.push(done.map_err(into(i))?);
+                    sink = Box::pin(started.map_err(into(i + 1))?);
+                }
+                None => rows.push(sink.as_mut().finish().await.map_err(into(i))?),
+            }
+        }
+        Ok::<_, SyncError>(rows)
+    };
+    let (deleted, copied) = tokio::join!(deletes, copies);
+    // The first error in statement order is the cause (the statements after it fail only
+    // because the transaction has).
+    for (s, d) in tables.iter().zip(deleted) {
+        d.map_err(tgt(
+            target_label,
+            format!("deleting the pending keys of {}", s.table.name.human()),
+        ))?;
+    }
+    let copied = copied?;
+    drop(sources);
+    let seconds = clock.elapsed().as_secs_f64();
+    Ok(tables
+        .into_iter()
+        .zip(copied)
+        .map(|(s, rows)| {
+            let human = s.table.name.human();
+            tracing::debug!(table = %human, changes = s.changes, keys = s.keys.len(), rows, seconds, "table applied");
+            TableApplied {
+                table: human,
+                changes: s.changes,
+                keys: s.keys.len() as u64,
+                rows,
+                truncated: false,
+                conflicts: Vec::new(),
+            }
+        })
+        .collect())
+}
+
+impl Prepared {
+    /// Moves out what is prepared when `take` (leaving nothing), else nothing.
+    fn take_if(&mut self, take: bool) -> Prepared {
+        Prepared {
+            columns: Vec::new(),
+            small_keys: if take { self.small_keys.take() } else { None },
+            statements: if take { self.statements.take() } else { None },
+        }
+    }
+}
+
 /// The keys whose rows a table's COPY moves: a one-way round's small table writes the keys it
 /// read (`small`, [`CapturedTable::key_params`]) into the COPY (which takes no parameters; they
 /// include the old keys of key changes, whose rows at the snapshot are copied like any other
@@ -1169,12 +1360,7 @@ async fn apply_table(
     // streams them into a temporary table (never collected in pgferry's memory).
     let small = small_keys.is_some();
     let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
-        let sql = format!(
-            "DELETE FROM {name} AS t USING ({}) AS k WHERE {}",
-            t.keys_from_params(),
-            join.join(" AND ")
-        );
-        (rows.len() as u64, sql, t.key_columns(&rows))
+        (rows.len() as u64, delete_keys_sql(t), t.key_columns(&rows))
     } else {
         ttx.batch_execute(&format!(
             "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
