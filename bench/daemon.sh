@@ -42,6 +42,7 @@
 #   CLIENTS=4 JOBS=2   pgbench -c / -j for every run
 #   SCALE=10           pgbench scale
 #   POLL_INTERVAL=50ms pgferry run --poll-interval
+#   DAEMON_ARGS=       more `pgferry run` options, e.g. "--max-round-pause 50ms" (word-split)
 #   KEEPUP_DRAIN=5     a daemon phase keeps up if it drains within this many seconds
 #   WARMUP=10          seconds of unmeasured full-speed pgbench on source and twin first
 #   IDLE_COMMITS=20 IDLE_GAP=0.3   single-row commits on the idle source, and the gap (s)
@@ -66,6 +67,7 @@ CLIENTS=${CLIENTS:-4}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 POLL_INTERVAL=${POLL_INTERVAL:-50ms}
+DAEMON_ARGS=${DAEMON_ARGS:-}
 KEEPUP_DRAIN=${KEEPUP_DRAIN:-5}
 WARMUP=${WARMUP:-10}
 IDLE_COMMITS=${IDLE_COMMITS:-20}
@@ -149,8 +151,9 @@ MPORT=$(_pg_free_port)
 METRICS="http://127.0.0.1:$MPORT"
 STOP_RCS=()
 start_daemon() {
+    # shellcheck disable=SC2086 # DAEMON_ARGS is a list of options
     "$PGFERRY_BIN" run --source "$S" --target "$T" --poll-interval "$POLL_INTERVAL" \
-        --metrics "127.0.0.1:$MPORT" >>"$W/daemon.log" 2>&1 &
+        --metrics "127.0.0.1:$MPORT" $DAEMON_ARGS >>"$W/daemon.log" 2>&1 &
     DAEMON_PID=$!
     local i
     for ((i = 0; i < 300; i++)); do
@@ -444,7 +447,7 @@ cpu_json() { read -r a b c d e f g h <<<"$1"; echo "{\"machine\":$a,\"source\":$
 mib_b() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 if [[ $JSON == 1 ]]; then
     j="{\"postgresql\":\"$PG_VERSION\",\"cpus\":$CPUS,\"loadavg_start\":\"$LOAD_START\",\"loadavg_end\":\"$LOAD_END\""
-    j+=",\"pgbench\":{\"scale\":$SCALE,\"clients\":$CLIENTS,\"jobs\":$JOBS},\"poll_interval\":\"$POLL_INTERVAL\""
+    j+=",\"pgbench\":{\"scale\":$SCALE,\"clients\":$CLIENTS,\"jobs\":$JOBS},\"poll_interval\":\"$POLL_INTERVAL\",\"daemon_args\":\"$DAEMON_ARGS\""
     j+=",\"idle_single_row\":{\"commits\":$IDLE_COMMITS,\"gap_s\":$IDLE_GAP,\"visible_ms\":{\"min\":$IDLE_MIN,\"p50\":$IDLE_P50,\"p95\":$IDLE_P95,\"p99\":$IDLE_P99,\"max\":$IDLE_MAX},\"arrived_ms\":{\"p50\":$IDLE_A50,\"p99\":$IDLE_A99,\"max\":$IDLE_AMAX}}"
     j+=",\"latency_runs\":["
     sep=""
@@ -488,7 +491,7 @@ if [[ $JSON == 1 ]]; then
     j+="]},\"daemon_rss_hwm_kib\":$RSS_HWM,\"sigterm_exit_codes\":[$stops],\"delta_final\":{\"rows\":$FINAL_DELTA_ROWS,\"bytes\":$FINAL_DELTA_BYTES},\"checksums\":\"$CHECK\"}"
     echo "$j"
 else
-    echo "daemon benchmark, PostgreSQL $PG_VERSION, pgbench scale $SCALE, -c $CLIENTS -j $JOBS, pgferry run --poll-interval $POLL_INTERVAL"
+    echo "daemon benchmark, PostgreSQL $PG_VERSION, pgbench scale $SCALE, -c $CLIENTS -j $JOBS, pgferry run --poll-interval $POLL_INTERVAL${DAEMON_ARGS:+ $DAEMON_ARGS}"
     echo "host: $CPUS CPUs shared by pgbench, the servers and the daemon; load average at start $LOAD_START, at end $LOAD_END"
     echo
     echo "single-row commits on an idle source ($IDLE_COMMITS, ${IDLE_GAP} s apart), commit to target: min $IDLE_MIN ms, p50 $IDLE_P50, p95 $IDLE_P95, max $IDLE_MAX (arrived: p50 $IDLE_A50, max $IDLE_AMAX)"

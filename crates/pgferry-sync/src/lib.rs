@@ -62,7 +62,7 @@ pub struct SyncOptions {
 }
 
 /// The default of [`SyncOptions::max_round_pause`].
-pub const DEFAULT_MAX_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+pub const DEFAULT_MAX_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Default for SyncOptions {
     fn default() -> Self {

@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// Without --config: the longest pause before a round, after a round that applied many
     /// changes (under load, so that rounds carry more changes and cost the source less; a round
     /// of 50 changes or fewer is followed at once). 0 starts every round at once.
-    #[arg(long, value_name = "DURATION", default_value = "20ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
+    #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
     pub max_round_pause: Duration,
     /// Without --config: commit rounds holding more than ROWS changes table by table (see
     /// `pgferry sync --help`).
