@@ -412,7 +412,7 @@ pub(crate) async fn run(
                 has_truncate,
                 pending,
                 prep,
-                None,
+                two_way.as_ref(),
                 labels,
             )
             .await?;
