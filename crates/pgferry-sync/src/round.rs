@@ -10,6 +10,7 @@
 //!   concurrent TRUNCATE committed looks empty even at an older snapshot. The round takes
 //!   ACCESS SHARE locks on the tables it will read, then checks (in another session) that no
 //!   TRUNCATE of them committed after S; if one did, the round starts over at a new snapshot.
+//!   The check runs while the tables are applied; nothing commits before its answer.
 //! - **One target transaction per round**, with the progress row updated in it: after any crash
 //!   the target holds the source's state at P or at S, never a mix. The progress row is locked
 //!   and compared with P first, so a second applier (daemon, `sync --once`, cutover) rolls back
