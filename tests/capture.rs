@@ -879,3 +879,62 @@ fn an_application_setting_the_apply_mark_is_still_captured() {
     );
     assert_eq!(deltas(&db).len(), 6, "{:?}", deltas(&db));
 }
+
+#[test]
+fn an_install_that_deadlocks_with_an_application_starts_over_and_succeeds() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_database("install_deadlock");
+    db.psql(
+        "CREATE TABLE a_first (id int PRIMARY KEY); CREATE TABLE b_second (id int PRIMARY KEY);",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (app, conn) = tokio_postgres::connect(&db.dsn(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // The application writes b_second, then (below) a_first; the install locks a_first,
+        // then waits for b_second. The application's deadlock check comes late, so PostgreSQL
+        // ends the install's transaction, not the application's.
+        app.batch_execute("SET deadlock_timeout = '10s'; BEGIN; INSERT INTO b_second VALUES (1)")
+            .await
+            .unwrap();
+        let install = std::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .args(["install", "--source", &db.dsn()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while db.scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'pgferry install' AND wait_event_type = 'Lock'",
+        ) == "0"
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "install never waited for the lock"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        app.batch_execute("INSERT INTO a_first VALUES (1)")
+            .await
+            .expect("the application is not the one ended");
+        app.batch_execute("COMMIT").await.unwrap();
+        let out = install.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "install failed:\n{stderr}");
+        assert!(
+            stderr.contains("deadlock"),
+            "no deadlock was met:\n{stderr}"
+        );
+    });
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pgferry.captured_table"),
+        "2"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM a_first, b_second"), "1");
+}

@@ -60,8 +60,47 @@ pub fn render(sql: &str, dialect: Dialect) -> String {
         .replace("@CURRENT_SNAPSHOT@", dialect.current_snapshot())
 }
 
+/// How many times an install or uninstall starts over after PostgreSQL ended it to resolve a
+/// deadlock with an application's transaction (it then rolled back whole).
+const DEADLOCK_RETRIES: u32 = 5;
+
+/// Runs `attempt` again, after a short pause, while it fails on a deadlock: adding or removing
+/// triggers locks the tables one after another, and an application's transaction writing two
+/// of them in the other order can deadlock with it. PostgreSQL then aborts one of the two;
+/// when it is pgferry's, the whole change rolled back and starting over is safe, so the
+/// application goes on and the install (or uninstall) does not fail for it.
+async fn retry_deadlocks<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, InstallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, InstallError>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(InstallError::Core(pgferry_core::Error::Query { source, .. }))
+                if tries < DEADLOCK_RETRIES
+                    && source.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                tries += 1;
+                tracing::info!(
+                    what,
+                    tries,
+                    "deadlock with an application's transaction: starting over"
+                );
+                tokio::time::sleep(Duration::from_millis(100 << tries.min(4))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Installs capture on the tables the options select. See the module docs for guarantees.
 pub async fn install(dsn: &Dsn, opts: &InstallOptions) -> Result<InstallReport, InstallError> {
+    retry_deadlocks("install", || install_once(dsn, opts)).await
+}
+
+async fn install_once(dsn: &Dsn, opts: &InstallOptions) -> Result<InstallReport, InstallError> {
     let mut session = Session::connect(dsn, "install").await?;
     let dialect = Dialect::new(session.server_version);
     let (server_version, target) = (session.server_version, session.target.clone());
@@ -111,6 +150,14 @@ pub struct UninstallReport {
 /// Removes every object install made, in one transaction. User tables, their data, and their
 /// own triggers and functions are untouched.
 pub async fn uninstall(
+    dsn: &Dsn,
+    dry_run: bool,
+    lock_timeout: Duration,
+) -> Result<UninstallReport, InstallError> {
+    retry_deadlocks("uninstall", || uninstall_once(dsn, dry_run, lock_timeout)).await
+}
+
+async fn uninstall_once(
     dsn: &Dsn,
     dry_run: bool,
     lock_timeout: Duration,

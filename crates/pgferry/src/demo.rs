@@ -60,6 +60,11 @@ fn failed(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::new(anyhow::anyhow!("demo: {what}: {e}"), ErrorClass::Transient)
 }
 
+/// [`failed`] with the error's causes (a server error's SQLSTATE and message).
+fn failed_with(what: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
+    failed(what, pgferry_core::error::chain(e))
+}
+
 pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
     use std::io::IsTerminal;
     let mut steps = Steps {
@@ -117,11 +122,11 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
     let t = steps.begin("1. record changes on the old system (pgferry install), reserve the new one (pgferry target add)");
     let report = pgferry_install::install(&old, &pgferry_install::InstallOptions::default())
         .await
-        .map_err(|e| failed("install", e))?;
+        .map_err(|e| failed_with("install", &e))?;
     println!("   captured tables: {}", report.added.len());
     pgferry_sync::reserve(&old, &pgferry_sync::default_name(&new))
         .await
-        .map_err(|e| failed("target add", e))?;
+        .map_err(|e| failed_with("target add", &e))?;
     steps.end("install", t);
 
     let t = steps.begin("2-3. dump the old system and restore it on the new one (pg_dump -Fc | pg_restore --no-owner)");
@@ -147,7 +152,7 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
         },
     )
     .await
-    .map_err(|e| failed("clean", e))?;
+    .map_err(|e| failed_with("clean", &e))?;
     println!(
         "   removed {} triggers and schema pgferry ({} objects)",
         cleaned.pgferry.triggers.len(),
@@ -161,7 +166,7 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
     for _ in 0..2 {
         let r = pgferry_sync::sync_once(&old, std::slice::from_ref(&new), &Default::default())
             .await
-            .map_err(|e| failed("sync", e))?;
+            .map_err(|e| failed_with("sync", &e))?;
         println!(
             "   round: {} rows in {:.2} s ({:.0} rows/s)",
             r.rows, r.seconds, r.rows_per_second
@@ -176,7 +181,7 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
         &pgferry_sync::cutover::CutoverOptions::default(),
     )
     .await
-    .map_err(|e| failed("cutover", e))?;
+    .map_err(|e| failed_with("cutover", &e))?;
     for s in &report.steps {
         println!(
             "   {:<12} {:>7.3} s{}",
@@ -210,7 +215,7 @@ pub async fn demo(a: DemoArgs) -> Result<Code, Failure> {
         },
     )
     .await
-    .map_err(|e| failed("verify", e))?;
+    .map_err(|e| failed_with("verify", &e))?;
     for tv in &v.tables {
         println!(
             "   {} {:<22} {} rows",
