@@ -359,16 +359,21 @@ pub(crate) async fn run(
             ahead.get(&t.table_id).map(String::as_str).or(ctx.previous),
         )?);
     }
-    let small_keys: Vec<Option<Vec<Key>>> = if few_keys && ahead.is_empty() {
+    let found: Vec<Option<Vec<Key>>> = if few_keys && ahead.is_empty() {
         keys_found.into_iter().map(Some).collect()
     } else {
         small_keys(&stx, &work, &pendings, labels).await?
     };
+    let small_keys: Vec<Option<SmallKeys>> = work
+        .iter()
+        .zip(found)
+        .map(|((t, _, _), keys)| keys.map(|k| SmallKeys::of(t, &k)))
+        .collect();
     if let Some(ex) = ctx.two_way {
-        let small: Vec<(&CapturedTable, &[Key])> = work
+        let small: Vec<(&CapturedTable, &SmallKeys)> = work
             .iter()
             .zip(&small_keys)
-            .filter_map(|((t, _, _), k)| Some((*t, k.as_deref()?)))
+            .filter_map(|((t, _, _), k)| Some((*t, k.as_ref()?)))
             .collect();
         lock_all(&ttx, ex, &small, &target_label).await?;
     }
@@ -381,7 +386,7 @@ pub(crate) async fn run(
                 table: t,
                 pending,
                 columns,
-                small: small.as_deref(),
+                small: small.as_ref(),
             })
             .collect();
         copy_statements(&stx, &ttx, &each, labels)
@@ -441,49 +446,49 @@ pub(crate) async fn run(
             // One-way: the small tables without a TRUNCATE go through one pipeline
             // (apply_small), after the others.
             let mut small = Vec::new();
-            let mut order = Vec::new();
-            for (((t, changes, has_truncate), pending), mut prep) in
+            // Per table, in order: applied alone (true) or in the pipeline.
+            let mut alone = Vec::new();
+            for (((t, changes, has_truncate), pending), prep) in
                 work.into_iter().zip(&pendings).zip(prepared)
             {
-                let batched = two_way.is_none()
-                    && !has_truncate
-                    && prep.small_keys.is_some()
-                    && prep.statements.is_some();
-                if let Prepared {
-                    small_keys: Some(keys),
-                    statements: Some((rows, into)),
-                    ..
-                } = prep.take_if(batched)
-                {
-                    order.push((t.table_id, false));
-                    small.push(Small {
-                        table: t,
-                        changes,
-                        keys,
-                        rows,
-                        into,
-                    });
-                    continue;
+                let batched = two_way.is_none() && !has_truncate;
+                match prep {
+                    Prepared {
+                        small_keys: Some(keys),
+                        statements: Some((rows, into)),
+                        ..
+                    } if batched => {
+                        alone.push(false);
+                        small.push(Small {
+                            table: t,
+                            changes,
+                            keys,
+                            rows,
+                            into,
+                        });
+                    }
+                    prep => {
+                        alone.push(true);
+                        let one = apply_table(
+                            &stx,
+                            &ttx,
+                            t,
+                            changes,
+                            has_truncate,
+                            pending,
+                            prep,
+                            two_way.as_ref(),
+                            labels,
+                        )
+                        .await?;
+                        applied.push(one);
+                    }
                 }
-                order.push((t.table_id, true));
-                let one = apply_table(
-                    &stx,
-                    &ttx,
-                    t,
-                    changes,
-                    has_truncate,
-                    pending,
-                    prep,
-                    two_way.as_ref(),
-                    labels,
-                )
-                .await?;
-                applied.push(one);
             }
             let mut batch = apply_small(&stx, &ttx, small, labels).await?.into_iter();
             // Reported in the order of the tables, as before.
             let mut each = std::mem::take(&mut applied).into_iter();
-            for (_, alone) in order {
+            for alone in alone {
                 applied.extend(if alone { each.next() } else { batch.next() });
             }
             Ok(())
@@ -609,17 +614,17 @@ fn insert_missing(table: &QualifiedName, stage: &str, cols: &str, on: &str) -> S
 async fn lock_all(
     ttx: &Transaction<'_>,
     ex: &crate::conflict::Exchange,
-    tables: &[(&CapturedTable, &[Key])],
+    tables: &[(&CapturedTable, &SmallKeys)],
     label: &str,
 ) -> Result<(), SyncError> {
     let statements: Vec<(String, Vec<Vec<Option<String>>>)> = tables
         .iter()
-        .filter_map(|(t, rows)| {
+        .filter_map(|(t, keys)| {
             let local = ex.local_tables.get(&t.name.to_string())?;
             let incoming = format!("({})", local.keys_from_params());
             Some((
                 crate::conflict::lock_sql(local, &incoming),
-                t.key_columns(rows),
+                keys.columns.clone(),
             ))
         })
         .collect();
@@ -944,10 +949,37 @@ struct Prepared {
     /// The columns to copy (checked on both sides).
     columns: Vec<pgferry_core::Ident>,
     /// A small table's pending keys (None: a large one streams them).
-    small_keys: Option<Vec<Key>>,
+    small_keys: Option<SmallKeys>,
     /// One-way rounds: the source's COPY of the rows and the target's COPY into the table
     /// ([`copy_statements`]), prepared for every table of the round at once.
     statements: Option<(Statement, Statement)>,
+}
+
+/// A small table's pending keys, as the queries take them.
+struct SmallKeys {
+    /// How many (key images: a key changed twice counts twice).
+    count: u64,
+    /// One list per key column ([`CapturedTable::key_columns`]): the parameters of
+    /// [`CapturedTable::keys_from_params`], or the constants of
+    /// [`CapturedTable::keys_from_literals`].
+    columns: Vec<Vec<Option<String>>>,
+}
+
+impl SmallKeys {
+    fn of(t: &CapturedTable, keys: &[Key]) -> SmallKeys {
+        SmallKeys {
+            count: keys.len() as u64,
+            columns: t.key_columns(keys),
+        }
+    }
+
+    /// The parameters of [`CapturedTable::keys_from_params`].
+    fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        self.columns
+            .iter()
+            .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+            .collect()
+    }
 }
 
 /// The target's DELETE of `t`'s rows whose keys are bound as parameters
@@ -970,7 +1002,7 @@ fn delete_keys_sql(t: &CapturedTable) -> String {
 struct Small<'a> {
     table: &'a CapturedTable,
     changes: u64,
-    keys: Vec<Key>,
+    keys: SmallKeys,
     /// The source's COPY of the rows and the target's COPY into the table ([`copy_statements`]).
     rows: Statement,
     into: Statement,
@@ -994,18 +1026,8 @@ async fn apply_small(
     }
     let clock = std::time::Instant::now();
     let sql: Vec<String> = tables.iter().map(|s| delete_keys_sql(s.table)).collect();
-    let values: Vec<Vec<Vec<Option<String>>>> = tables
-        .iter()
-        .map(|s| s.table.key_columns(&s.keys))
-        .collect();
-    let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> = values
-        .iter()
-        .map(|v| {
-            v.iter()
-                .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
-                .collect()
-        })
-        .collect();
+    let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
+        tables.iter().map(|s| s.keys.params()).collect();
     // Sent on their first poll, in this order: the deletes (driven to their end beside the
     // copies, so their answers never hold up the connection), then the copies.
     let deletes = futures_util::future::join_all(
@@ -1085,28 +1107,17 @@ async fn apply_small(
         .zip(copied)
         .map(|(s, rows)| {
             let human = s.table.name.human();
-            tracing::debug!(table = %human, changes = s.changes, keys = s.keys.len(), rows, seconds, "table applied");
+            tracing::debug!(table = %human, changes = s.changes, keys = s.keys.count, rows, seconds, "table applied");
             TableApplied {
                 table: human,
                 changes: s.changes,
-                keys: s.keys.len() as u64,
+                keys: s.keys.count,
                 rows,
                 truncated: false,
                 conflicts: Vec::new(),
             }
         })
         .collect())
-}
-
-impl Prepared {
-    /// Moves out what is prepared when `take` (leaving nothing), else nothing.
-    fn take_if(&mut self, take: bool) -> Prepared {
-        Prepared {
-            columns: Vec::new(),
-            small_keys: if take { self.small_keys.take() } else { None },
-            statements: if take { self.statements.take() } else { None },
-        }
-    }
 }
 
 /// The keys whose rows a table's COPY moves: a one-way round's small table writes the keys it
@@ -1176,7 +1187,7 @@ struct CopyOf<'a> {
     pending: &'a str,
     columns: &'a [pgferry_core::Ident],
     /// A small table's pending keys.
-    small: Option<&'a [Key]>,
+    small: Option<&'a SmallKeys>,
 }
 
 /// A one-way round's COPY statements for every table (the order of `tables`), prepared at
@@ -1191,8 +1202,7 @@ async fn copy_statements(
     let sql: Vec<(String, String)> = tables
         .iter()
         .map(|c| {
-            let values = c.small.map(|keys| c.table.key_columns(keys));
-            let keys = copied_keys(c.table, c.pending, values.as_deref());
+            let keys = copied_keys(c.table, c.pending, c.small.map(|k| k.columns.as_slice()));
             (
                 rows_copy_sql(c.table, c.columns, &keys, ""),
                 copy_in_sql(c.table, c.columns),
@@ -1360,8 +1370,8 @@ async fn apply_table(
     // changes included) is deleted. A small round passes its keys as parameters; a large one
     // streams them into a temporary table (never collected in pgferry's memory).
     let small = small_keys.is_some();
-    let (keys, delete_sql, key_values) = if let Some(rows) = small_keys {
-        (rows.len() as u64, delete_keys_sql(t), t.key_columns(&rows))
+    let (keys, delete_sql, key_values) = if let Some(k) = small_keys {
+        (k.count, delete_keys_sql(t), k.columns)
     } else {
         ttx.batch_execute(&format!(
             "CREATE TEMP TABLE {keys_table} ({}) ON COMMIT DROP",
