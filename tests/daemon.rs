@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{digest, pgferry, wait_for, Daemon};
+use common::{digest, pgferry, wait_for, Conn, Daemon};
 use pgferry_testkit::{Cluster, PgBin, TestDb};
 
 const SCHEMA: &str = "
@@ -306,6 +306,42 @@ fn rounds_paced_under_load_lose_nothing() {
         writers.committed() > 300
     });
     writers.stop();
+    wait_equal(&source, &target, Duration::from_secs(30), &daemon);
+    let (code, _) = daemon.term(Duration::from_secs(10));
+    assert_eq!(code, 0, "log:\n{}", daemon.log());
+}
+
+#[test]
+fn a_table_of_the_last_round_held_exclusively_does_not_hold_back_the_others() {
+    // Each round locks the tables of the last round that applied changes before its snapshot
+    // (round.rs). One of them held by an ALTER, a VACUUM FULL or a queued TRUNCATE, with no
+    // changes of its own, must not stop the rounds of the others: the round starts over
+    // without expectations.
+    let cluster = Cluster::shared();
+    let (source, target) = (
+        cluster.create_database("dmn_held_src"),
+        cluster.create_database("dmn_held_dst"),
+    );
+    setup(&source, &target);
+    let mut daemon = Daemon::following(&source.dsn(), &target.dsn());
+    daemon.wait_log("target connected", Duration::from_secs(30));
+    source.psql(
+        "BEGIN;
+         UPDATE account SET balance = balance - 5 WHERE id = 1;
+         INSERT INTO movement (account_id, amount) VALUES (1, -5);
+         COMMIT;",
+    );
+    wait_equal(&source, &target, Duration::from_secs(30), &daemon);
+    let holder = Conn::open(&source.dsn());
+    holder.batch("BEGIN; LOCK TABLE movement IN ACCESS EXCLUSIVE MODE");
+    source.psql("UPDATE account SET note = 'while movement is held' WHERE id = 2");
+    let check = Conn::open(&target.dsn());
+    wait_for(
+        Duration::from_secs(5),
+        "account's change on the target",
+        || check.text("SELECT note FROM account WHERE id = 2") == "while movement is held",
+    );
+    holder.batch("ROLLBACK");
     wait_equal(&source, &target, Duration::from_secs(30), &daemon);
     let (code, _) = daemon.term(Duration::from_secs(10));
     assert_eq!(code, 0, "log:\n{}", daemon.log());

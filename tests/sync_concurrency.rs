@@ -174,105 +174,125 @@ fn is_sqlstate(e: &tokio_postgres::Error, codes: &[&str]) -> bool {
 // 1. TRUNCATE committed while rounds run
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn truncates_committed_while_rounds_run_never_leave_the_target_in_a_state_the_source_was_not_in() {
-    let cluster = Cluster::shared();
-    let source = cluster.create_database("ctrunc_src");
-    let target = cluster.create_database("ctrunc_dst");
-    // `meta` describes `t` and `child` in the same transactions that change them, so every
-    // state the source commits satisfies: count(t) = n, sum(t.v) = total, count(child) = m.
+/// Tables `t` and `child` described by `meta` in the same transactions that change them, so
+/// every state the source commits satisfies: count(t) = n, sum(t.v) = total, count(child) = m.
+/// Created on both, captured on the source. Returns the TRUNCATE of both tables in the order
+/// rounds lock them (table_id order): the other order can deadlock with a round (see
+/// `an_application_truncating_tables_in_another_order_than_a_round_locks_them_is_not_aborted`).
+fn truncating_setup(source: &TestDb<'_>, target: &TestDb<'_>) -> String {
     on_both(
-        &source,
-        &target,
+        source,
+        target,
         "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
          CREATE TABLE child (id int PRIMARY KEY, t_id int NOT NULL REFERENCES t ON DELETE CASCADE);
          CREATE TABLE meta (id int PRIMARY KEY, n bigint NOT NULL, total bigint NOT NULL, m bigint NOT NULL);
          INSERT INTO meta VALUES (1, 0, 0, 0);",
     );
     pgferry(&["install", "--source", &source.dsn()]).expect(0);
-    // `TRUNCATE child, t` names the tables in the order rounds lock them (table_id order): the
-    // other order can deadlock with a round (see
-    // `an_application_truncating_tables_in_another_order_than_a_round_locks_them_is_not_aborted`).
-    let truncate = source.scalar(
+    source.scalar(
         "SELECT 'TRUNCATE ' || string_agg(format('%I', table_name), ', ' ORDER BY table_id)
            FROM pgferry.captured_table WHERE table_name IN ('t', 'child')",
-    );
+    )
+}
 
-    let writer = {
-        let dsn = source.dsn();
-        thread::spawn(move || {
-            let c = Conn::open(&dsn);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            let mut next: i64 = 1;
-            let mut ops = 0u64;
-            let mut truncates = 0u64;
-            let mut errors = Vec::new();
-            // `k` new rows of t (ids next..next+k), each with one child row, and meta updated.
-            let mut insert = |k: i64| {
-                let (a, b) = (next, next + k - 1);
-                next += k;
-                format!(
-                    "INSERT INTO t SELECT g, g % 100 FROM generate_series({a}, {b}) g;
-                     INSERT INTO child SELECT g, g FROM generate_series({a}, {b}) g;
-                     UPDATE meta SET n = n + {k}, m = m + {k},
-                                     total = total + (SELECT sum(g % 100) FROM generate_series({a}, {b}) g);"
-                )
-            };
-            let reset = format!("{truncate}; UPDATE meta SET n = 0, total = 0, m = 0;");
-            while Instant::now() < deadline {
-                let sql = match ops % 12 {
-                    // TRUNCATE alone, the inserts that follow in later transactions.
-                    0 => {
-                        truncates += 1;
-                        format!("BEGIN; {reset} COMMIT;")
-                    }
-                    // TRUNCATE and inserts in one transaction.
-                    4 => {
-                        truncates += 1;
-                        format!("BEGIN; {reset} {} COMMIT;", insert(30))
-                    }
-                    // Inserts, TRUNCATE, inserts in one transaction.
-                    8 => {
-                        truncates += 1;
-                        format!("BEGIN; {} {reset} {} COMMIT;", insert(10), insert(20))
-                    }
-                    // Updates and deletes of existing rows.
-                    3 | 7 => format!(
-                        "BEGIN;
-                         WITH u AS (UPDATE t SET v = v + 1 WHERE id % 3 = {0} RETURNING 1)
-                         UPDATE meta SET total = total + (SELECT count(*) FROM u);
-                         COMMIT;",
-                        ops % 3
-                    ),
-                    10 => format!(
-                        "BEGIN;
-                         WITH c AS (DELETE FROM child WHERE t_id % 5 = {0} RETURNING 1),
-                              d AS (DELETE FROM t WHERE id % 5 = {0} RETURNING v)
-                         UPDATE meta SET n = n - (SELECT count(*) FROM d), m = m - (SELECT count(*) FROM c),
-                                         total = total - (SELECT coalesce(sum(v), 0) FROM d);
-                         COMMIT;",
-                        ops % 5
-                    ),
-                    _ => format!("BEGIN; {} COMMIT;", insert(25)),
-                };
-                if let Err(e) = c.try_batch(&sql) {
-                    let _ = c.try_batch("ROLLBACK");
-                    errors.push(format!("{sql}\nfailed: {e:?}"));
+/// Whether the target of [`truncating_setup`] holds a state the source committed (the first
+/// column); the others are for the message.
+const TRUNCATING_INVARIANT: &str = "SELECT (SELECT count(*) FROM t) = n AND (SELECT coalesce(sum(v), 0) FROM t) = total
+        AND (SELECT count(*) FROM child) = m
+        AND NOT EXISTS (SELECT 1 FROM child c WHERE NOT EXISTS (SELECT 1 FROM t WHERE t.id = c.t_id)),
+        n, (SELECT count(*) FROM t), total, (SELECT coalesce(sum(v), 0) FROM t), m, (SELECT count(*) FROM child)
+   FROM meta";
+
+/// [`TRUNCATING_INVARIANT`] on `check`: `None` when it holds, else what is wrong.
+fn truncating_broken(check: &Conn) -> Option<String> {
+    let row = check.row(TRUNCATING_INVARIANT);
+    (row[0].as_deref() != Some("t")).then(|| {
+        format!(
+            "meta (n, total, m) = {:?}, {:?}, {:?} but t has {:?} rows summing to {:?} and child {:?} rows",
+            row[1], row[3], row[5], row[2], row[4], row[6]
+        )
+    })
+}
+
+/// For 3 s, an application on `dsn` inserts, updates, deletes and truncates the tables of
+/// [`truncating_setup`] (`truncate`), keeping `meta` in step. Returns its operations, its
+/// TRUNCATEs and its errors.
+fn truncating_writer(dsn: String, truncate: String) -> thread::JoinHandle<(u64, u64, Vec<String>)> {
+    thread::spawn(move || {
+        let c = Conn::open(&dsn);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut next: i64 = 1;
+        let mut ops = 0u64;
+        let mut truncates = 0u64;
+        let mut errors = Vec::new();
+        // `k` new rows of t (ids next..next+k), each with one child row, and meta updated.
+        let mut insert = |k: i64| {
+            let (a, b) = (next, next + k - 1);
+            next += k;
+            format!(
+                "INSERT INTO t SELECT g, g % 100 FROM generate_series({a}, {b}) g;
+                 INSERT INTO child SELECT g, g FROM generate_series({a}, {b}) g;
+                 UPDATE meta SET n = n + {k}, m = m + {k},
+                                 total = total + (SELECT sum(g % 100) FROM generate_series({a}, {b}) g);"
+            )
+        };
+        let reset = format!("{truncate}; UPDATE meta SET n = 0, total = 0, m = 0;");
+        while Instant::now() < deadline {
+            let sql = match ops % 12 {
+                // TRUNCATE alone, the inserts that follow in later transactions.
+                0 => {
+                    truncates += 1;
+                    format!("BEGIN; {reset} COMMIT;")
                 }
-                ops += 1;
-                thread::sleep(Duration::from_millis(2));
+                // TRUNCATE and inserts in one transaction.
+                4 => {
+                    truncates += 1;
+                    format!("BEGIN; {reset} {} COMMIT;", insert(30))
+                }
+                // Inserts, TRUNCATE, inserts in one transaction.
+                8 => {
+                    truncates += 1;
+                    format!("BEGIN; {} {reset} {} COMMIT;", insert(10), insert(20))
+                }
+                // Updates and deletes of existing rows.
+                3 | 7 => format!(
+                    "BEGIN;
+                     WITH u AS (UPDATE t SET v = v + 1 WHERE id % 3 = {0} RETURNING 1)
+                     UPDATE meta SET total = total + (SELECT count(*) FROM u);
+                     COMMIT;",
+                    ops % 3
+                ),
+                10 => format!(
+                    "BEGIN;
+                     WITH c AS (DELETE FROM child WHERE t_id % 5 = {0} RETURNING 1),
+                          d AS (DELETE FROM t WHERE id % 5 = {0} RETURNING v)
+                     UPDATE meta SET n = n - (SELECT count(*) FROM d), m = m - (SELECT count(*) FROM c),
+                                     total = total - (SELECT coalesce(sum(v), 0) FROM d);
+                     COMMIT;",
+                    ops % 5
+                ),
+                _ => format!("BEGIN; {} COMMIT;", insert(25)),
+            };
+            if let Err(e) = c.try_batch(&sql) {
+                let _ = c.try_batch("ROLLBACK");
+                errors.push(format!("{sql}\nfailed: {e:?}"));
             }
-            (ops, truncates, errors)
-        })
-    };
+            ops += 1;
+            thread::sleep(Duration::from_millis(2));
+        }
+        (ops, truncates, errors)
+    })
+}
 
+#[test]
+fn truncates_committed_while_rounds_run_never_leave_the_target_in_a_state_the_source_was_not_in() {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("ctrunc_src");
+    let target = cluster.create_database("ctrunc_dst");
+    let truncate = truncating_setup(&source, &target);
+    let writer = truncating_writer(source.dsn(), truncate);
     // Whatever a round applied, the target must be in a state the source committed.
     let check = Conn::open(&target.dsn());
-    let invariant = "SELECT (SELECT count(*) FROM t) = n AND (SELECT coalesce(sum(v), 0) FROM t) = total
-                            AND (SELECT count(*) FROM child) = m
-                            AND NOT EXISTS (SELECT 1 FROM child c WHERE NOT EXISTS (SELECT 1 FROM t WHERE t.id = c.t_id)),
-                            n, (SELECT count(*) FROM t), total, (SELECT coalesce(sum(v), 0) FROM t), m, (SELECT count(*) FROM child)
-                       FROM meta";
     let mut runs = Vec::new();
     let mut truncated_rounds = 0;
     let mut broken = Vec::new();
@@ -288,18 +308,8 @@ fn truncates_committed_while_rounds_run_never_leave_the_target_in_a_state_the_so
             {
                 truncated_rounds += 1;
             }
-            let row = check.row(invariant);
-            if row[0].as_deref() != Some("t") {
-                broken.push(format!(
-                    "after sync {}: meta (n, total, m) = {:?}, {:?}, {:?} but t has {:?} rows summing to {:?} and child {:?} rows",
-                    runs.len(),
-                    row[1],
-                    row[3],
-                    row[5],
-                    row[2],
-                    row[4],
-                    row[6]
-                ));
+            if let Some(wrong) = truncating_broken(&check) {
+                broken.push(format!("after sync {}: {wrong}", runs.len()));
             }
         }
         runs.push(run);
@@ -343,6 +353,53 @@ fn truncates_committed_while_rounds_run_never_leave_the_target_in_a_state_the_so
     assert!(truncated_rounds >= 1, "no round replayed a TRUNCATE");
 
     sync(&source, &target);
+    assert_eq!(contents(&source), contents(&target));
+}
+
+/// The daemon locks the tables of its previous round before it takes the next round's
+/// snapshot, and checks only the others for a TRUNCATE after it (round.rs): under the same
+/// truncating application, every state a reader of the target sees is one the source committed.
+#[test]
+fn truncates_committed_while_the_daemon_runs_never_leave_the_target_in_a_state_the_source_was_not_in(
+) {
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("ctruncd_src");
+    let target = cluster.create_database("ctruncd_dst");
+    let truncate = truncating_setup(&source, &target);
+    let mut daemon = common::Daemon::following(&source.dsn(), &target.dsn());
+    daemon.wait_log("target connected", Duration::from_secs(30));
+    let writer = truncating_writer(source.dsn(), truncate);
+    let check = Conn::open(&target.dsn());
+    let mut reads = 0u64;
+    let mut broken = Vec::new();
+    while !writer.is_finished() {
+        if let Some(wrong) = truncating_broken(&check) {
+            broken.push(wrong);
+        }
+        reads += 1;
+        thread::sleep(Duration::from_millis(3));
+    }
+    let (ops, truncates, writer_errors) = writer.join().expect("writer");
+    eprintln!("{reads} reads of the target while the writer made {ops} changes ({truncates} with a TRUNCATE)");
+    assert!(
+        writer_errors.is_empty(),
+        "{} of the application's {ops} transactions failed while the daemon ran:
+{}",
+        writer_errors.len(),
+        writer_errors.join("\n")
+    );
+    assert!(
+        broken.is_empty(),
+        "the target showed states the source never committed:\n{}",
+        broken.join("\n")
+    );
+    assert!(truncates >= 10, "the writer only made {ops} changes");
+    let src = digest(&source);
+    wait_for(Duration::from_secs(30), "the target to catch up", || {
+        digest(&target) == src
+    });
+    let (code, _) = daemon.term(Duration::from_secs(10));
+    assert_eq!(code, 0, "log:\n{}", daemon.log());
     assert_eq!(contents(&source), contents(&target));
 }
 

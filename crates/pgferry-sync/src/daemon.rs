@@ -438,6 +438,9 @@ async fn follow(
     metrics::gauge!("pgferry_target_up", "sync" => spec.name.clone(), "target" => label.clone())
         .set(1.0);
     let mut wait = Duration::ZERO;
+    // The tables of the last round that applied changes: the next round locks them before its
+    // snapshot, which spares it the check for a TRUNCATE after it (round.rs).
+    let mut expected: Vec<i32> = Vec::new();
     let mut last_round = Instant::now() - HEARTBEAT;
     let mut last_change = Instant::now() - BUSY_SPELL;
     let mut chained = false;
@@ -505,6 +508,7 @@ async fn follow(
         let ctx = round::RoundContext {
             split_above: spec.options.split_rounds_above,
             two_way: exchange.as_ref(),
+            lock_first: &expected,
             ..round::RoundContext::new(
                 &info,
                 previous.as_deref(),
@@ -529,6 +533,9 @@ async fn follow(
             }
         };
         unacked = Some(outcome.snapshot.clone());
+        if !outcome.table_ids.is_empty() {
+            expected.clone_from(&outcome.table_ids);
+        }
         // Two-way syncs copy no sequence (each node hands out its own values).
         let touched = if exchange.is_some() {
             Vec::new()

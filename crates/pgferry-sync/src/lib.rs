@@ -318,6 +318,8 @@ pub(crate) async fn round_with_retries(
     dst: &mut Session,
     ctx: &round::RoundContext<'_>,
 ) -> Result<RoundOutcome, SyncError> {
+    let mut ctx = *ctx;
+    let ctx = &mut ctx;
     let mut tries = 0;
     let mut lock_waits = 0;
     let mut key_races = 0;
@@ -352,6 +354,9 @@ pub(crate) async fn round_with_retries(
             round::RoundResult::Applied(o) => return Ok(o),
             round::RoundResult::Retry if tries < MAX_ROUND_RETRIES => {
                 tries += 1;
+                // A table expected but locked exclusively (a long ALTER, a VACUUM FULL) may have
+                // no changes this time: the next tries lock only the tables they read.
+                ctx.lock_first = &[];
                 let pause = std::time::Duration::from_millis(20u64 << tries.min(7));
                 tokio::time::sleep(pause).await;
             }

@@ -7,10 +7,14 @@
 //!   out of order, or stay open across rounds, land in exactly one round) and the rows for those
 //!   keys. The target therefore moves from the source's state at P to its state at S.
 //! - **TRUNCATE cannot slip under S.** A TRUNCATE is not MVCC-safe: a table first read after a
-//!   concurrent TRUNCATE committed looks empty even at an older snapshot. The round takes
-//!   ACCESS SHARE locks on the tables it will read, then checks (in another session) that no
-//!   TRUNCATE of them committed after S; if one did, the round starts over at a new snapshot.
-//!   The check runs while the tables are applied; nothing commits before its answer.
+//!   concurrent TRUNCATE committed looks empty even at an older snapshot. The round holds
+//!   ACCESS SHARE locks on the tables it reads. Those it was told to expect (the daemon: the
+//!   tables of its last round that applied changes) are locked before S is taken (`LOCK TABLE`
+//!   takes no snapshot): a TRUNCATE of them committed before the lock is visible at S, and one
+//!   that comes later waits for the round. The others are locked once the round knows it needs them,
+//!   after S, and then it checks (in another session) that no TRUNCATE of them committed after
+//!   S; if one did, the round starts over at a new snapshot. That check runs while the tables
+//!   are applied; nothing commits before its answer.
 //! - **One target transaction per round**, with the progress row updated in it: after any crash
 //!   the target holds the source's state at P or at S, never a mix. The progress row is locked
 //!   and compared with P first, so a second applier (daemon, `sync --once`, cutover) rolls back
@@ -61,9 +65,13 @@ pub struct RoundOutcome {
     pub tables: Vec<TableApplied>,
     /// Whether the round was committed table by table (`--split-rounds-above`).
     pub split: bool,
+    /// The ids of the tables the round read (for [`RoundContext::lock_first`]).
+    #[serde(skip)]
+    pub(crate) table_ids: Vec<i32>,
 }
 
 /// What a round needs to know about its source and target.
+#[derive(Clone, Copy)]
 pub(crate) struct RoundContext<'a> {
     pub dialect: Dialect,
     pub source_node: &'a str,
@@ -79,6 +87,10 @@ pub(crate) struct RoundContext<'a> {
     pub split_above: Option<u64>,
     /// A two-way sync: the target's own changes are checked for conflicts.
     pub two_way: Option<&'a crate::conflict::Exchange>,
+    /// Tables (ids) to lock against TRUNCATE before the snapshot is taken, because the round
+    /// will probably read them: the daemon passes those of its last round that applied changes. A table
+    /// locked this way needs no check for a TRUNCATE after the snapshot.
+    pub lock_first: &'a [i32],
 }
 
 impl<'a> RoundContext<'a> {
@@ -100,6 +112,7 @@ impl<'a> RoundContext<'a> {
             versions,
             split_above: None,
             two_way: None,
+            lock_first: &[],
         }
     }
 }
@@ -173,7 +186,20 @@ pub(crate) async fn run(
     // the transaction's first, so it fixes S, and the pending changes are read at S. Queries
     // of a round are sent unprepared with their parameter types (`query_typed`): one round trip
     // each instead of a prepare and an execute.
-    let set_work_mem = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
+    // The tables the round expects, locked against TRUNCATE before S is taken (module docs).
+    let first: Vec<&CapturedTable> = ctx
+        .lock_first
+        .iter()
+        .filter_map(|id| ctx.tables.get(id))
+        .collect();
+    let mut prologue = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
+    if !first.is_empty() {
+        let names: Vec<String> = first.iter().map(|t| t.name.to_string()).collect();
+        prologue.push_str(&format!(
+            "; LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+            names.join(", ")
+        ));
+    }
     let snapshot_sql = format!("SELECT {}::text", ctx.dialect.current_snapshot());
     // A round of few changes (the daemon's usual one) reads them all, keys included, in this
     // first round trip and in one scan of the capture table; a larger one counts them per
@@ -184,12 +210,10 @@ pub(crate) async fn run(
         FEW_CHANGES + 1
     );
     let shipped_sql = "SELECT snapshot FROM pgferry.applied WHERE source_node_id = $1";
-    let (_, snapshot, few, shipped, view) = tokio::try_join!(
-        async {
-            stx.batch_execute(&set_work_mem)
-                .await
-                .map_err(|e| sq("setting work_mem", e))
-        },
+    // Joined, not tried: when the lock fails, the statements after it fail too, and the round
+    // must see the lock's error to start over.
+    let (prologue, snapshot, few, shipped, view) = tokio::join!(
+        stx.batch_execute(&prologue),
         async {
             stx.query_typed_one(&snapshot_sql, &[])
                 .await
@@ -222,7 +246,21 @@ pub(crate) async fn run(
                 _ => Ok(None),
             }
         }
-    )?;
+    );
+    if let Err(e) = prologue {
+        // An expected table locked exclusively right now, or dropped since the last round: the
+        // round starts over without expectations (see `round_with_retries`).
+        let code = e.code();
+        if code == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+            || (code == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                && !first.is_empty())
+        {
+            tracing::debug!(error = %e, "an expected table cannot be locked: starting over");
+            return Ok(RoundResult::Retry);
+        }
+        return Err(sq("locking the round's tables against TRUNCATE", e));
+    }
+    let (snapshot, few, shipped, view) = (snapshot?, few?, shipped?, view?);
     let unshipped = match ctx.two_way {
         Some(ex) => Some(pending_condition(ex.local_dialect, shipped.as_deref())?),
         None => None,
@@ -305,12 +343,26 @@ pub(crate) async fn run(
     // a round that starts over rolls the target's back.
     let tables: Vec<&CapturedTable> = work.iter().map(|(t, _, _)| *t).collect();
     let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+    let table_ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+    // The round's tables that were not locked before S: locked now, then checked for a
+    // TRUNCATE committed after S.
+    let after_s: Vec<&CapturedTable> = tables
+        .iter()
+        .copied()
+        .filter(|t| !first.iter().any(|f| f.table_id == t.table_id))
+        .collect();
+    let late_names: Vec<String> = after_s.iter().map(|t| t.name.to_string()).collect();
     let lock = async {
         if names.is_empty() {
             return Ok((true, Vec::new()));
         }
         let (locked, columns) = tokio::join!(
-            lock_against_truncate(&stx, &names, &source_label),
+            async {
+                if late_names.is_empty() {
+                    return Ok(true);
+                }
+                lock_against_truncate(&stx, &late_names, &source_label).await
+            },
             crate::schema::columns(&stx, &names, ctx.versions.0, &source_label)
         );
         // A table locked exclusively fails the column query too: the lock decides.
@@ -333,16 +385,16 @@ pub(crate) async fn run(
             .into_iter()
             .map(|cs| cs.into_iter().map(|c| c.name).collect())
             .collect();
-    // Whether a TRUNCATE slipped under S between the snapshot and the locks: asked now, from
-    // the probe session, while the tables are applied; the answer is awaited before anything
-    // commits (a split round commits table by table, so it waits for it first).
-    let ids: Vec<i32> = tables.iter().map(|t| t.table_id).collect();
+    // Whether a TRUNCATE slipped under S between the snapshot and the locks taken after it:
+    // asked now, from the probe session, while the tables are applied; the answer is awaited
+    // before anything commits (a split round commits table by table, so it waits for it first).
+    let late_ids: Vec<i32> = after_s.iter().map(|t| t.table_id).collect();
     let at = snapshot.clone();
     let late = async {
-        if ids.is_empty() {
+        if late_ids.is_empty() {
             return Ok(false);
         }
-        truncated_after(probe, ctx.dialect, &ids, &at, &source_label).await
+        truncated_after(probe, ctx.dialect, &late_ids, &at, &source_label).await
     };
     futures_util::pin_mut!(late);
     if split && late.as_mut().await? {
@@ -511,6 +563,7 @@ pub(crate) async fn run(
         snapshot,
         tables: applied,
         split,
+        table_ids,
     }))
 }
 
