@@ -372,7 +372,10 @@ fn columns_added_while_the_daemon_runs_are_replicated_once_the_target_has_them()
     source.psql(
         "ALTER TABLE account ADD COLUMN later text; UPDATE account SET later = 'x' WHERE id = 4",
     );
-    daemon.wait_log("column later of table public.account", Duration::from_secs(30));
+    daemon.wait_log(
+        "column later of table public.account",
+        Duration::from_secs(30),
+    );
     target.psql("ALTER TABLE account ADD COLUMN later text");
     wait_equal(&source, &target, Duration::from_secs(60), &daemon);
     let (code, _) = daemon.term(Duration::from_secs(10));
