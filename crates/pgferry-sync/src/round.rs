@@ -457,29 +457,30 @@ pub(crate) async fn run(
             statements,
         },
     );
-    let mut applied = Vec::new();
-    if split {
-        for (((t, changes, has_truncate), pending), prep) in
-            work.into_iter().zip(&pendings).zip(prepared)
-        {
-            let one = apply_table(
-                &stx,
-                &ttx,
-                t,
+    let each: Vec<TableWork> = work
+        .into_iter()
+        .zip(&pendings)
+        .zip(prepared)
+        .map(
+            |(((table, changes, has_truncate), pending), prep)| TableWork {
+                table,
                 changes,
                 has_truncate,
                 pending,
                 prep,
-                two_way.as_ref(),
-                labels,
-            )
-            .await?;
-            applied.push(one);
+            },
+        )
+        .collect();
+    let mut applied = Vec::new();
+    if split {
+        for work in each {
+            let table_id = work.table.table_id;
+            applied.push(apply_table(&stx, &ttx, work, two_way.as_ref(), labels).await?);
             // This table is at S: record it, commit, and go on in a new transaction.
             ttx.execute(
                 "INSERT INTO pgferry.applied_table (source_node_id, table_id, snapshot) VALUES ($1, $2, $3)
                  ON CONFLICT (source_node_id, table_id) DO UPDATE SET snapshot = excluded.snapshot",
-                &[&ctx.source_node, &t.table_id, &snapshot],
+                &[&ctx.source_node, &table_id, &snapshot],
             )
             .await
             .map_err(tgt(&target_label, "recording a table's progress"))?;
@@ -500,40 +501,33 @@ pub(crate) async fn run(
             let mut small = Vec::new();
             // Per table, in order: applied alone (true) or in the pipeline.
             let mut alone = Vec::new();
-            for (((t, changes, has_truncate), pending), prep) in
-                work.into_iter().zip(&pendings).zip(prepared)
-            {
-                let batched = two_way.is_none() && !has_truncate;
-                match prep {
-                    Prepared {
-                        small_keys: Some(keys),
-                        statements: Some((rows, into)),
+            for work in each {
+                let batched = two_way.is_none() && !work.has_truncate;
+                match work {
+                    TableWork {
+                        table,
+                        changes,
+                        prep:
+                            Prepared {
+                                small_keys: Some(keys),
+                                statements: Some((rows, into)),
+                                ..
+                            },
                         ..
                     } if batched => {
                         alone.push(false);
                         small.push(Small {
-                            table: t,
+                            table,
                             changes,
                             keys,
                             rows,
                             into,
                         });
                     }
-                    prep => {
+                    work => {
                         alone.push(true);
-                        let one = apply_table(
-                            &stx,
-                            &ttx,
-                            t,
-                            changes,
-                            has_truncate,
-                            pending,
-                            prep,
-                            two_way.as_ref(),
-                            labels,
-                        )
-                        .await?;
-                        applied.push(one);
+                        applied
+                            .push(apply_table(&stx, &ttx, work, two_way.as_ref(), labels).await?);
                     }
                 }
             }
@@ -997,6 +991,19 @@ async fn truncate_two_way(
     Ok(())
 }
 
+/// One table of a round, as [`apply_table`] (or, for small one-way tables, [`apply_small`])
+/// takes it.
+struct TableWork<'r> {
+    table: &'r CapturedTable,
+    /// Capture rows pending for it.
+    changes: u64,
+    /// Whether one of them is a TRUNCATE.
+    has_truncate: bool,
+    /// The condition selecting its pending capture rows.
+    pending: &'r str,
+    prep: Prepared,
+}
+
 /// What a table needs before its rows move, read before any table is applied.
 struct Prepared {
     /// The columns to copy (checked on both sides).
@@ -1337,18 +1344,20 @@ async fn small_keys(
 }
 
 /// Applies one table's pending changes at the round's snapshot, inside `ttx`.
-#[allow(clippy::too_many_arguments)]
 async fn apply_table(
     stx: &Transaction<'_>,
     ttx: &Transaction<'_>,
-    t: &CapturedTable,
-    changes: u64,
-    has_truncate: bool,
-    pending: &str,
-    prep: Prepared,
+    work: TableWork<'_>,
     two_way: Option<&TwoWayRound<'_>>,
     labels: (&str, &str),
 ) -> Result<TableApplied, SyncError> {
+    let TableWork {
+        table: t,
+        changes,
+        has_truncate,
+        pending,
+        prep,
+    } = work;
     let (source_label, target_label) = labels;
     let sq = |c: &str, e: tokio_postgres::Error| {
         SyncError::Core(pgferry_core::Error::Query {
