@@ -195,10 +195,8 @@ pub(crate) async fn run(
     let mut prologue = format!("SET LOCAL work_mem = '{ROUND_WORK_MEM}'");
     if !first.is_empty() {
         let names: Vec<String> = first.iter().map(|t| t.name.to_string()).collect();
-        prologue.push_str(&format!(
-            "; LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
-            names.join(", ")
-        ));
+        prologue.push_str("; ");
+        prologue.push_str(&truncate_lock_sql(&names));
     }
     let snapshot_sql = format!("SELECT {}::text", ctx.dialect.current_snapshot());
     // A round of few changes (the daemon's usual one) reads them all, keys included, in this
@@ -716,13 +714,7 @@ async fn lock_against_truncate(
     tables: &[String],
     source_label: &str,
 ) -> Result<bool, SyncError> {
-    match stx
-        .batch_execute(&format!(
-            "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
-            tables.join(", ")
-        ))
-        .await
-    {
+    match stx.batch_execute(&truncate_lock_sql(tables)).await {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
             tracing::debug!("a captured table is locked exclusively: starting over");
@@ -734,6 +726,15 @@ async fn lock_against_truncate(
             source: e,
         })),
     }
+}
+
+/// The lock that keeps a TRUNCATE of `tables` (quoted names) waiting for the transaction:
+/// ACCESS SHARE, never waited for (see [`hold_against_truncate`]).
+fn truncate_lock_sql(tables: &[String]) -> String {
+    format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+        tables.join(", ")
+    )
 }
 
 /// The second half of [`hold_against_truncate`], once the tables are locked: whether a
