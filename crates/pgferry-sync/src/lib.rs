@@ -318,13 +318,13 @@ pub(crate) async fn round_with_retries(
     dst: &mut Session,
     ctx: &round::RoundContext<'_>,
 ) -> Result<RoundOutcome, SyncError> {
+    // A copy: retries may drop its expected tables.
     let mut ctx = *ctx;
-    let ctx = &mut ctx;
     let mut tries = 0;
     let mut lock_waits = 0;
     let mut key_races = 0;
     loop {
-        let result = match round::run(src, probe, dst, ctx).await {
+        let result = match round::run(src, probe, dst, &ctx).await {
             // Two-way: the round gave way to an application holding a row it needs (lock
             // timeout, or a deadlock PostgreSQL resolved against it): start over soon.
             Err(e)
