@@ -16,12 +16,14 @@
 //!   capture measured per-row NOTIFY at 2.24x the cost of a bulk UPDATE against 1.56x without:
 //!   polling keeps that cost off the application's writes. An idle target still gets a round
 //!   every [`HEARTBEAT`], so its progress (and the source's purge) moves on.
-//! - **Paced under load.** A round that applied only a few changes is followed by the next at
-//!   once (latency first); after a larger one the next waits a little, in proportion to its
-//!   changes and at most [`SyncOptions::max_round_pause`] ([`round_pause`]), so that under a
+//! - **Paced under load** ([`crate::pace`]). A round that applied only a few changes is
+//!   followed by the next at once (latency first); after a larger one the next waits a little,
+//!   in proportion to its changes and at most [`SyncOptions::max_round_pause`], so that under a
 //!   heavy load each round carries more changes and the per-round costs (snapshot, statements,
 //!   two commits) are paid less often: those rounds, not the changes, were most of what
-//!   replication cost a saturated source.
+//!   replication cost a saturated source. When every round is paced, a longer pause
+//!   ([`SyncOptions::saturated_round_pause`]) is tried, and kept while the source commits more
+//!   under it.
 //! - **Outages.** Any error ends the task's connections; it reconnects with capped exponential
 //!   backoff and resumes from the target's own progress. One log line per change of state, not
 //!   per retry. A target that stays down holds back purge of its backlog and nothing else.
@@ -38,7 +40,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{purge, round, sequence, target, SourceInfo, SyncError, SyncOptions};
+use crate::{pace, purge, round, sequence, target, SourceInfo, SyncError, SyncOptions};
 
 /// An idle target gets a round at least this often.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -49,13 +51,6 @@ const BUSY_SPELL: Duration = Duration::from_secs(2);
 /// How often a target's progress is acknowledged to the source, and its sequences carried
 /// forward, while rounds run.
 const ACK_EVERY: Duration = Duration::from_millis(500);
-/// Pacing ([`round_pause`]): a round that applied at most this many changes is followed by the
-/// next at once. On a 2-core machine, with pgbench-like writes of 5 changes a transaction and
-/// rounds back to back, a round carries 5-10 changes at 200 transactions/s, about 40 at 1,000,
-/// and 70 or more at full speed (2,000 and more).
-const LIGHT_ROUND_CHANGES: u64 = 50;
-/// Pacing: the pause after a round per change it applied beyond [`LIGHT_ROUND_CHANGES`].
-const PAUSE_PER_CHANGE: Duration = Duration::from_micros(100);
 
 /// How long a round in flight may go on after shutdown was asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -135,8 +130,10 @@ pub struct TargetState {
     pub pending: u64,
     pub last_round_seconds: f64,
     pub last_round_at: Option<SystemTime>,
-    /// Time rounds waited after a large round ([`round_pause`]), in all.
+    /// Time rounds waited after a large round ([`crate::pace`]), in all.
     pub paused_seconds: f64,
+    /// Rounds wait the longer pause, which raised the source's change rate ([`crate::pace`]).
+    pub long_pauses: bool,
     /// When the target was last known to hold every change committed on the source before
     /// that moment (a poll that found nothing pending, or the start of a round).
     #[serde(skip)]
@@ -438,6 +435,11 @@ async fn follow(
     metrics::gauge!("pgferry_target_up", "sync" => spec.name.clone(), "target" => label.clone())
         .set(1.0);
     let mut wait = Duration::ZERO;
+    let mut pacer = pace::Pacer::new(
+        spec.options.max_round_pause,
+        spec.options.saturated_round_pause,
+        Instant::now(),
+    );
     // The tables of the last round that applied changes: the next round locks them before its
     // snapshot, which spares it the check for a TRUNCATE after it (round.rs).
     let mut expected: Vec<i32> = Vec::new();
@@ -572,7 +574,23 @@ async fn follow(
             chained = true;
             tracing::debug!(sync = %spec.name, target = %label, changes, rows, seconds, snapshot = %outcome.snapshot, "round applied");
         }
-        let pause = round_pause(changes, spec.options.max_round_pause);
+        let (pause, decision) = pacer.after_round(started, changes);
+        if let Some(d) = decision {
+            let long = d.mode == pace::Mode::Long;
+            let (long_rate, normal_rate) = d.rates.unwrap_or_default();
+            let (long_rate, normal_rate) = (long_rate.round(), normal_rate.round());
+            if !d.changed {
+                tracing::debug!(sync = %spec.name, target = %label, long, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: trial of the longer pause");
+            } else if d.rates.is_none() {
+                tracing::info!(sync = %spec.name, target = %label, "pacing: the load fell; back to the normal pauses");
+            } else if long {
+                tracing::info!(sync = %spec.name, target = %label, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: the source commits more with longer pauses between rounds; keeping them");
+            } else {
+                tracing::info!(sync = %spec.name, target = %label, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: longer pauses no longer raise the source's commit rate; back to the normal pauses");
+            }
+            metrics::gauge!("pgferry_long_pauses", &labels).set(if long { 1.0 } else { 0.0 });
+            state.send_modify(|s| s.targets[index].long_pauses = long);
+        }
         state.send_modify(|s| {
             let t = &mut s.targets[index];
             t.snapshot = Some(outcome.snapshot.clone());
@@ -591,23 +609,6 @@ async fn follow(
             sleep_or_cancel(pause, cancel).await;
         }
     }
-}
-
-/// How long the next round waits after one that applied `changes` changes: nothing after a
-/// light round (at most [`LIGHT_ROUND_CHANGES`]), then [`PAUSE_PER_CHANGE`] for every change
-/// beyond, at most `max` (zero: never).
-///
-/// The pause follows the load: a busier source makes larger rounds and so longer pauses, which
-/// make the rounds larger still, until the cap; below the threshold (200 and 1,000
-/// transactions/s on a 2-core machine) rounds start at once, as before. The measurements are
-/// in docs/daemon.md (Performance).
-pub fn round_pause(changes: u64, max: Duration) -> Duration {
-    let beyond = changes.saturating_sub(LIGHT_ROUND_CHANGES);
-    if beyond == 0 || max.is_zero() {
-        return Duration::ZERO;
-    }
-    let beyond = u32::try_from(beyond).unwrap_or(u32::MAX);
-    PAUSE_PER_CHANGE.saturating_mul(beyond).min(max)
 }
 
 /// Capture rows pending for a target at `previous` (committed, not yet applied).
@@ -689,38 +690,4 @@ pub fn summary(states: &[StateReceiver]) -> BTreeMap<String, SyncState> {
             (s.name.clone(), s)
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAX: Duration = Duration::from_millis(20);
-
-    #[test]
-    fn light_rounds_are_followed_at_once() {
-        for changes in [0, 1, 5, 10, LIGHT_ROUND_CHANGES] {
-            assert_eq!(round_pause(changes, MAX), Duration::ZERO, "{changes}");
-        }
-    }
-
-    #[test]
-    fn the_pause_grows_with_the_round_up_to_the_cap() {
-        let pauses: Vec<Duration> = [51, 80, 100, 150, 250, 251, 10_000, u64::MAX]
-            .iter()
-            .map(|&c| round_pause(c, MAX))
-            .collect();
-        assert_eq!(pauses[0], PAUSE_PER_CHANGE);
-        assert_eq!(pauses[1], Duration::from_millis(3));
-        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
-        assert_eq!(pauses[4], MAX);
-        assert!(pauses[4..].iter().all(|p| *p == MAX), "{pauses:?}");
-    }
-
-    #[test]
-    fn no_cap_means_no_pacing() {
-        for changes in [0, 21, 1_000, u64::MAX] {
-            assert_eq!(round_pause(changes, Duration::ZERO), Duration::ZERO);
-        }
-    }
 }

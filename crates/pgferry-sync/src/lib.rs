@@ -21,6 +21,7 @@ mod error;
 pub mod freeze;
 pub mod initial;
 mod mesh;
+pub mod pace;
 mod purge;
 mod registry;
 pub mod reverse;
@@ -56,13 +57,20 @@ pub struct SyncOptions {
     /// target are at one common snapshot.
     pub split_rounds_above: Option<u64>,
     /// The daemon: the longest pause after a round that applied many changes
-    /// ([`daemon::round_pause`]); zero starts every round at once. Default
+    /// ([`pace::round_pause`]); zero starts every round at once. Default
     /// [`DEFAULT_MAX_ROUND_PAUSE`].
     pub max_round_pause: std::time::Duration,
+    /// The daemon: the pause tried, and kept while it raises the source's change rate, when
+    /// every round is paced ([`pace::Pacer`]); zero (or not above `max_round_pause`) never
+    /// tries it. Default [`DEFAULT_SATURATED_ROUND_PAUSE`].
+    pub saturated_round_pause: std::time::Duration,
 }
 
 /// The default of [`SyncOptions::max_round_pause`].
 pub const DEFAULT_MAX_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+/// The default of [`SyncOptions::saturated_round_pause`].
+pub const DEFAULT_SATURATED_ROUND_PAUSE: std::time::Duration =
+    std::time::Duration::from_millis(200);
 
 impl Default for SyncOptions {
     fn default() -> Self {
@@ -70,6 +78,7 @@ impl Default for SyncOptions {
             accept_new_tables: false,
             split_rounds_above: None,
             max_round_pause: DEFAULT_MAX_ROUND_PAUSE,
+            saturated_round_pause: DEFAULT_SATURATED_ROUND_PAUSE,
         }
     }
 }

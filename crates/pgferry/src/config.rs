@@ -55,6 +55,7 @@ struct SyncFile {
     tables: Vec<String>,
     poll_interval: Option<String>,
     max_round_pause: Option<String>,
+    saturated_round_pause: Option<String>,
     split_rounds_above: Option<u64>,
     #[serde(default)]
     accept_new_tables: bool,
@@ -157,6 +158,15 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 pgferry_sync::DEFAULT_MAX_ROUND_PAUSE
             }
         };
+        let saturated_round_pause =
+            match sync.saturated_round_pause.as_deref().map(parse_round_pause) {
+                None => pgferry_sync::DEFAULT_SATURATED_ROUND_PAUSE,
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    problems.push(format!("sync {name}: saturated_round_pause: {e}"));
+                    pgferry_sync::DEFAULT_SATURATED_ROUND_PAUSE
+                }
+            };
         if !sync.nodes.is_empty() {
             if sync.source.is_some() || !sync.targets.is_empty() {
                 problems.push(format!(
@@ -216,6 +226,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     {
                         Ok(specs) => syncs.extend(specs.into_iter().map(|mut s| {
                             s.options.max_round_pause = max_round_pause;
+                            s.options.saturated_round_pause = saturated_round_pause;
                             s
                         })),
                         Err(e) => problems.push(format!("sync {name}: {e}")),
@@ -270,6 +281,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     accept_new_tables: sync.accept_new_tables,
                     split_rounds_above: sync.split_rounds_above,
                     max_round_pause,
+                    saturated_round_pause,
                 },
                 poll_interval,
                 two_way: None,
@@ -304,7 +316,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// `max_round_pause`: 0 (no pacing), or a duration up to 1 s.
+/// `max_round_pause` and `saturated_round_pause`: 0 (none), or a duration up to 1 s.
 pub fn parse_round_pause(text: &str) -> Result<Duration, String> {
     if text
         .trim()
@@ -355,6 +367,7 @@ mod tests {
             tables = ["public.*"]
             poll_interval = "20ms"
             max_round_pause = "5ms"
+            saturated_round_pause = "300ms"
             split_rounds_above = 1000000
             "#,
             &env,
@@ -366,6 +379,7 @@ mod tests {
         assert_eq!(s.poll_interval, Duration::from_millis(20));
         assert_eq!(s.options.split_rounds_above, Some(1_000_000));
         assert_eq!(s.options.max_round_pause, Duration::from_millis(5));
+        assert_eq!(s.options.saturated_round_pause, Duration::from_millis(300));
         assert_eq!(c.nodes["old"].get("password"), Some("s3cret"));
         assert!(!format!("{:?}", c.nodes["old"]).contains("s3cret"));
     }
@@ -385,6 +399,7 @@ mod tests {
             tables = ["a.b.c"]
             poll_interval = "soon"
             max_round_pause = "2s"
+            saturated_round_pause = "often"
             "#,
             &env,
         )
@@ -398,6 +413,7 @@ mod tests {
             "tables:",
             "poll_interval",
             "max_round_pause",
+            "saturated_round_pause",
         ] {
             assert!(all.contains(needle), "{needle:?} missing from:\n{all}");
         }

@@ -44,6 +44,13 @@ pub struct RunArgs {
     /// of 50 changes or fewer is followed at once). 0 starts every round at once.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
     pub max_round_pause: Duration,
+    /// Without --config: when every round is paced (the source writes without let-up), try
+    /// this longer pause between rounds for a few seconds, and keep it while the source commits
+    /// more changes per second under it than with --max-round-pause (a saturated source whose
+    /// CPU or disk the rounds share); checked again every 30 s, dropped when the load falls. 0
+    /// never tries it.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
+    pub saturated_round_pause: Duration,
     /// Without --config: commit rounds holding more than ROWS changes table by table (see
     /// `pgferry sync --help`).
     #[arg(long, value_name = "ROWS", conflicts_with = "config")]
@@ -86,6 +93,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
                     .into_iter()
                     .map(|mut s| {
                         s.options.max_round_pause = args.max_round_pause;
+                        s.options.saturated_round_pause = args.saturated_round_pause;
                         s
                     })
                     .collect()
@@ -114,6 +122,7 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
             accept_new_tables: false,
             split_rounds_above: args.split_rounds_above,
             max_round_pause: args.max_round_pause,
+            saturated_round_pause: args.saturated_round_pause,
         },
         poll_interval: args.poll_interval,
         two_way: None,
