@@ -273,41 +273,52 @@ mod tests {
         }
     }
 
-    /// Drives a pacer with rounds every `cycle` (plus the pause it asks for) for `span`, the
-    /// source writing `rate(mode)` changes per second; returns its changes of mode.
+    /// Drives a pacer with rounds every 20 ms plus the pause it asks for, for `span`, the
+    /// source writing `rate(mode)` changes per second: its changes of mode, and the time spent
+    /// under the longer pause.
     fn drive(
         pacer: &mut Pacer,
         now: &mut Instant,
         span: Duration,
         rate: impl Fn(Mode) -> f64,
-    ) -> Vec<Decision> {
+    ) -> (Vec<Decision>, Duration) {
         let end = *now + span;
-        let mut settled = Vec::new();
+        let (mut changed, mut long) = (Vec::new(), Duration::ZERO);
         let mut pause = Duration::ZERO;
         while *now < end {
             let gap = Duration::from_millis(20) + pause;
             let mode = pacer.mode();
+            if mode == Mode::Long {
+                long += gap;
+            }
             *now += gap;
             let changes = (rate(mode) * gap.as_secs_f64()) as u64;
-            let (p, s) = pacer.after_round(*now, changes);
+            let (p, d) = pacer.after_round(*now, changes);
             pause = p;
-            settled.extend(s.filter(|d| d.changed));
+            changed.extend(d.filter(|d| d.changed));
         }
-        settled
+        (changed, long)
+    }
+
+    /// A saturated source: it commits more while the rounds wait longer.
+    fn saturated(mode: Mode) -> f64 {
+        match mode {
+            Mode::Long => 9_000.0,
+            Mode::Normal => 8_000.0,
+        }
     }
 
     #[test]
     fn a_longer_pause_is_kept_when_the_source_commits_more_under_it() {
         let mut now = Instant::now();
         let mut pacer = Pacer::new(MAX, LONG, now);
-        let saturated = |m: Mode| if m == Mode::Long { 9_000.0 } else { 8_000.0 };
-        let settled = drive(&mut pacer, &mut now, Duration::from_secs(15), saturated);
-        assert_eq!(settled.len(), 1, "{settled:?}");
-        assert_eq!(settled[0].mode, Mode::Long);
+        let (changed, _) = drive(&mut pacer, &mut now, Duration::from_secs(15), saturated);
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(changed[0].mode, Mode::Long);
         assert_eq!(pacer.mode(), Mode::Long);
         // Checked again after HOLD, and kept.
-        let settled = drive(&mut pacer, &mut now, HOLD * 2, saturated);
-        assert!(settled.is_empty(), "{settled:?}");
+        let (changed, _) = drive(&mut pacer, &mut now, HOLD * 2, saturated);
+        assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(pacer.mode(), Mode::Long);
     }
 
@@ -315,26 +326,14 @@ mod tests {
     fn a_longer_pause_that_does_not_raise_the_rate_is_not_kept() {
         let mut now = Instant::now();
         let mut pacer = Pacer::new(MAX, LONG, now);
-        let open_loop = |_: Mode| 9_000.0;
-        let settled = drive(&mut pacer, &mut now, Duration::from_secs(60), open_loop);
-        assert!(settled.is_empty(), "{settled:?}");
+        let (changed, long) = drive(&mut pacer, &mut now, Duration::from_secs(60), |_| 9_000.0);
+        assert!(changed.is_empty(), "{changed:?}");
         // Tried after the first window, then 10 s and 20 s after each failed trial: at most 5
         // windows of 3 s under the longer pause in the first minute.
-        let mut long = 0;
-        let mut pacer = Pacer::new(MAX, LONG, now);
-        let mut pause = Duration::ZERO;
-        let end = now + Duration::from_secs(60);
-        while now < end {
-            let gap = Duration::from_millis(20) + pause;
-            now += gap;
-            if pacer.mode() == Mode::Long {
-                long += gap.as_millis();
-            }
-            pause = pacer
-                .after_round(now, (9_000.0 * gap.as_secs_f64()) as u64)
-                .0;
-        }
-        assert!(long <= 5 * 3_300, "{long} ms under the longer pause");
+        assert!(
+            long <= WINDOW * 5 + LONG * 5,
+            "{long:?} under the longer pause"
+        );
     }
 
     #[test]
@@ -355,31 +354,19 @@ mod tests {
     fn the_longer_pause_ends_when_the_load_falls() {
         let mut now = Instant::now();
         let mut pacer = Pacer::new(MAX, LONG, now);
-        drive(&mut pacer, &mut now, Duration::from_secs(15), |m| {
-            if m == Mode::Long {
-                9_000.0
-            } else {
-                8_000.0
-            }
-        });
+        drive(&mut pacer, &mut now, Duration::from_secs(15), saturated);
         assert_eq!(pacer.mode(), Mode::Long);
         // Half the rate, still every round paced: the next window ends it.
-        let settled = drive(&mut pacer, &mut now, Duration::from_secs(5), |_| 4_000.0);
-        assert_eq!(settled.first().map(|s| s.mode), Some(Mode::Normal));
+        let (changed, _) = drive(&mut pacer, &mut now, Duration::from_secs(5), |_| 4_000.0);
+        assert_eq!(changed.first().map(|d| d.mode), Some(Mode::Normal));
         assert_eq!(pacer.mode(), Mode::Normal);
         // A light round ends it at once.
         let mut pacer = Pacer::new(MAX, LONG, now);
-        drive(&mut pacer, &mut now, Duration::from_secs(15), |m| {
-            if m == Mode::Long {
-                9_000.0
-            } else {
-                8_000.0
-            }
-        });
+        drive(&mut pacer, &mut now, Duration::from_secs(15), saturated);
         assert_eq!(pacer.mode(), Mode::Long);
         now += Duration::from_millis(200);
-        let (pause, settled) = pacer.after_round(now, 10);
+        let (pause, decision) = pacer.after_round(now, 10);
         assert_eq!(pause, Duration::ZERO);
-        assert_eq!(settled.map(|s| s.mode), Some(Mode::Normal));
+        assert_eq!(decision.map(|d| d.mode), Some(Mode::Normal));
     }
 }
