@@ -435,11 +435,17 @@ async fn follow(
     metrics::gauge!("pgferry_target_up", "sync" => spec.name.clone(), "target" => label.clone())
         .set(1.0);
     let mut wait = Duration::ZERO;
+    // A new connection starts with the normal pacing.
     let mut pacer = pace::Pacer::new(
         spec.options.max_round_pause,
         spec.options.saturated_round_pause,
         Instant::now(),
     );
+    if state.borrow().targets[index].long_pauses {
+        state.send_modify(|s| s.targets[index].long_pauses = false);
+        metrics::gauge!("pgferry_long_pauses", "sync" => spec.name.clone(), "target" => label.clone())
+            .set(0.0);
+    }
     // The tables of the last round that applied changes: the next round locks them before its
     // snapshot, which spares it the check for a TRUNCATE after it (round.rs).
     let mut expected: Vec<i32> = Vec::new();
@@ -576,18 +582,8 @@ async fn follow(
         }
         let (pause, decision) = pacer.after_round(started, changes);
         if let Some(d) = decision {
+            log_pacing(&spec.name, &label, d);
             let long = d.mode == pace::Mode::Long;
-            let (long_rate, normal_rate) = d.rates.unwrap_or_default();
-            let (long_rate, normal_rate) = (long_rate.round(), normal_rate.round());
-            if !d.changed {
-                tracing::debug!(sync = %spec.name, target = %label, long, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: trial of the longer pause");
-            } else if d.rates.is_none() {
-                tracing::info!(sync = %spec.name, target = %label, "pacing: the load fell; back to the normal pauses");
-            } else if long {
-                tracing::info!(sync = %spec.name, target = %label, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: the source commits more with longer pauses between rounds; keeping them");
-            } else {
-                tracing::info!(sync = %spec.name, target = %label, changes_per_second_long = long_rate, changes_per_second_normal = normal_rate, "pacing: longer pauses no longer raise the source's commit rate; back to the normal pauses");
-            }
             metrics::gauge!("pgferry_long_pauses", &labels).set(if long { 1.0 } else { 0.0 });
             state.send_modify(|s| s.targets[index].long_pauses = long);
         }
@@ -608,6 +604,19 @@ async fn follow(
             // Cancelled or not, the top of the loop acknowledges and decides.
             sleep_or_cancel(pause, cancel).await;
         }
+    }
+}
+
+/// One log line for a decision of the pacer: info when the pacing changed, debug for a trial
+/// that changed nothing.
+fn log_pacing(sync: &str, target: &str, d: pace::Decision) {
+    let (long, normal) = d.rates.unwrap_or_default();
+    let (long, normal) = (long.round(), normal.round());
+    match (d.changed, d.rates.is_some(), d.mode) {
+        (false, _, mode) => tracing::debug!(sync, target, ?mode, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: trial of the longer pause"),
+        (true, false, _) => tracing::info!(sync, target, "pacing: the load fell; back to the normal pauses"),
+        (true, true, pace::Mode::Long) => tracing::info!(sync, target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: the source commits more with longer pauses between rounds; keeping them"),
+        (true, true, pace::Mode::Normal) => tracing::info!(sync, target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: longer pauses no longer raise the source's commit rate; back to the normal pauses"),
     }
 }
 
