@@ -613,10 +613,18 @@ fn log_pacing(sync: &str, target: &str, d: pace::Decision) {
     let (long, normal) = d.rates.unwrap_or_default();
     let (long, normal) = (long.round(), normal.round());
     match (d.changed, d.rates.is_some(), d.mode) {
-        (false, _, mode) => tracing::debug!(sync, target, ?mode, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: trial of the longer pause"),
-        (true, false, _) => tracing::info!(sync, target, "pacing: the load fell; back to the normal pauses"),
-        (true, true, pace::Mode::Long) => tracing::info!(sync, target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: the source commits more with longer pauses between rounds; keeping them"),
-        (true, true, pace::Mode::Normal) => tracing::info!(sync, target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: longer pauses no longer raise the source's commit rate; back to the normal pauses"),
+        (false, _, mode) => {
+            tracing::debug!(sync = %sync, target = %target, ?mode, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: trial of the longer pause")
+        }
+        (true, false, _) => {
+            tracing::info!(sync = %sync, target = %target, "pacing: the load fell; back to the normal pauses")
+        }
+        (true, true, pace::Mode::Long) => {
+            tracing::info!(sync = %sync, target = %target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: the source commits more with longer pauses between rounds; keeping them")
+        }
+        (true, true, pace::Mode::Normal) => {
+            tracing::info!(sync = %sync, target = %target, changes_per_second_long = long, changes_per_second_normal = normal, "pacing: longer pauses no longer raise the source's commit rate; back to the normal pauses")
+        }
     }
 }
 
