@@ -600,3 +600,37 @@ fn a_small_round_on_a_large_table_probes_its_key_instead_of_scanning_the_table()
     );
     assert_eq!(contents(&source), contents(&target));
 }
+
+#[test]
+fn a_round_of_a_few_thousand_changes_applies_its_large_and_small_tables() {
+    // A round of at most 5,000 changes reads their keys with its snapshot; a table of it with
+    // more than 1,000 still streams its keys through a temporary table (round.rs, FEW_CHANGES).
+    let cluster = Cluster::shared();
+    let source = cluster.create_database("sync_few_src");
+    let target = cluster.create_database("sync_few_dst");
+    for db in [&source, &target] {
+        db.psql(
+            "CREATE TABLE many (id int PRIMARY KEY, v text);
+             CREATE TABLE few (id int PRIMARY KEY, v text);
+             INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, 3000) g;
+             INSERT INTO few SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        );
+    }
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    sync_run(&source, &target, &[]).expect(0);
+    source.psql(
+        "UPDATE many SET v = 'changed' WHERE id <= 1500;
+         DELETE FROM many WHERE id > 2900;
+         INSERT INTO many SELECT g, 'new' FROM generate_series(5001, 5400) g;
+         UPDATE many SET id = 9000 WHERE id = 1;
+         UPDATE few SET v = 'changed' WHERE id <= 10;
+         DELETE FROM few WHERE id = 20;",
+    );
+    let report = sync_json(&source, &target);
+    let tables = &report["targets"][0]["tables"];
+    assert_eq!(tables[0]["table"], "public.few", "{report}");
+    assert_eq!(tables[1]["table"], "public.many", "{report}");
+    assert!(tables[1]["changes"].as_u64().unwrap() > 1_000, "{report}");
+    assert_eq!(report["rounds"], 1, "{report}");
+    assert_eq!(contents(&source), contents(&target));
+}
