@@ -558,17 +558,13 @@ fn a_small_round_on_a_large_table_probes_its_key_instead_of_scanning_the_table()
     // deleted on the target through the key's index. At the planner's default page costs both
     // were a hash join over a sequential scan of the whole table.
     let cluster = Cluster::shared();
-    let source = cluster.create_database("sync_large_src");
-    let target = cluster.create_database("sync_large_dst");
-    for db in [&source, &target] {
-        db.psql(
-            "CREATE TABLE big_log (id bigint PRIMARY KEY, v text);
-             INSERT INTO big_log SELECT g, 'row ' || g FROM generate_series(1, 100000) g;
-             ANALYZE big_log;",
-        );
-    }
-    pgferry(&["install", "--source", &source.dsn()]).expect(0);
-    sync_run(&source, &target, &[]).expect(0);
+    let (source, target) = registered_pair(
+        cluster,
+        "sync_large",
+        "CREATE TABLE big_log (id bigint PRIMARY KEY, v text);
+         INSERT INTO big_log SELECT g, 'row ' || g FROM generate_series(1, 100000) g;
+         ANALYZE big_log;",
+    );
     source.psql("UPDATE big_log SET v = 'changed' WHERE id % 100 = 0");
     let stats = |db: &TestDb<'_>| {
         db.scalar(
@@ -606,18 +602,14 @@ fn a_round_of_a_few_thousand_changes_applies_its_large_and_small_tables() {
     // A round of at most 5,000 changes reads their keys with its snapshot; a table of it with
     // more than 1,000 still streams its keys through a temporary table (round.rs, FEW_CHANGES).
     let cluster = Cluster::shared();
-    let source = cluster.create_database("sync_few_src");
-    let target = cluster.create_database("sync_few_dst");
-    for db in [&source, &target] {
-        db.psql(
-            "CREATE TABLE many (id int PRIMARY KEY, v text);
-             CREATE TABLE few (id int PRIMARY KEY, v text);
-             INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, 3000) g;
-             INSERT INTO few SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        );
-    }
-    pgferry(&["install", "--source", &source.dsn()]).expect(0);
-    sync_run(&source, &target, &[]).expect(0);
+    let (source, target) = registered_pair(
+        cluster,
+        "sync_few",
+        "CREATE TABLE many (id int PRIMARY KEY, v text);
+         CREATE TABLE few (id int PRIMARY KEY, v text);
+         INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, 3000) g;
+         INSERT INTO few SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+    );
     source.psql(
         "UPDATE many SET v = 'changed' WHERE id <= 1500;
          DELETE FROM many WHERE id > 2900;
@@ -633,4 +625,16 @@ fn a_round_of_a_few_thousand_changes_applies_its_large_and_small_tables() {
     assert!(tables[1]["changes"].as_u64().unwrap() > 1_000, "{report}");
     assert_eq!(report["rounds"], 1, "{report}");
     assert_eq!(contents(&source), contents(&target));
+}
+
+/// A source (`NAME_src`, captured) and a target (`NAME_dst`, registered by a first sync), each
+/// loaded with `sql`: equal, nothing pending.
+fn registered_pair<'c>(cluster: &'c Cluster, name: &str, sql: &str) -> (TestDb<'c>, TestDb<'c>) {
+    let source = cluster.create_database(&format!("{name}_src"));
+    let target = cluster.create_database(&format!("{name}_dst"));
+    source.psql(sql);
+    target.psql(sql);
+    pgferry(&["install", "--source", &source.dsn()]).expect(0);
+    sync_run(&source, &target, &[]).expect(0);
+    (source, target)
 }
