@@ -142,31 +142,37 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 }
             }
         };
-        let poll_interval = match sync.poll_interval.as_deref().map(parse_duration) {
-            None => DEFAULT_POLL_INTERVAL,
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                problems.push(format!("sync {name}: poll_interval: {e}"));
-                DEFAULT_POLL_INTERVAL
-            }
-        };
-        let max_round_pause = match sync.max_round_pause.as_deref().map(parse_round_pause) {
-            None => pgferry_sync::DEFAULT_MAX_ROUND_PAUSE,
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                problems.push(format!("sync {name}: max_round_pause: {e}"));
-                pgferry_sync::DEFAULT_MAX_ROUND_PAUSE
-            }
-        };
-        let saturated_round_pause =
-            match sync.saturated_round_pause.as_deref().map(parse_round_pause) {
-                None => pgferry_sync::DEFAULT_SATURATED_ROUND_PAUSE,
+        let mut setting = |key: &str,
+                           text: &Option<String>,
+                           parse: fn(&str) -> Result<Duration, String>,
+                           default: Duration| {
+            match text.as_deref().map(parse) {
+                None => default,
                 Some(Ok(d)) => d,
                 Some(Err(e)) => {
-                    problems.push(format!("sync {name}: saturated_round_pause: {e}"));
-                    pgferry_sync::DEFAULT_SATURATED_ROUND_PAUSE
+                    problems.push(format!("sync {name}: {key}: {e}"));
+                    default
                 }
-            };
+            }
+        };
+        let poll_interval = setting(
+            "poll_interval",
+            &sync.poll_interval,
+            parse_duration,
+            DEFAULT_POLL_INTERVAL,
+        );
+        let max_round_pause = setting(
+            "max_round_pause",
+            &sync.max_round_pause,
+            parse_round_pause,
+            pgferry_sync::DEFAULT_MAX_ROUND_PAUSE,
+        );
+        let saturated_round_pause = setting(
+            "saturated_round_pause",
+            &sync.saturated_round_pause,
+            parse_round_pause,
+            pgferry_sync::DEFAULT_SATURATED_ROUND_PAUSE,
+        );
         if !sync.nodes.is_empty() {
             if sync.source.is_some() || !sync.targets.is_empty() {
                 problems.push(format!(
