@@ -118,11 +118,12 @@ pub struct Mesh {
 
 impl Mesh {
     /// The daemon's syncs of this mesh: per node, a sync named `NAME:NODE` replicating the
-    /// node to every other.
+    /// node to every other, each with `options`.
     pub fn specs(
         self,
         name: &str,
         poll_interval: Duration,
+        options: &crate::SyncOptions,
     ) -> Result<Vec<crate::daemon::SyncSpec>, SyncError> {
         validate(&self.nodes, &self.rules)?;
         let mesh = std::sync::Arc::new(self);
@@ -139,7 +140,7 @@ impl Mesh {
                     .map(|o| o.dsn.clone())
                     .collect(),
                 tables: Vec::new(),
-                options: crate::SyncOptions::default(),
+                options: options.clone(),
                 poll_interval,
                 two_way: Some(crate::daemon::TwoWay {
                     mesh: mesh.clone(),

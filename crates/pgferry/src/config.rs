@@ -228,13 +228,16 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                         rules,
                         delta_columns,
                     })
-                    .specs(name, poll_interval)
-                    {
-                        Ok(specs) => syncs.extend(specs.into_iter().map(|mut s| {
-                            s.options.max_round_pause = max_round_pause;
-                            s.options.saturated_round_pause = saturated_round_pause;
-                            s
-                        })),
+                    .specs(
+                        name,
+                        poll_interval,
+                        &SyncOptions {
+                            max_round_pause,
+                            saturated_round_pause,
+                            ..SyncOptions::default()
+                        },
+                    ) {
+                        Ok(specs) => syncs.extend(specs),
                         Err(e) => problems.push(format!("sync {name}: {e}")),
                     }
                 }

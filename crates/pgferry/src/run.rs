@@ -87,17 +87,12 @@ fn specs(args: &RunArgs) -> Result<Vec<SyncSpec>, Failure> {
             .specs(
                 args.name.as_deref().unwrap_or("two-way"),
                 args.poll_interval,
+                &SyncOptions {
+                    max_round_pause: args.max_round_pause,
+                    saturated_round_pause: args.saturated_round_pause,
+                    ..SyncOptions::default()
+                },
             )
-            .map(|specs| {
-                specs
-                    .into_iter()
-                    .map(|mut s| {
-                        s.options.max_round_pause = args.max_round_pause;
-                        s.options.saturated_round_pause = args.saturated_round_pause;
-                        s
-                    })
-                    .collect()
-            })
             .map_err(|e| {
                 let class = e.class();
                 Failure::new(e, class)
