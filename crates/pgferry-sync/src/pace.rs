@@ -113,8 +113,9 @@ pub struct Pacer {
     long: Duration,
     settled: Mode,
     window: Option<Window>,
-    /// The finished windows of the trial under way: (mode, changes per second).
-    trial: Vec<(Mode, f64)>,
+    /// Changes per second in the finished windows of the trial under way, which are always
+    /// longer, normal, longer.
+    trial: Vec<f64>,
     /// No trial starts before this.
     trial_at: Instant,
     retry: Duration,
@@ -201,14 +202,14 @@ impl Pacer {
                 return (Mode::Long, None);
             }
         }
-        self.trial.push((mode, rate));
+        self.trial.push(rate);
         if self.trial.len() < 3 {
             return (mode.other(), None);
         }
         // Longer, normal, longer: the mean of the two longer windows against the one between
         // them, so that a load drifting steadily up or down favours neither.
-        let long = (self.trial[0].1 + self.trial[2].1) / 2.0;
-        let normal = self.trial[1].1;
+        let long = (self.trial[0] + self.trial[2]) / 2.0;
+        let normal = self.trial[1];
         self.trial.clear();
         let pays = long >= normal * (1.0 + GAIN);
         if pays {
