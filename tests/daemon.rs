@@ -24,6 +24,21 @@ const SCHEMA: &str = "
                            at timestamptz NOT NULL DEFAULT now());
     INSERT INTO account SELECT g, 0, 'a' || g FROM generate_series(1, 50) g;";
 
+/// A source database `PREFIX_src` on `source` and a target `PREFIX_dst` on `target`, both with
+/// the schema, the source captured.
+fn setup_pair<'a>(
+    source: &'a Cluster,
+    target: &'a Cluster,
+    prefix: &str,
+) -> (TestDb<'a>, TestDb<'a>) {
+    let (source, target) = (
+        source.create_database(&format!("{prefix}_src")),
+        target.create_database(&format!("{prefix}_dst")),
+    );
+    setup(&source, &target);
+    (source, target)
+}
+
 /// Creates the schema on both, installs capture on the source.
 fn setup(source: &TestDb<'_>, target: &TestDb<'_>) {
     source.psql(SCHEMA);
@@ -192,11 +207,7 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 #[test]
 fn the_daemon_replicates_continuously_serves_metrics_and_stops_on_sigterm() {
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("dmn_src"),
-        cluster.create_database("dmn_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "dmn");
     let (s, t) = (source.dsn(), target.dsn());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -271,11 +282,7 @@ fn rounds_paced_under_load_lose_nothing() {
     // round waits (docs/daemon.md, pacing); a write load then runs through paced rounds. The
     // target must still converge, and the pauses show in the metrics.
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("dmn_pace_src"),
-        cluster.create_database("dmn_pace_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "dmn_pace");
     let (s, t) = (source.dsn(), target.dsn());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -318,11 +325,7 @@ fn a_table_of_the_last_round_held_exclusively_does_not_hold_back_the_others() {
     // changes of its own, must not stop the rounds of the others: the round starts over
     // without expectations.
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("dmn_held_src"),
-        cluster.create_database("dmn_held_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "dmn_held");
     let mut daemon = Daemon::following(&source.dsn(), &target.dsn());
     daemon.wait_log("target connected", Duration::from_secs(30));
     source.psql(
@@ -353,11 +356,7 @@ fn columns_added_while_the_daemon_runs_are_replicated_once_the_target_has_them()
     // round reads both sides' columns, so a column added on both is copied from the next round
     // on, with no restart; one added on the source alone is refused until the target has it.
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("dmn_ddl_src"),
-        cluster.create_database("dmn_ddl_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "dmn_ddl");
     let mut daemon = Daemon::following(&source.dsn(), &target.dsn());
     daemon.wait_log("target connected", Duration::from_secs(30));
     source.psql("UPDATE account SET balance = 1 WHERE id = 1");
@@ -398,11 +397,7 @@ fn schedule(seed: u64, n: usize) -> Vec<Duration> {
 #[test]
 fn kill_9_at_random_moments_under_write_load_loses_and_doubles_nothing() {
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("k9_src"),
-        cluster.create_database("k9_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "k9");
     // A backlog, so that some kills land inside large rounds.
     source.psql(
         "INSERT INTO movement (account_id, amount) SELECT 1 + g % 50, g % 100 FROM generate_series(1, 50000) g",
@@ -444,11 +439,7 @@ fn restarts_of_either_cluster_and_a_target_down_for_a_while_are_ridden_out() {
         Cluster::start(&bin).expect("source cluster"),
         Cluster::start(&bin).expect("target cluster"),
     );
-    let (source, target) = (
-        src_cluster.create_database("rs_src"),
-        dst_cluster.create_database("rs_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(&src_cluster, &dst_cluster, "rs");
     let (s, t) = (source.dsn(), target.dsn());
     let writers = Writers::start(&s, 2);
     let dir = tempdir();
@@ -485,11 +476,7 @@ fn restarts_of_either_cluster_and_a_target_down_for_a_while_are_ridden_out() {
 #[test]
 fn a_standby_takes_over_when_the_active_daemon_is_killed() {
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("sb_src"),
-        cluster.create_database("sb_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "sb");
     let (s, t) = (source.dsn(), target.dsn());
     let dir = tempdir();
     let mut active = Daemon::start(&run_args(&s, &t), &dir, "active");
@@ -518,11 +505,7 @@ fn a_standby_takes_over_when_the_active_daemon_is_killed() {
 #[test]
 fn sigterm_during_a_large_round_exits_cleanly_and_the_next_start_resumes() {
     let cluster = Cluster::shared();
-    let (source, target) = (
-        cluster.create_database("st_src"),
-        cluster.create_database("st_dst"),
-    );
-    setup(&source, &target);
+    let (source, target) = setup_pair(cluster, cluster, "st");
     source.psql(
         "INSERT INTO movement (account_id, amount) SELECT 1 + g % 50, g % 100 FROM generate_series(1, 300000) g",
     );
