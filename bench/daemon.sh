@@ -4,7 +4,11 @@
 # Clusters (throwaway PostgreSQL 15, default durability, on this machine): a source and a
 # target, both loaded with `pgbench -i -s SCALE` (pgbench_history given a key, hid bigserial)
 # plus a latency table, checked equal, the whole source captured (`pgferry install`), and a
-# third "twin" cluster loaded the same way, never captured: the no-capture baseline.
+# third "twin" cluster loaded the same way, never captured: the no-capture baseline. With
+# LOGICAL=1 (default), a fourth, "pub" (wal_level=logical), loaded the same way, publishes the
+# same tables to a database "logical" on the target cluster (native logical replication, the
+# tracker's reference: it "costs 19% of pgbench TPS with its subscriber running"), so that the
+# run measures it beside pgferry on the same machine, in the same conditions.
 # Latency table: source lat(id bigserial primary key, t0 timestamptz), target the same plus
 # `arrived timestamptz default clock_timestamp()` (pgferry copies only the source's columns);
 # the target has track_commit_timestamp = on.
@@ -20,15 +24,18 @@
 #    lag (/metrics); rounds and their mean duration; the time to drain after pgbench ends;
 #    pgferry.delta at the end (rows, bytes) and its most rows during the run.
 # 2. Full speed (pgbench -b tpcb-like, no -R, TPS_DURATION s per phase), ROUNDS rounds in
-#    ABC/CBA order: "no capture" (the twin cluster), "capture" (source, daemon stopped: its
-#    backlog is caught up, and timed, before the next daemon phase) and "capture + daemon".
+#    ABCD/DCBA order: "no capture" (the twin cluster), "capture" (source, daemon stopped: its
+#    backlog is caught up, and timed, before the next daemon phase), "capture + daemon" and
+#    "native logical replication" (pgbench on pub, its subscription applying on the target
+#    cluster; its drain time is measured with a marker row too).
 #    Reports TPS and ratios to no capture; for the daemon phase, lag (max; at 25/50/75/100%
 #    of the run; 5 s after), pending changes, rounds and their mean duration, RSS, and the
 #    drain time: from the end of pgbench until a marker row committed then is on the target.
 #    "Keeps up" = drained within KEEPUP_DRAIN seconds. If a daemon phase does not keep up,
 #    lower rates (-R at 80/60/40/20% of its TPS) are tried to find the highest one it does.
 # 3. Correctness: at the end, with the target drained, ordered checksums of every table on
-#    both sides (lat without `arrived`); any difference fails the run (exit 1).
+#    both sides (lat without `arrived`); any difference fails the run (exit 1). The logical
+#    replication pair is compared the same way and reported (its difference does not fail the run).
 # For every measured run, CPU busy in cores (from /proc): the machine, the loaded server, the
 # target server, the daemon process, the daemon's sessions on the source, pgbench, and "other"
 # (everything else on the machine: a run with other above ~0.1 core measured the machine).
@@ -44,6 +51,7 @@
 #   POLL_INTERVAL=50ms pgferry run --poll-interval
 #   DAEMON_ARGS=       more `pgferry run` options, e.g. "--max-round-pause 50ms" (word-split)
 #   KEEPUP_DRAIN=5     a daemon phase keeps up if it drains within this many seconds
+#   LOGICAL=1          0 leaves out the native logical replication phase (and its cluster)
 #   WARMUP=10          seconds of unmeasured full-speed pgbench on source and twin first
 #   IDLE_COMMITS=20 IDLE_GAP=0.3   single-row commits on the idle source, and the gap (s)
 #   KEEP=DIR           copy the per-second samples, pgbench logs and the daemon's log there
@@ -73,6 +81,8 @@ WARMUP=${WARMUP:-10}
 IDLE_COMMITS=${IDLE_COMMITS:-20}
 IDLE_GAP=${IDLE_GAP:-0.3}
 KEEP=${KEEP:-}
+LOGICAL=${LOGICAL:-1}
+[[ $LOGICAL == 0 || $LOGICAL == 1 ]] || { echo "daemon: LOGICAL must be 0 or 1" >&2; exit 2; }
 DRAIN_TIMEOUT=600
 [[ $KEEPUP_DRAIN =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "daemon: KEEPUP_DRAIN must be a number (seconds)" >&2; exit 2; }
 [[ $IDLE_GAP =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "daemon: IDLE_GAP must be a number (seconds)" >&2; exit 2; }
@@ -115,22 +125,39 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 q() { "$PSQL" -X -q -At -v ON_ERROR_STOP=1 "$1" -c "$2"; }
 
 # --- clusters and data -------------------------------------------------------------------
-log "starting three clusters (source, target, no-capture twin)"
 conf=("shared_buffers=256MB" "max_wal_size=4GB" "checkpoint_timeout=30min")
+if ((LOGICAL)); then
+    log "starting four clusters (source, target, no-capture twin, logical replication publisher)"
+else
+    log "starting three clusters (source, target, no-capture twin)"
+fi
 pg_throwaway src "${conf[@]}"
 pg_throwaway dst "${conf[@]}" "track_commit_timestamp=on"
 pg_throwaway twin "${conf[@]}"
 S="$DSN_src dbname=bench"; T="$DSN_dst dbname=bench"; B="$DSN_twin dbname=bench"
+# P: the logical replication publisher; L: its subscriber, a second database of the target cluster.
+P="" L=""
+DBS=("$S" "$T" "$B")
+if ((LOGICAL)); then
+    pg_throwaway pub "${conf[@]}" "wal_level=logical"
+    P="$DSN_pub dbname=bench"; L="$DSN_dst dbname=logical"
+    DBS+=("$P" "$L")
+    q "$DSN_pub dbname=postgres" "CREATE DATABASE bench"
+    q "$DSN_dst dbname=postgres" "CREATE DATABASE logical"
+fi
 for d in "$DSN_src" "$DSN_dst" "$DSN_twin"; do q "$d dbname=postgres" "CREATE DATABASE bench"; done
 PG_VERSION=$(q "$S" "SHOW server_version"); PG_VERSION=${PG_VERSION%% *}
 log "loading pgbench -i -s $SCALE on each"
-for d in "$S" "$T" "$B"; do
+for d in "${DBS[@]}"; do
     "$PGBENCH" -i -s "$SCALE" -q "$d" >"$W/init.log" 2>&1 || { cat "$W/init.log" >&2; die "pgbench -i failed"; }
     q "$d" "ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY"
 done
 q "$S" "CREATE TABLE lat (id bigserial PRIMARY KEY, t0 timestamptz NOT NULL)"
 q "$T" "CREATE TABLE lat (id bigserial PRIMARY KEY, t0 timestamptz NOT NULL, arrived timestamptz DEFAULT clock_timestamp())"
-for d in "$S" "$T" "$B"; do q "$d" "VACUUM ANALYZE"; done
+if ((LOGICAL)); then
+    for d in "$P" "$L"; do q "$d" "CREATE TABLE lat (id bigserial PRIMARY KEY, t0 timestamptz NOT NULL)"; done
+fi
+for d in "${DBS[@]}"; do q "$d" "VACUUM ANALYZE"; done
 
 # Ordered checksum of every table; lat without the target's arrival column.
 TABLES=("pgbench_accounts aid t" "pgbench_branches bid t" "pgbench_tellers tid t" "pgbench_history hid t" "lat id ROW(t.id,t.t0)")
@@ -143,6 +170,12 @@ checksums() { # DSN -> one line per table
 }
 log "checking that source and target start equal"
 [[ "$(checksums "$S")" == "$(checksums "$T")" ]] || die "source and target differ after loading"
+if ((LOGICAL)); then
+    [[ "$(checksums "$P")" == "$(checksums "$L")" ]] || die "publisher and subscriber differ after loading"
+    # Both were loaded alike, so the subscription starts without a copy, as pgferry's target does.
+    q "$P" "CREATE PUBLICATION bench FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, lat"
+    q "$L" "CREATE SUBSCRIPTION bench CONNECTION '$DSN_pub dbname=bench' PUBLICATION bench WITH (copy_data = false)"
+fi
 
 out=$("$PGFERRY_BIN" install --source "$S" 2>&1) || { log "$out"; die "pgferry install failed"; }
 
@@ -198,12 +231,13 @@ start_sampler() { # FILE T0: one line a second: seconds-since-T0 rss_kib lag pen
     ) &
     SAMPLER_PID=$!
 }
-drain() { # seconds from now until a marker committed now is on the target
+drain() { drain_to "$S" "$T"; }
+drain_to() { # SOURCE TARGET: seconds from now until a marker committed now on SOURCE is on TARGET
     local t0 id deadline
     t0=$(now)
-    id=$(q "$S" "INSERT INTO lat (t0) VALUES (clock_timestamp()) RETURNING id")
+    id=$(q "$1" "INSERT INTO lat (t0) VALUES (clock_timestamp()) RETURNING id")
     deadline=$(($(date +%s) + DRAIN_TIMEOUT))
-    until [[ $(q "$T" "SELECT count(*) FROM lat WHERE id = $id") == 1 ]]; do
+    until [[ $(q "$2" "SELECT count(*) FROM lat WHERE id = $id") == 1 ]]; do
         [[ $(date +%s) -lt $deadline ]] || die "the target did not catch up within $DRAIN_TIMEOUT s"
         [[ -n $DAEMON_PID ]] && ! kill -0 "$DAEMON_PID" 2>/dev/null && die "pgferry run died"
         sleep 0.05
@@ -211,7 +245,7 @@ drain() { # seconds from now until a marker committed now is on the target
     elapsed "$t0" "$(now)"
 }
 delta_size() { q "$S" "SELECT count(*) || ' ' || pg_total_relation_size('pgferry.delta') FROM pgferry.delta"; }
-settle() { for d in "$S" "$T" "$B"; do q "$d" "VACUUM"; q "$d" "CHECKPOINT"; done; }
+settle() { for d in "${DBS[@]}"; do q "$d" "VACUUM"; q "$d" "CHECKPOINT"; done; }
 pgbench_run() { # DSN LOGFILE ARGS... -> prints tps
     local dsn=$1 logf=$2; shift 2
     /usr/bin/time -f '%U %S' -o "$logf.cpu" "$PGBENCH" -n -P 5 -c "$CLIENTS" -j "$JOBS" "$@" "$dsn" >"$logf" 2>&1 ||
@@ -245,19 +279,20 @@ pid_ticks() { # PID...
     for p in "$@"; do s=$((s + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0))); done
     echo "$s"
 }
-cpu_snapshot() { # machine source_cluster target_cluster twin_cluster daemon daemon_source_sessions
+cpu_snapshot() { # machine source_cluster target_cluster twin_cluster daemon daemon_source_sessions pub_cluster
     local pids
     pids=$(q "$S" "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgferry%'" | tr '\n' ' ')
     # shellcheck disable=SC2086
-    echo "$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat) $(cluster_ticks src) $(cluster_ticks dst) $(cluster_ticks twin) $(if [[ -n $DAEMON_PID ]]; then pid_ticks "$DAEMON_PID"; else echo 0; fi) $(pid_ticks $pids)"
+    echo "$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat) $(cluster_ticks src) $(cluster_ticks dst) $(cluster_ticks twin) $(if [[ -n $DAEMON_PID ]]; then pid_ticks "$DAEMON_PID"; else echo 0; fi) $(pid_ticks $pids) $(if ((LOGICAL)); then cluster_ticks pub; else echo 0; fi)"
 }
-cpu_cores() { # SNAP0 SNAP1 SECONDS PGBENCH_LOG -> cores busy: machine src dst twin daemon daemon_src pgbench other
-    # other = machine - the three servers - the daemon - pgbench: this script's samplers and
+cpu_cores() { # SNAP0 SNAP1 SECONDS PGBENCH_LOG -> cores busy: machine src dst twin daemon daemon_src pgbench other pub
+    # other = machine - the servers - the daemon - pgbench: this script's samplers and
     # anything else running on the machine (a busy machine shows here).
     awk -v a="$1" -v b="$2" -v s="$3" -v hz="$HZ" -v pg="$(awk '{ print $1 + $2 }' "$4.cpu" 2>/dev/null || echo 0)" 'BEGIN {
         split(a, x, " "); split(b, y, " ");
-        for (i = 1; i <= 6; i++) { c[i] = (y[i] - x[i]) / hz / s; printf "%.2f ", c[i] }
-        p = pg / s; o = c[1] - c[2] - c[3] - c[4] - c[5] - p; printf "%.2f %.2f\n", p, (o < 0 ? 0 : o) }'
+        for (i = 1; i <= 7; i++) c[i] = (y[i] - x[i]) / hz / s
+        for (i = 1; i <= 6; i++) printf "%.2f ", c[i]
+        p = pg / s; o = c[1] - c[2] - c[3] - c[4] - c[7] - c[5] - p; printf "%.2f %.2f %.2f\n", p, (o < 0 ? 0 : o), c[7] }'
 }
 
 start_daemon
@@ -265,6 +300,7 @@ log "daemon up (pid $DAEMON_PID, metrics on $METRICS); warm-up: ${WARMUP}s of pg
 if ((WARMUP > 0)); then
     pgbench_run "$S" "$W/warm.log" -b tpcb-like -T "$WARMUP" >/dev/null
     pgbench_run "$B" "$W/warm.log" -b tpcb-like -T "$WARMUP" >/dev/null
+    if ((LOGICAL)); then pgbench_run "$P" "$W/warm.log" -b tpcb-like -T "$WARMUP" >/dev/null; fi
 fi
 drain >/dev/null
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -325,15 +361,17 @@ for rate in $RATES; do
     log "    tps ${L[$rate,tps]}, latency p50 ${L[$rate,p50]} p95 ${L[$rate,p95]} p99 ${L[$rate,p99]} ms, RSS max ${L[$rate,rss_max]} KiB, delta ${L[$rate,delta_rows]} rows"
 done
 
-# --- 2. full speed: no capture, capture, capture + daemon ---------------------------------
+# --- 2. full speed: no capture, capture, capture + daemon, native logical replication -------
 declare -A TPS K CPU
 CATCHUPS=()
-LABELS=([0]="no capture (twin)" [1]="capture, daemon stopped" [2]="capture + daemon")
+LABELS=([0]="no capture (twin)" [1]="capture, daemon stopped" [2]="capture + daemon" [3]="native logical replication")
 KEY=(none capture daemon)
+ORDER="ABC/CBA"
+if ((LOGICAL)); then KEY+=(logical); ORDER="ABCD/DCBA"; fi
 full_phase() { # PHASE ROUND
     local p=$1 r=$2 t0 t1 dur f rs rn
     case $p in
-        none | capture) [[ -n $DAEMON_PID ]] && halt_daemon ;;
+        none | capture | logical) [[ -n $DAEMON_PID ]] && halt_daemon ;;
         daemon)
             if [[ -z $DAEMON_PID ]]; then
                 local backlog
@@ -350,12 +388,18 @@ full_phase() { # PHASE ROUND
     settle
     log "[round $r/$ROUNDS] full speed, $p: pgbench -b tpcb-like -T $TPS_DURATION -c $CLIENTS -j $JOBS"
     if [[ $p != daemon ]]; then
-        local dsn=$S c0; [[ $p == none ]] && dsn=$B
+        local dsn=$S c0
+        case $p in none) dsn=$B ;; logical) dsn=$P ;; esac
         t0=$(now); c0=$(cpu_snapshot)
         TPS[$p,$r]=$(pgbench_run "$dsn" "$W/full-$p-$r.log" -b tpcb-like -T "$TPS_DURATION")
         CPU[$p,$r]=$(cpu_cores "$c0" "$(cpu_snapshot)" "$(elapsed "$t0" "$(now)")" "$W/full-$p-$r.log")
         [[ $p == capture ]] && K[capture_delta,$r]=$(delta_size)
-        log "    tps ${TPS[$p,$r]}"
+        if [[ $p == logical ]]; then
+            K[logical_drain,$r]=$(drain_to "$P" "$L")
+            log "    tps ${TPS[$p,$r]}, the subscriber drained in ${K[logical_drain,$r]} s"
+        else
+            log "    tps ${TPS[$p,$r]}"
+        fi
         return 0
     fi
     f=$W/full-$r.samples
@@ -387,7 +431,8 @@ full_phase() { # PHASE ROUND
     log "    tps ${TPS[$p,$r]}, lag max ${K[lag_max,$r]} s, drained in ${K[drain,$r]} s, keeps up: ${K[keeps_up,$r]}"
 }
 for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2 == 1)); then order=(none capture daemon); else order=(daemon capture none); fi
+    order=("${KEY[@]}")
+    if ((r % 2 == 0)); then for ((i = 0; i < ${#KEY[@]}; i++)); do order[i]=${KEY[-1 - i]}; done; fi
     for p in "${order[@]}"; do full_phase "$p" "$r"; done
 done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -399,7 +444,7 @@ mean() { # PHASE
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 declare -A MEAN
-for p in none capture daemon; do MEAN[$p]=$(mean "$p"); done
+for p in "${KEY[@]}"; do MEAN[$p]=$(mean "$p"); done
 
 # Highest rate kept up: the full rate if every daemon phase kept up, else search below it.
 all_kept=true
@@ -438,12 +483,17 @@ halt_daemon
 log "comparing checksums of every table"
 checksums "$S" >"$W/sum.src"; checksums "$T" >"$W/sum.dst"
 if cmp -s "$W/sum.src" "$W/sum.dst"; then CHECK=equal; else CHECK=DIFFERENT; diff "$W/sum.src" "$W/sum.dst" >&2 || true; fi
+LCHECK=null
+if ((LOGICAL)); then
+    drain_to "$P" "$L" >/dev/null
+    if [[ "$(checksums "$P")" == "$(checksums "$L")" ]]; then LCHECK=equal; else LCHECK=DIFFERENT; fi
+fi
 read -r FINAL_DELTA_ROWS FINAL_DELTA_BYTES <<<"$(delta_size)"
 
 # --- report --------------------------------------------------------------------------------
 CPUS=$(nproc)
 mib() { awk -v k="$1" 'BEGIN { if (k == "null" || k == "NA") print "?"; else printf "%.1f", k / 1024 }'; }
-cpu_json() { read -r a b c d e f g h <<<"$1"; echo "{\"machine\":$a,\"source\":$b,\"target\":$c,\"twin\":$d,\"daemon\":$e,\"daemon_source_sessions\":$f,\"pgbench\":$g,\"other\":$h}"; }
+cpu_json() { read -r a b c d e f g h i <<<"$1"; echo "{\"machine\":$a,\"source\":$b,\"target\":$c,\"twin\":$d,\"daemon\":$e,\"daemon_source_sessions\":$f,\"pgbench\":$g,\"other\":$h,\"publisher\":$i}"; }
 mib_b() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 if [[ $JSON == 1 ]]; then
     j="{\"postgresql\":\"$PG_VERSION\",\"cpus\":$CPUS,\"loadavg_start\":\"$LOAD_START\",\"loadavg_end\":\"$LOAD_END\""
@@ -461,13 +511,17 @@ if [[ $JSON == 1 ]]; then
         j+=",\"capture_rows_gauge_max\":${L[$rate,capture_max]},\"delta_rows_max\":${L[$rate,delta_max]},\"delta_bytes_max\":${L[$rate,delta_bytes_max]},\"cpu_cores\":$(cpu_json "${L[$rate,cpu]}"),\"delta_end_rows\":${L[$rate,delta_rows]},\"delta_end_bytes\":${L[$rate,delta_bytes]}}"
         sep=","
     done
-    j+="],\"full_speed\":{\"duration_s\":$TPS_DURATION,\"rounds\":$ROUNDS,\"order\":\"ABC/CBA\",\"phases\":{"
+    j+="],\"full_speed\":{\"duration_s\":$TPS_DURATION,\"rounds\":$ROUNDS,\"order\":\"$ORDER\",\"phases\":{"
     sep=""
-    for p in none capture daemon; do
+    for p in "${KEY[@]}"; do
         list=""; for ((r = 1; r <= ROUNDS; r++)); do list+="${list:+,}${TPS[$p,$r]}"; done
         cl=""; for ((r = 1; r <= ROUNDS; r++)); do cl+="${cl:+,}$(cpu_json "${CPU[$p,$r]}")"; done
         j+="$sep\"$p\":{\"cpu_cores\":[$cl],\"tps\":[$list],\"tps_mean\":${MEAN[$p]},\"ratio\":$(ratio "${MEAN[$p]}" "${MEAN[none]}")}"
         [[ $p == daemon ]] && j="${j%\}},\"ratio_to_capture\":$(ratio "${MEAN[daemon]}" "${MEAN[capture]}")}"
+        if [[ $p == logical ]]; then
+            dl=""; for ((r = 1; r <= ROUNDS; r++)); do dl+="${dl:+,}${K[logical_drain,$r]}"; done
+            j="${j%\}},\"drain_s\":[$dl]}"
+        fi
         sep=","
     done
     j+="},\"daemon_rounds\":["
@@ -488,7 +542,7 @@ if [[ $JSON == 1 ]]; then
     sep=""
     for s in "${SEARCH[@]}"; do read -r a b c d <<<"$s"; j+="$sep{\"rate\":$a,\"tps\":$b,\"drain_s\":$c,\"keeps_up\":$d}"; sep=","; done
     stops=""; for s in "${STOP_RCS[@]}"; do stops+="${stops:+,}$s"; done
-    j+="]},\"daemon_rss_hwm_kib\":$RSS_HWM,\"sigterm_exit_codes\":[$stops],\"delta_final\":{\"rows\":$FINAL_DELTA_ROWS,\"bytes\":$FINAL_DELTA_BYTES},\"checksums\":\"$CHECK\"}"
+    j+="]},\"daemon_rss_hwm_kib\":$RSS_HWM,\"sigterm_exit_codes\":[$stops],\"delta_final\":{\"rows\":$FINAL_DELTA_ROWS,\"bytes\":$FINAL_DELTA_BYTES},\"checksums\":\"$CHECK\",\"logical_replication_checksums\":$([[ $LCHECK == null ]] && echo null || echo "\"$LCHECK\"")}"
     echo "$j"
 else
     echo "daemon benchmark, PostgreSQL $PG_VERSION, pgbench scale $SCALE, -c $CLIENTS -j $JOBS, pgferry run --poll-interval $POLL_INTERVAL${DAEMON_ARGS:+ $DAEMON_ARGS}"
@@ -512,16 +566,20 @@ else
     echo "  p50..max: target commit time (pg_xact_commit_timestamp) - t0; arr.*: the target's arrived default - t0"
     echo "  rss_MiB: daemon VmRSS max (start ${L[${RATES%% *},rss_start]} KiB); delta_max: most rows in pgferry.delta (count(*) each second); delta_end: rows/size of pgferry.delta 2 s after the drain"
     echo
-    echo "full speed (pgbench -b tpcb-like, no -R, $TPS_DURATION s x $ROUNDS rounds, ABC/CBA)"
+    echo "full speed (pgbench -b tpcb-like, no -R, $TPS_DURATION s x $ROUNDS rounds, $ORDER)"
     hdr=$(printf '%-26s' phase); for ((r = 1; r <= ROUNDS; r++)); do hdr+=$(printf ' %8s' "tps(r$r)"); done
     echo "$hdr $(printf '%9s %8s %10s' mean ratio vs_capture)"
-    for i in 0 1 2; do
+    for i in "${!KEY[@]}"; do
         p=${KEY[$i]}; line=$(printf '%-26s' "${LABELS[$i]}")
         for ((r = 1; r <= ROUNDS; r++)); do line+=$(printf ' %8.1f' "${TPS[$p,$r]}"); done
         vs=""; [[ $p == daemon ]] && vs=$(ratio "${MEAN[daemon]}" "${MEAN[capture]}")
         echo "$line $(printf '%9s %8s %10s' "${MEAN[$p]}" "$(ratio "${MEAN[$p]}" "${MEAN[none]}")" "$vs")"
     done
     echo "  ratio: phase mean / no-capture mean (1.00 = no cost); vs_capture: capture + daemon / capture alone (the daemon's own cost)"
+    if ((LOGICAL)); then
+        dl=""; for ((r = 1; r <= ROUNDS; r++)); do dl+="${dl:+, }${K[logical_drain,$r]}"; done
+        echo "  native logical replication: pgbench on the publisher (wal_level=logical), subscription applying on the target cluster; drained in $dl s after pgbench ended"
+    fi
     echo
     echo "keep-up during capture + daemon at full speed (lag = pgferry_lag_seconds, sampled each second)"
     printf '%-5s %8s %8s %7s %7s %7s %7s %8s %8s %9s %8s %9s %8s %8s %8s\n' round tps lag_max lag25% lag50% lag75% lag100% lag+5s drain_s keeps_up pend_max delta_max rounds round_ms rss_MiB
@@ -535,17 +593,22 @@ else
     for ((r = 1; r <= ROUNDS; r++)); do read -r a b <<<"${K[capture_delta,$r]}"; echo "capture phase $r left $a capture rows ($(mib_b "$b") MiB) in pgferry.delta"; done
     for c in "${CATCHUPS[@]}"; do read -r a b <<<"$c"; echo "daemon restarted on a backlog of $a capture rows: caught up in $b s"; done
     echo
-    echo "CPU busy during each measured run, in cores (of $CPUS); source = the loaded server (the twin for no capture)"
-    printf '%-26s %8s %8s %8s %8s %11s %8s %6s\n' run machine source target daemon daemon_src pgbench other
-    cpu_line() { read -r a b c d e f g h <<<"$2"; printf '%-26s %8s %8s %8s %8s %11s %8s %6s\n' "$1" "$a" "$([[ $1 == *"no capture"* ]] && echo "$d" || echo "$b")" "$c" "$e" "$f" "$g" "$h"; }
+    echo "CPU busy during each measured run, in cores (of $CPUS); source = the loaded server (the twin for no capture, the publisher for logical replication)"
+    printf '%-30s %8s %8s %8s %8s %11s %8s %6s\n' run machine source target daemon daemon_src pgbench other
+    cpu_line() {
+        read -r a b c d e f g h i <<<"$2"
+        case $1 in *"no capture"*) b=$d ;; *logical*) b=$i ;; esac
+        printf '%-30s %8s %8s %8s %8s %11s %8s %6s\n' "$1" "$a" "$b" "$c" "$e" "$f" "$g" "$h"
+    }
     for rate in $RATES; do cpu_line "latency -R $rate" "${L[$rate,cpu]}"; done
-    for ((r = 1; r <= ROUNDS; r++)); do for i in 0 1 2; do cpu_line "${LABELS[$i]} r$r" "${CPU[${KEY[$i]},$r]}"; done; done
-    echo "  daemon_src: the daemon's sessions on the source (included in source); target: the whole target server;"
+    for ((r = 1; r <= ROUNDS; r++)); do for i in "${!KEY[@]}"; do cpu_line "${LABELS[$i]} r$r" "${CPU[${KEY[$i]},$r]}"; done; done
+    echo "  daemon_src: the daemon's sessions on the source (included in source); target: the whole target server (with the subscription's apply worker);"
     echo "  other: machine - servers - daemon - pgbench (this script's sampling, and anything else running: noise)"
     echo
     echo "daemon peak RSS (VmHWM) over the run: $(mib "$RSS_HWM") MiB; exit codes after SIGTERM: ${STOP_RCS[*]}"
     echo "pgferry.delta at the very end: $FINAL_DELTA_ROWS rows, $(mib_b "$FINAL_DELTA_BYTES") MiB"
     echo "checksums of every table, source vs target: $CHECK"
+    if ((LOGICAL)); then echo "checksums of every table, logical replication publisher vs subscriber: $LCHECK"; fi
 fi
 if [[ -n $KEEP ]]; then
     mkdir -p "$KEEP"
