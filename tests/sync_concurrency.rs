@@ -496,6 +496,20 @@ fn a_truncate_queued_behind_a_prefetching_round_does_not_hang_it() {
             )) == "1"
         },
     );
+    // The round locks t on the source while its target waits (the two start side by side):
+    // the TRUNCATE must come after that lock, or it wins and the round starts over.
+    let poll = Conn::open(&source.dsn());
+    wait_for(
+        Duration::from_secs(20),
+        "the round to lock t on the source",
+        || {
+            poll.text(
+                "SELECT count(*) FROM pg_locks l
+                  WHERE l.relation = 't'::regclass AND l.mode = 'AccessShareLock' AND l.granted
+                    AND l.pid <> pg_backend_pid()",
+            ) != "0"
+        },
+    );
     // The application truncates t: it queues behind the round's ACCESS SHARE lock.
     let app = {
         let dsn = source.dsn();
@@ -506,7 +520,6 @@ fn a_truncate_queued_behind_a_prefetching_round_does_not_hang_it() {
             (result, started.elapsed())
         })
     };
-    let poll = Conn::open(&source.dsn());
     let locks = format!(
         "SELECT coalesce(string_agg(coalesce(nullif(application_name, ''), 'application') || ' waits for '
                                     || wait_event || ': ' || left(query, 60), E'\\n' ORDER BY pid), '')
