@@ -21,7 +21,7 @@
 //!   in proportion to its changes and at most [`SyncOptions::max_round_pause`], so that under a
 //!   heavy load each round carries more changes and the per-round costs (snapshot, statements,
 //!   two commits) are paid less often: those rounds, not the changes, were most of what
-//!   replication cost a saturated source. When every round is paced, a longer pause
+//!   replication cost a saturated source. When nearly every round is paced, a longer pause
 //!   ([`SyncOptions::saturated_round_pause`]) is tried, and kept while the source commits more
 //!   under it.
 //! - **Outages.** Any error ends the task's connections; it reconnects with capped exponential

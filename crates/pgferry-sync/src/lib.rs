@@ -61,7 +61,7 @@ pub struct SyncOptions {
     /// [`DEFAULT_MAX_ROUND_PAUSE`].
     pub max_round_pause: std::time::Duration,
     /// The daemon: the pause tried, and kept while it raises the source's change rate, when
-    /// every round is paced ([`pace::Pacer`]); zero (or not above `max_round_pause`) never
+    /// nearly every round is paced ([`pace::Pacer`]); zero (or not above `max_round_pause`) never
     /// tries it. Default [`DEFAULT_SATURATED_ROUND_PAUSE`].
     pub saturated_round_pause: std::time::Duration,
 }

@@ -44,7 +44,7 @@ pub struct RunArgs {
     /// of 50 changes or fewer is followed at once). 0 starts every round at once.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = config::parse_round_pause, conflicts_with = "config")]
     pub max_round_pause: Duration,
-    /// Without --config: when every round is paced (the source writes without let-up), try
+    /// Without --config: when nearly every round is paced (the source writes without let-up), try
     /// this longer pause between rounds for a few seconds, and keep it while the source commits
     /// more changes per second under it than with --max-round-pause (a saturated source whose
     /// CPU or disk the rounds share); checked again every 30 s, dropped when the load falls. 0
