@@ -59,7 +59,7 @@
 #   PGFERRY_BIN=       use this pgferry binary instead of `cargo build --release -p pgferry`
 #   PG_BIN=/usr/lib/postgresql/15/bin   server and client binaries
 # Progress goes to stderr, the result to stdout. Everything shares this machine's CPUs:
-# pgbench, three servers and the daemon. Needs bash, awk, curl, python3, /usr/bin/time and
+# pgbench, the servers and the daemon. Needs bash, awk, curl, python3, /usr/bin/time and
 # runuser (as root).
 set -euo pipefail
 export LC_ALL=C
