@@ -426,26 +426,27 @@ async fn follow(
     let name = prepared.entry.name;
     let ids: Vec<i32> = info.tables.keys().copied().collect();
     tracing::info!(sync = %spec.name, target = %label, snapshot = previous.as_deref().unwrap_or("none"), "target connected");
-    state.send_modify(|s| {
-        let t = &mut s.targets[index];
-        t.up = true;
-        t.error = None;
-        t.snapshot = previous.clone();
-    });
-    metrics::gauge!("pgferry_target_up", "sync" => spec.name.clone(), "target" => label.clone())
-        .set(1.0);
-    let mut wait = Duration::ZERO;
     // A new connection starts with the normal pacing.
     let mut pacer = pace::Pacer::new(
         spec.options.max_round_pause,
         spec.options.saturated_round_pause,
         Instant::now(),
     );
-    if state.borrow().targets[index].long_pauses {
-        state.send_modify(|s| s.targets[index].long_pauses = false);
+    let was_long = state.borrow().targets[index].long_pauses;
+    state.send_modify(|s| {
+        let t = &mut s.targets[index];
+        t.up = true;
+        t.error = None;
+        t.snapshot = previous.clone();
+        t.long_pauses = false;
+    });
+    metrics::gauge!("pgferry_target_up", "sync" => spec.name.clone(), "target" => label.clone())
+        .set(1.0);
+    if was_long {
         metrics::gauge!("pgferry_long_pauses", "sync" => spec.name.clone(), "target" => label.clone())
             .set(0.0);
     }
+    let mut wait = Duration::ZERO;
     // The tables of the last round that applied changes: the next round locks them before its
     // snapshot, which spares it the check for a TRUNCATE after it (round.rs).
     let mut expected: Vec<i32> = Vec::new();
@@ -581,14 +582,17 @@ async fn follow(
             tracing::debug!(sync = %spec.name, target = %label, changes, rows, seconds, snapshot = %outcome.snapshot, "round applied");
         }
         let (pause, decision) = pacer.after_round(started, changes);
-        if let Some(d) = decision {
+        let long = decision.map(|d| {
             log_pacing(&spec.name, &label, d);
             let long = d.mode == pace::Mode::Long;
             metrics::gauge!("pgferry_long_pauses", &labels).set(if long { 1.0 } else { 0.0 });
-            state.send_modify(|s| s.targets[index].long_pauses = long);
-        }
+            long
+        });
         state.send_modify(|s| {
             let t = &mut s.targets[index];
+            if let Some(long) = long {
+                t.long_pauses = long;
+            }
             t.snapshot = Some(outcome.snapshot.clone());
             t.rounds += 1;
             t.rows += rows;
