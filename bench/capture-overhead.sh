@@ -16,6 +16,9 @@
 #   DURATION=30      seconds of pgbench per phase
 #   ROUNDS=2         rounds; odd rounds run phases in order, even rounds in reverse (ABBA)
 #   VARIANTS=        "notify": also measure capture plus a per-row pg_notify() wake-up trigger
+#   STATEMENTS=0     1: also, in every phase, one pgbench client (-M prepared, 8 s) with
+#                    pg_stat_statements (loaded into the cluster for this): each write's mean
+#                    server time in µs, its triggers included; reported as the least over rounds
 #   JSON=1           same as --json: print one JSON object on stdout instead of the table
 #   PGFERRY_BIN=     use this pgferry binary instead of `cargo build --release -p pgferry`
 #   PG_BIN=/usr/lib/postgresql/15/bin   server binaries (initdb, pg_ctl; pgbench/psql if there)
@@ -38,6 +41,8 @@ done
 DURATION=${DURATION:-30}
 ROUNDS=${ROUNDS:-2}
 VARIANTS=${VARIANTS:-}
+STATEMENTS=${STATEMENTS:-0}
+[[ $STATEMENTS == 1 ]] || STATEMENTS=0
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SCALE=10
 CLIENTS=2
@@ -121,6 +126,9 @@ shared_buffers = 512MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 EOF
+if [[ $STATEMENTS == 1 ]]; then
+    echo "shared_preload_libraries = 'pg_stat_statements'" >>"$PGDATA_DIR/postgresql.conf"
+fi
 
 for attempt in 1 2 3; do
     PORT=$(free_port)
@@ -154,12 +162,37 @@ CREATE TABLE bulk (id int PRIMARY KEY, v int);
 INSERT INTO bulk SELECT g, 0 FROM generate_series(1, $BULK_ROWS) g;
 VACUUM ANALYZE;
 EOF
+if [[ $STATEMENTS == 1 ]]; then sql -c 'CREATE EXTENSION pg_stat_statements'; fi
 
 # --- phases --------------------------------------------------------------------------------
 PHASES=(none capture)
 [[ $VARIANTS == *notify* ]] && PHASES+=(notify)
 declare -A LABEL=([none]="no capture" [capture]="capture" [notify]="capture+notify")
 declare -A TPS BULK DELTA_ROWS DELTA_BYTES   # keyed "phase,round"
+declare -A STMT_US                           # keyed "phase,round,statement"
+STMT_NAMES=(insert_history update_accounts update_tellers update_branches)
+
+# One client, prepared statements, pg_stat_statements reset first: each tpcb-like write's mean
+# server time (triggers included) in µs, without the contention of the TPS runs.
+measure_statements() { # phase round
+    local out rows name us
+    sql -c 'VACUUM' -c 'CHECKPOINT' -c 'SELECT pg_stat_statements_reset()' >/dev/null
+    out=$("$PGBENCH" -n -b tpcb-like -c 1 -M prepared -T 8 bench 2>&1) ||
+        { log "$out"; die "single-client pgbench failed in phase ${LABEL[$1]}"; }
+    rows=$(sql_value "SELECT CASE WHEN query LIKE 'INSERT INTO pgbench_history%' THEN 'insert_history'
+                                  WHEN query LIKE 'UPDATE pgbench_accounts%' THEN 'update_accounts'
+                                  WHEN query LIKE 'UPDATE pgbench_tellers%' THEN 'update_tellers'
+                                  ELSE 'update_branches' END
+                             || ' ' || round((mean_exec_time * 1000)::numeric, 1)
+                        FROM pg_stat_statements
+                       WHERE query ~ '^(INSERT INTO pgbench_history|UPDATE pgbench_(accounts|tellers|branches))'")
+    while read -r name us; do
+        [[ -n $name ]] && STMT_US[$1,$2,$name]=$us
+    done <<<"$rows"
+    for name in "${STMT_NAMES[@]}"; do
+        [[ -n ${STMT_US[$1,$2,$name]:-} ]] || die "pg_stat_statements has no $name in phase ${LABEL[$1]}"
+    done
+}
 
 NOTIFY_TABLES=(pgbench_accounts pgbench_branches pgbench_tellers pgbench_history bulk)
 
@@ -225,6 +258,7 @@ run_phase() { # phase round
     [[ -n $ms ]] || { log "$out"; die "no timing in the psql output"; }
     TPS[$phase,$round]=$tps
     BULK[$phase,$round]=$ms
+    if [[ $STATEMENTS == 1 ]]; then measure_statements "$phase" "$round"; fi
     teardown_phase "$phase" "$round"
     local extra=""
     [[ $phase != none ]] && extra=", pgferry.delta ${DELTA_ROWS[$phase,$round]} rows / ${DELTA_BYTES[$phase,$round]} bytes"
@@ -260,6 +294,16 @@ mean() { # mean ARRAY_NAME phase
     awk 'BEGIN { s = 0; for (i = 1; i < ARGC; i++) s += ARGV[i]; printf "%.3f", s / (ARGC - 1) }' "${vals[@]}"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
+stmt_least() { # stmt_least phase statement: the least of its rounds' mean server times
+    local r vals=()
+    for ((r = 1; r <= ROUNDS; r++)); do vals+=("${STMT_US[$1,$r,$2]}"); done
+    awk 'BEGIN { m = ARGV[1]; for (i = 2; i < ARGC; i++) if (ARGV[i] + 0 < m + 0) m = ARGV[i]; printf "%.1f", m }' "${vals[@]}"
+}
+stmt_sum() { # stmt_sum phase: the four writes' least times added up
+    local n t=0
+    for n in "${STMT_NAMES[@]}"; do t=$(awk -v a="$t" -v b="$(stmt_least "$1" "$n")" 'BEGIN { printf "%.1f", a + b }'); done
+    echo "$t"
+}
 
 declare -A TPS_MEAN BULK_MEAN TPS_RATIO BULK_RATIO DROWS_MEAN DBYTES_MEAN
 for p in "${PHASES[@]}"; do
@@ -292,6 +336,15 @@ if [[ $JSON == 1 ]]; then
         j+=",\"bulk_update_ms\":[$(join "${bulk_r[@]}")],\"bulk_update_ms_mean\":${BULK_MEAN[$p]},\"bulk_update_ratio\":${BULK_RATIO[$p]}"
         if [[ $p != none ]]; then
             j+=",\"delta_rows\":[$(join "${drows_r[@]}")],\"delta_bytes\":[$(join "${dbytes_r[@]}")]"
+        fi
+        if [[ $STATEMENTS == 1 ]]; then
+            st=()
+            for n in "${STMT_NAMES[@]}"; do
+                per=()
+                for ((r = 1; r <= ROUNDS; r++)); do per+=("${STMT_US[$p,$r,$n]}"); done
+                st+=("\"$n\":{\"us\":[$(join "${per[@]}")],\"least_us\":$(stmt_least "$p" "$n")}")
+            done
+            j+=",\"statement_server_us\":{$(join "${st[@]}"),\"sum_least_us\":$(stmt_sum "$p")}"
         fi
         phases_json+=("$j}")
     done
@@ -339,5 +392,15 @@ for p in "${PHASES[@]}"; do
     printf 'pgferry.delta at the end of a %s phase: %.0f rows, %.1f MiB (mean over rounds)\n' \
         "${LABEL[$p]}" "${DROWS_MEAN[$p]}" "$(awk -v b="${DBYTES_MEAN[$p]}" 'BEGIN { print b / 1048576 }')"
 done
+if [[ $STATEMENTS == 1 ]]; then
+    echo
+    echo "server time per statement, one client, -M prepared (µs, pg_stat_statements mean_exec_time with triggers; least over rounds)"
+    printf '%-16s' phase; printf ' %16s' "${STMT_NAMES[@]}" sum; echo
+    for p in "${PHASES[@]}"; do
+        printf '%-16s' "${LABEL[$p]}"
+        for n in "${STMT_NAMES[@]}"; do printf ' %16s' "$(stmt_least "$p" "$n")"; done
+        printf ' %16s\n' "$(stmt_sum "$p")"
+    done
+fi
 echo "ratios: tps = phase mean / no-capture mean (1.00 = no cost); bulk = phase time / no-capture time"
 echo "host: $(nproc 2>/dev/null || echo '?') CPUs, load average at start $LOAD_START, at end $LOAD_END (a busy host makes these numbers noisy)"
