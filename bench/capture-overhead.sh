@@ -169,7 +169,7 @@ PHASES=(none capture)
 [[ $VARIANTS == *notify* ]] && PHASES+=(notify)
 declare -A LABEL=([none]="no capture" [capture]="capture" [notify]="capture+notify")
 declare -A TPS BULK DELTA_ROWS DELTA_BYTES   # keyed "phase,round"
-declare -A STMT_US                           # keyed "phase,round,statement"
+declare -A STMT_US                           # keyed "phase/statement,round", like the above
 STMT_NAMES=(insert_history update_accounts update_tellers update_branches)
 
 # One client, prepared statements, pg_stat_statements reset first: each tpcb-like write's mean
@@ -187,10 +187,10 @@ measure_statements() { # phase round
                         FROM pg_stat_statements
                        WHERE query ~ '^(INSERT INTO pgbench_history|UPDATE pgbench_(accounts|tellers|branches))'")
     while read -r name us; do
-        [[ -n $name ]] && STMT_US[$1,$2,$name]=$us
+        [[ -n $name ]] && STMT_US[$1/$name,$2]=$us
     done <<<"$rows"
     for name in "${STMT_NAMES[@]}"; do
-        [[ -n ${STMT_US[$1,$2,$name]:-} ]] || die "pg_stat_statements has no $name in phase ${LABEL[$1]}"
+        [[ -n ${STMT_US[$1/$name,$2]:-} ]] || die "pg_stat_statements has no $name in phase ${LABEL[$1]}"
     done
 }
 
@@ -294,15 +294,11 @@ mean() { # mean ARRAY_NAME phase
     awk 'BEGIN { s = 0; for (i = 1; i < ARGC; i++) s += ARGV[i]; printf "%.3f", s / (ARGC - 1) }' "${vals[@]}"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-stmt_least() { # stmt_least phase statement: the least of its rounds' mean server times
+least() { # least ARRAY_NAME key: the least of the rounds' values
+    local -n arr=$1
     local r vals=()
-    for ((r = 1; r <= ROUNDS; r++)); do vals+=("${STMT_US[$1,$r,$2]}"); done
+    for ((r = 1; r <= ROUNDS; r++)); do vals+=("${arr[$2,$r]}"); done
     awk 'BEGIN { m = ARGV[1]; for (i = 2; i < ARGC; i++) if (ARGV[i] + 0 < m + 0) m = ARGV[i]; printf "%.1f", m }' "${vals[@]}"
-}
-stmt_sum() { # stmt_sum phase: the four writes' least times added up
-    local n t=0
-    for n in "${STMT_NAMES[@]}"; do t=$(awk -v a="$t" -v b="$(stmt_least "$1" "$n")" 'BEGIN { printf "%.1f", a + b }'); done
-    echo "$t"
 }
 
 declare -A TPS_MEAN BULK_MEAN TPS_RATIO BULK_RATIO DROWS_MEAN DBYTES_MEAN
@@ -318,6 +314,14 @@ for p in "${PHASES[@]}"; do
         DBYTES_MEAN[$p]=$(mean DELTA_BYTES "$p")
     fi
 done
+declare -A STMT_LEAST STMT_SUM   # keyed "phase/statement" and "phase"
+if [[ $STATEMENTS == 1 ]]; then
+    for p in "${PHASES[@]}"; do
+        for n in "${STMT_NAMES[@]}"; do STMT_LEAST[$p/$n]=$(least STMT_US "$p/$n"); done
+        STMT_SUM[$p]=$(for n in "${STMT_NAMES[@]}"; do echo "${STMT_LEAST[$p/$n]}"; done |
+            awk '{ s += $1 } END { printf "%.1f", s }')
+    done
+fi
 
 if [[ $JSON == 1 ]]; then
     join() { local IFS=,; echo "$*"; }
@@ -341,10 +345,10 @@ if [[ $JSON == 1 ]]; then
             st=()
             for n in "${STMT_NAMES[@]}"; do
                 per=()
-                for ((r = 1; r <= ROUNDS; r++)); do per+=("${STMT_US[$p,$r,$n]}"); done
-                st+=("\"$n\":{\"us\":[$(join "${per[@]}")],\"least_us\":$(stmt_least "$p" "$n")}")
+                for ((r = 1; r <= ROUNDS; r++)); do per+=("${STMT_US[$p/$n,$r]}"); done
+                st+=("\"$n\":{\"us\":[$(join "${per[@]}")],\"least_us\":${STMT_LEAST[$p/$n]}}")
             done
-            j+=",\"statement_server_us\":{$(join "${st[@]}"),\"sum_least_us\":$(stmt_sum "$p")}"
+            j+=",\"statement_server_us\":{$(join "${st[@]}"),\"sum_least_us\":${STMT_SUM[$p]}}"
         fi
         phases_json+=("$j}")
     done
@@ -398,8 +402,8 @@ if [[ $STATEMENTS == 1 ]]; then
     printf '%-16s' phase; printf ' %16s' "${STMT_NAMES[@]}" sum; echo
     for p in "${PHASES[@]}"; do
         printf '%-16s' "${LABEL[$p]}"
-        for n in "${STMT_NAMES[@]}"; do printf ' %16s' "$(stmt_least "$p" "$n")"; done
-        printf ' %16s\n' "$(stmt_sum "$p")"
+        for n in "${STMT_NAMES[@]}"; do printf ' %16s' "${STMT_LEAST[$p/$n]}"; done
+        printf ' %16s\n' "${STMT_SUM[$p]}"
     done
 fi
 echo "ratios: tps = phase mean / no-capture mean (1.00 = no cost); bulk = phase time / no-capture time"
